@@ -1,0 +1,1 @@
+//! flashgate-agent (being written).

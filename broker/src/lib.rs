@@ -1,0 +1,1 @@
+//! flashgate-broker (being written).

@@ -1,0 +1,5 @@
+//! The `flashgate` command (being written).
+
+fn main() {
+    println!("flashgate");
+}

@@ -1,0 +1,11 @@
+//! Flashgate SFI profile v1, shared by every component: the `.sfi` image format and its crypto,
+//! chip certificates, licences, STM32 family profiles, firmware inputs for the packer, and the
+//! AN3155 bootloader constants with the Flashgate SFI opcodes.
+
+pub mod cert;
+pub mod family;
+pub mod firmware;
+pub mod gcm;
+pub mod licence;
+pub mod protocol;
+pub mod sfi;

@@ -1,0 +1,12 @@
+//! Flashgate gRPC API, package `flashgate.v1`, generated at build time from `proto/flashgate/v1/`.
+//! See `docs/protocol.md` for the meaning of every RPC.
+
+#![allow(missing_docs, clippy::all, clippy::pedantic)]
+
+/// Package `flashgate.v1`.
+pub mod v1 {
+    tonic::include_proto!("flashgate.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every Flashgate proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/flashgate_descriptor.bin"));

@@ -1,0 +1,1 @@
+//! flashgate-sim (being written).
