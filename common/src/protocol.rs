@@ -126,9 +126,7 @@ impl SfiOpcode {
     pub fn frame(self) -> u8 {
         match self {
             Self::GetCertificate | Self::Install | Self::GetState | Self::Abort => CMD_SPECIAL,
-            Self::SetLicence | Self::SetImageHeader | Self::StartArea | Self::WriteChunk => {
-                CMD_EXTENDED_SPECIAL
-            }
+            Self::SetLicence | Self::SetImageHeader | Self::StartArea | Self::WriteChunk => CMD_EXTENDED_SPECIAL,
         }
     }
 
