@@ -1,11 +1,14 @@
 //! Flashgate SFI profile v1, shared by every component: the `.sfi` image format and its crypto,
 //! chip certificates, licences, STM32 family profiles, firmware inputs for the packer, and the
-//! AN3155 bootloader constants with the Flashgate SFI opcodes.
+//! AN3155 bootloader constants with the Flashgate SFI opcodes, and the X.509 identities and
+//! development PKI of the networked components (`pki`).
 
 pub mod cert;
 pub mod family;
 pub mod firmware;
 pub mod gcm;
+pub mod keyfile;
 pub mod licence;
+pub mod pki;
 pub mod protocol;
 pub mod sfi;

@@ -1,0 +1,1014 @@
+//! Mutual-TLS transport for Flashgate's gRPC services, without tonic's built-in TLS, so that
+//! Flashgate controls certificate verification and services can read who is calling.
+//!
+//! Owns: loading PEM files ([`TlsFiles`]), the rustls configurations (TLS 1.3 only, the ring
+//! provider installed explicitly, our CA as the only trust anchor), the client-certificate
+//! verifier that adds SPIFFE identity and revocation checks to rustls' WebPKI verifier, the
+//! server accept loop ([`serve`]: one task per TLS handshake with a timeout, peers refused before
+//! any RPC runs, with a `warn` log line naming address, certificate and reason), the per-connection
+//! [`PeerConn`] that services read from request extensions, and the client connector ([`connect`]).
+//!
+//! Server:
+//! ```no_run
+//! # async fn f(router: tonic::transport::server::Router) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use flashgate_proto::transport::{self, NoRevocations, TlsFiles};
+//! let files = TlsFiles::new("pki/brokers/broker-1.pem", "pki/brokers/broker-1.key", "pki/ca.pem");
+//! let tls = transport::server_config(&files, Arc::new(NoRevocations))?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7443").await?;
+//! transport::serve(router, listener, tls, std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+//! In a service: `let peer = PeerConn::from_request(&request)?; peer.peer.identity …`.
+//!
+//! Client:
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use flashgate_proto::transport::{self, TlsFiles};
+//! let files = TlsFiles::new("pki/stations/berlin-1.pem", "pki/stations/berlin-1.key", "pki/ca.pem");
+//! let tls = transport::client_config(&files)?;
+//! let channel = transport::connect("https://127.0.0.1:7443", tls, None).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Revocation and expiry are checked when a connection's handshake runs (session resumption is
+//! off, so that is every connection); a connection accepted before its serial was revoked or its
+//! certificate expired keeps working until it closes. Services that need immediate effect can
+//! check `PeerConn::peer.serial_hex` / `not_after` per request as well.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use flashgate_common::pki::{self, Identity, PeerInfo, PkiError};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::body::Body;
+use tonic::codegen::{Body as HttpBody, Bytes, Service, StdError, http};
+use tonic::service::Routes;
+use tonic::transport::server::{Connected, Router};
+use tonic::transport::{Channel, Endpoint, Uri};
+use tower::Layer;
+use zeroize::Zeroizing;
+
+/// How long a TLS handshake may take, server and client side, by default.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many TLS handshakes the server runs at once by default; further connections wait in the
+/// kernel's accept queue.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
+/// TCP connect timeout of [`connect`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// ALPN protocol spoken over the TLS connection.
+const ALPN_H2: &[u8] = b"h2";
+
+/// A transport setup or connection failure. Every message names the file, address or value involved.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A PEM file could not be read.
+    #[error("reading {what} {path}: {source}")]
+    Read {
+        /// `certificate`, `private key` or `CA certificate`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A PEM file does not hold what it should.
+    #[error("{what} {path}: {reason}")]
+    Pem {
+        /// `certificate`, `private key` or `CA certificate`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Our own certificate does not carry a usable Flashgate identity.
+    #[error("certificate {path}: {source}")]
+    OwnIdentity {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why its identity is unusable.
+        source: PkiError,
+    },
+    /// rustls refused the configuration (e.g. the key does not match the certificate).
+    #[error("building the {side} TLS configuration from {cert} and {key}: {source}")]
+    Config {
+        /// `server` or `client`.
+        side: &'static str,
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// rustls' complaint.
+        source: Box<rustls::Error>,
+    },
+    /// The client-certificate verifier could not be built from the CA file.
+    #[error("client certificate verifier for CA {ca}: {reason}")]
+    Verifier {
+        /// The CA file.
+        ca: PathBuf,
+        /// rustls' complaint.
+        reason: String,
+    },
+    /// An endpoint URI that cannot be used.
+    #[error("endpoint {uri:?}: {reason}")]
+    Endpoint {
+        /// The URI as given.
+        uri: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A TLS server name that cannot be used.
+    #[error("server name {name:?}: {reason}")]
+    ServerName {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The TCP connection could not be opened.
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// `host:port`.
+        addr: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The TLS handshake with a server failed or timed out.
+    #[error("TLS handshake with {addr} (server name {server_name}): {reason}")]
+    Handshake {
+        /// `host:port`.
+        addr: String,
+        /// The name the server certificate was checked against.
+        server_name: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// tonic could not set up the channel.
+    #[error("gRPC channel to {uri}: {reason}")]
+    Channel {
+        /// The endpoint URI.
+        uri: String,
+        /// tonic's error with its causes.
+        reason: String,
+    },
+    /// The server failed.
+    #[error("gRPC server on {addr}: {reason}")]
+    Serve {
+        /// The listening address.
+        addr: String,
+        /// What went wrong, with causes.
+        reason: String,
+    },
+}
+
+/// An error and its chain of causes on one line, `outer: cause: root cause`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// The ring crypto provider, the only one Flashgate uses.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+// ---------------------------------------------------------------------------------------------
+
+/// The three PEM files of one party: its certificate, its private key and the CA it trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Our certificate (PEM; the first certificate is the end entity, any others are sent as chain).
+    pub cert: PathBuf,
+    /// Our private key (PKCS#8, SEC1 or PKCS#1 PEM).
+    pub key: PathBuf,
+    /// The CA certificate(s) that peers must chain to (PEM).
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// From three paths.
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>, ca: impl Into<PathBuf>) -> Self {
+        TlsFiles { cert: cert.into(), key: key.into(), ca: ca.into() }
+    }
+
+    /// The files of `identity` in a PKI directory written by `flashgate pki init`.
+    pub fn for_identity(pki_dir: &Path, identity: &Identity) -> Self {
+        let (cert, key) = pki::identity_paths(pki_dir, identity);
+        TlsFiles { cert, key, ca: pki::ca_cert_path(pki_dir) }
+    }
+}
+
+fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let bytes = std::fs::read(path).map_err(|source| TransportError::Read { what, path: path.into(), source })?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TransportError::Pem { what, path: path.into(), reason: e.to_string() })?;
+    if certs.is_empty() {
+        return Err(TransportError::Pem { what, path: path.into(), reason: "no CERTIFICATE block found".into() });
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError> {
+    const WHAT: &str = "private key";
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(|source| TransportError::Read {
+        what: WHAT,
+        path: path.into(),
+        source,
+    })?);
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| TransportError::Pem {
+        what: WHAT,
+        path: path.into(),
+        reason: format!("no usable PRIVATE KEY block ({e})"),
+    })
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, TransportError> {
+    const WHAT: &str = "CA certificate";
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(WHAT, path)? {
+        roots.add(cert).map_err(|e| TransportError::Pem {
+            what: WHAT,
+            path: path.into(),
+            reason: format!("not a trust anchor: {e}"),
+        })?;
+    }
+    Ok(roots)
+}
+
+fn check_own_identity(path: &Path, cert: &CertificateDer<'_>) -> Result<PeerInfo, TransportError> {
+    pki::peer_identity(cert).map_err(|source| TransportError::OwnIdentity { path: path.into(), source })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Revocation
+// ---------------------------------------------------------------------------------------------
+
+/// Serial numbers whose certificates must be refused at the handshake.
+pub trait RevocationList: Send + Sync {
+    /// Whether the certificate with this serial (lowercase hex without leading zero bytes, as in
+    /// [`PeerInfo::serial_hex`]) is revoked.
+    fn is_revoked(&self, serial_hex: &str) -> bool;
+}
+
+/// Nothing is revoked.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRevocations;
+
+impl RevocationList for NoRevocations {
+    fn is_revoked(&self, _serial_hex: &str) -> bool {
+        false
+    }
+}
+
+/// Canonical form of a serial written by a person: lowercase, `:` and whitespace removed,
+/// leading zero bytes removed.
+pub fn normalize_serial(serial: &str) -> String {
+    let mut s: String = serial.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
+    s.make_ascii_lowercase();
+    if s.len() % 2 == 1 {
+        s.insert(0, '0');
+    }
+    while s.len() > 2 && s.starts_with("00") {
+        s.drain(..2);
+    }
+    s
+}
+
+/// An in-memory revocation list that can change while the server runs.
+#[derive(Debug, Default)]
+pub struct RevokedSerials {
+    serials: RwLock<HashSet<String>>,
+}
+
+impl RevokedSerials {
+    /// A list holding these serials (any case, `:` separators allowed).
+    pub fn new<I, S>(serials: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        RevokedSerials { serials: RwLock::new(serials.into_iter().map(|s| normalize_serial(s.as_ref())).collect()) }
+    }
+
+    /// Revoke one more serial; new handshakes with it are refused from now on.
+    pub fn revoke(&self, serial: &str) {
+        self.serials.write().unwrap_or_else(|p| p.into_inner()).insert(normalize_serial(serial));
+    }
+
+    /// Remove a serial from the list.
+    pub fn unrevoke(&self, serial: &str) {
+        self.serials.write().unwrap_or_else(|p| p.into_inner()).remove(&normalize_serial(serial));
+    }
+
+    /// Number of revoked serials.
+    pub fn len(&self) -> usize {
+        self.serials.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether nothing is revoked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl RevocationList for RevokedSerials {
+    fn is_revoked(&self, serial_hex: &str) -> bool {
+        self.serials.read().unwrap_or_else(|p| p.into_inner()).contains(&normalize_serial(serial_hex))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server configuration and verifier
+// ---------------------------------------------------------------------------------------------
+
+tokio::task_local! {
+    /// Set by the accept loop around each handshake: the verifier writes why it refused a
+    /// certificate here, so the single log line can also name the peer address.
+    static HANDSHAKE_NOTE: Arc<Mutex<Option<String>>>;
+}
+
+/// Words for a rustls certificate error, for logs.
+fn certificate_reason(e: &rustls::Error) -> String {
+    use rustls::Error as E;
+    match e {
+        E::NoCertificatesPresented => "no client certificate presented".into(),
+        E::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer => "not issued by our CA (unknown issuer)".into(),
+            CertificateError::Expired => "certificate expired".into(),
+            CertificateError::ExpiredContext { time, not_after } => {
+                format!("certificate expired (not after {}, now {})", unix_time_str(*not_after), unix_time_str(*time))
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "certificate not valid yet".into()
+            }
+            CertificateError::Revoked => "certificate revoked".into(),
+            CertificateError::BadSignature => "bad certificate signature (not issued by our CA?)".into(),
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "certificate not valid for this purpose (extended key usage)".into()
+            }
+            CertificateError::Other(OtherError(inner)) => format!("unusable identity: {inner}"),
+            other => format!("invalid certificate: {other:?}"),
+        },
+        E::AlertReceived(alert) => format!("peer sent TLS alert {alert:?}"),
+        other => other.to_string(),
+    }
+}
+
+fn unix_time_str(t: UnixTime) -> String {
+    pki::format_time(std::time::UNIX_EPOCH + Duration::from_secs(t.as_secs()))
+}
+
+/// rustls' WebPKI client verifier (our CA only, clientAuth EKU, validity), plus: exactly one valid
+/// SPIFFE identity, and a serial not in the revocation list.
+struct IdentityVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: Arc<dyn RevocationList>,
+}
+
+impl fmt::Debug for IdentityVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentityVerifier").field("inner", &self.inner).finish_non_exhaustive()
+    }
+}
+
+impl IdentityVerifier {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(ClientCertVerified, String), rustls::Error> {
+        let ok = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let info = pki::peer_identity(end_entity)
+            .map_err(|e| rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))?;
+        if self.revoked.is_revoked(&info.serial_hex) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok((ok, info.serial_hex))
+    }
+}
+
+impl ClientCertVerifier for IdentityVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match self.check(end_entity, intermediates, now) {
+            Ok((ok, _serial)) => Ok(ok),
+            Err(e) => {
+                let reason = certificate_reason(&e);
+                let cert = pki::describe_certificate(end_entity);
+                let note = format!("{reason}; client certificate {cert}");
+                let recorded = HANDSHAKE_NOTE.try_with(|slot| {
+                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(note.clone());
+                });
+                if recorded.is_err() {
+                    // Used outside `serve`: no peer address known here, log what we have.
+                    tracing::warn!(certificate = %cert, reason = %reason, "client certificate refused: {note}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Server TLS configuration: TLS 1.3 only, ring, ALPN `h2`, our certificate, and a client
+/// certificate REQUIRED that chains to `files.ca`, carries `clientAuth`, is within its validity,
+/// has exactly one valid SPIFFE identity, and whose serial is not in `revoked`. Session
+/// resumption is off, so every connection runs these checks.
+pub fn server_config(files: &TlsFiles, revoked: Arc<dyn RevocationList>) -> Result<Arc<ServerConfig>, TransportError> {
+    let provider = crypto_provider();
+    let roots = Arc::new(load_roots(&files.ca)?);
+    let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| TransportError::Verifier { ca: files.ca.clone(), reason: e.to_string() })?;
+    let verifier = Arc::new(IdentityVerifier { inner, revoked });
+    let certs = load_certs("certificate", &files.cert)?;
+    check_own_identity(&files.cert, &certs[0])?;
+    let key = load_key(&files.key)?;
+    let config_err = |e| TransportError::Config {
+        side: "server",
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        source: Box::new(e),
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(config_err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(config_err)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No session resumption: a resumed TLS 1.3 session skips the client certificate verifier,
+    // so a certificate revoked (or expired) since the first handshake would still get in.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+// ---------------------------------------------------------------------------------------------
+
+/// Who is on the other end of a server connection; tonic puts it into every request's
+/// extensions: `request.extensions().get::<PeerConn>()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConn {
+    /// The client's TCP address.
+    pub remote_addr: SocketAddr,
+    /// The verified client certificate's identity, serial and expiry.
+    pub peer: PeerInfo,
+}
+
+impl PeerConn {
+    /// The peer of a request served by [`serve`], or `unauthenticated` if the request did not
+    /// come through it (which would be a wiring bug).
+    pub fn from_request<T>(request: &tonic::Request<T>) -> Result<&PeerConn, tonic::Status> {
+        request
+            .extensions()
+            .get::<PeerConn>()
+            .ok_or_else(|| tonic::Status::unauthenticated("no verified client certificate on this connection"))
+    }
+}
+
+/// A server-side TLS connection whose client certificate was verified.
+pub struct MtlsStream {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerConn,
+}
+
+impl fmt::Debug for MtlsStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MtlsStream").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl MtlsStream {
+    /// The verified peer.
+    pub fn peer(&self) -> &PeerConn {
+        &self.info
+    }
+}
+
+impl Connected for MtlsStream {
+    type ConnectInfo = PeerConn;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for MtlsStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MtlsStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Limits of the accept loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// A TLS handshake that has not completed after this long is dropped.
+    pub handshake_timeout: Duration,
+    /// At most this many handshakes run at once.
+    pub max_pending_handshakes: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
+        }
+    }
+}
+
+/// Serve `router` over mutual TLS on `listener` until `shutdown` completes, with
+/// [`ServeOptions::default`]. See [`serve_with_options`].
+pub async fn serve<L, ResBody>(
+    router: Router<L>,
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TransportError>
+where
+    L: Layer<Routes>,
+    L::Service: Service<http::Request<Body>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    <L::Service as Service<http::Request<Body>>>::Future: Send,
+    <L::Service as Service<http::Request<Body>>>::Error: Into<StdError> + Send,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<StdError>,
+{
+    serve_with_options(router, listener, tls, ServeOptions::default(), shutdown).await
+}
+
+/// Serve `router` over mutual TLS on `listener` until `shutdown` completes.
+///
+/// Each accepted TCP connection gets its own task for the TLS handshake, bounded by
+/// `options.handshake_timeout`, so a slow or silent client never holds up the others. Refused
+/// handshakes (no certificate, wrong CA, expired, revoked, no valid identity, timeout) are
+/// logged at `warn` with the peer address, its certificate and the reason, and never reach tonic.
+/// Verified connections reach tonic with a [`PeerConn`] as their connect info.
+pub async fn serve_with_options<L, ResBody>(
+    router: Router<L>,
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TransportError>
+where
+    L: Layer<Routes>,
+    L::Service: Service<http::Request<Body>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    <L::Service as Service<http::Request<Body>>>::Future: Send,
+    <L::Service as Service<http::Request<Body>>>::Error: Into<StdError> + Send,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<StdError>,
+{
+    let addr = listener.local_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
+    let max_pending = options.max_pending_handshakes.max(1);
+    let (tx, rx) = mpsc::channel::<MtlsStream>(max_pending);
+    let accept = AbortOnDrop(tokio::spawn(accept_loop(listener, TlsAcceptor::from(tls), tx, options)));
+    let incoming = ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
+    tracing::info!(%addr, "serving gRPC over mutual TLS");
+    let result = router.serve_with_incoming_shutdown(incoming, shutdown).await;
+    drop(accept);
+    result.map_err(|e| TransportError::Serve { addr, reason: error_chain(&e) })
+}
+
+/// Aborts the accept loop when `serve` returns or its future is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<MtlsStream>,
+    options: ServeOptions,
+) {
+    let limit = Arc::new(Semaphore::new(options.max_pending_handshakes.max(1)));
+    // Dropping the set (when this loop ends or is aborted) aborts handshakes still running.
+    let mut handshakes = JoinSet::new();
+    loop {
+        while handshakes.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            _ = tx.closed() => break,
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break, // the semaphore is never closed
+            },
+        };
+        let (tcp, remote) = tokio::select! {
+            _ = tx.closed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a TCP connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        handshakes.spawn(async move {
+            let stream = handshake(acceptor, tcp, remote, options.handshake_timeout).await;
+            drop(permit);
+            if let Some(stream) = stream {
+                // Fails only when the server is shutting down; the connection is then dropped.
+                let _ = tx.send(stream).await;
+            }
+        });
+    }
+}
+
+fn is_disconnect(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(e.kind(), K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe)
+}
+
+async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, remote: SocketAddr, timeout: Duration) -> Option<MtlsStream> {
+    let note = Arc::new(Mutex::new(None::<String>));
+    let result = HANDSHAKE_NOTE.scope(note.clone(), tokio::time::timeout(timeout, acceptor.accept(tcp))).await;
+    let recorded = || note.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match result {
+        Err(_) => {
+            tracing::warn!(peer = %remote, reason = "handshake timeout", "refused connection from {remote}: no TLS handshake within {timeout:?}");
+            None
+        }
+        Ok(Err(e)) => {
+            let tls_error = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
+            match (recorded(), tls_error) {
+                (Some(detail), _) => {
+                    tracing::warn!(peer = %remote, "refused connection from {remote}: {detail}");
+                }
+                (None, Some(tls)) => {
+                    let reason = certificate_reason(tls);
+                    tracing::warn!(peer = %remote, reason = %reason, "refused connection from {remote}: {reason}");
+                }
+                (None, None) if is_disconnect(&e) => {
+                    tracing::debug!(peer = %remote, error = %e, "connection from {remote} closed during the TLS handshake");
+                }
+                (None, None) => {
+                    tracing::warn!(peer = %remote, error = %e, "refused connection from {remote}: TLS handshake failed: {e}");
+                }
+            }
+            None
+        }
+        Ok(Ok(tls)) => {
+            let (_, session) = tls.get_ref();
+            let peer = match session.peer_certificates().and_then(|c| c.first()) {
+                Some(cert) => pki::peer_identity(cert),
+                // Unreachable with our verifier (client auth is mandatory); refuse anyway.
+                None => {
+                    tracing::warn!(peer = %remote, "refused connection from {remote}: no client certificate presented");
+                    return None;
+                }
+            };
+            match peer {
+                Ok(peer) => {
+                    tracing::debug!(peer = %remote, identity = %peer.identity, serial = %peer.serial_hex, "mTLS connection accepted");
+                    Some(MtlsStream { inner: tls, info: PeerConn { remote_addr: remote, peer } })
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %remote, "refused connection from {remote}: {e}");
+                    None
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+// ---------------------------------------------------------------------------------------------
+
+/// Client TLS configuration: TLS 1.3 only, ring, ALPN `h2`, `files.ca` as the only trust anchor,
+/// our certificate for client authentication, no session resumption.
+pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TransportError> {
+    let roots = load_roots(&files.ca)?;
+    let certs = load_certs("certificate", &files.cert)?;
+    check_own_identity(&files.cert, &certs[0])?;
+    let key = load_key(&files.key)?;
+    let config_err = |e| TransportError::Config {
+        side: "client",
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        source: Box::new(e),
+    };
+    let mut config = ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(config_err)?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .map_err(config_err)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Our servers never resume sessions (see `server_config`); don't offer to.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// A tower connector for tonic's `Endpoint::connect_with_connector`: TCP to the URI's host and
+/// port, then a rustls client handshake checked against `server_name` (default: the URI's host).
+#[derive(Clone)]
+pub struct MtlsConnector {
+    tls: TlsConnector,
+    server_name: Option<ServerName<'static>>,
+    handshake_timeout: Duration,
+}
+
+impl fmt::Debug for MtlsConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MtlsConnector")
+            .field("server_name", &self.server_name)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MtlsConnector {
+    /// A connector using `tls`; `server_name` overrides the name the server certificate must
+    /// match (a DNS name or an IP address).
+    pub fn new(tls: Arc<ClientConfig>, server_name: Option<&str>) -> Result<Self, TransportError> {
+        let server_name = server_name
+            .map(|n| {
+                ServerName::try_from(n.to_string())
+                    .map_err(|e| TransportError::ServerName { name: n.to_string(), reason: e.to_string() })
+            })
+            .transpose()?;
+        Ok(MtlsConnector { tls: TlsConnector::from(tls), server_name, handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT })
+    }
+
+    /// Change the TLS handshake timeout.
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+}
+
+/// The connection [`MtlsConnector`] produces.
+pub type MtlsClientIo = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl Service<Uri> for MtlsConnector {
+    type Response = MtlsClientIo;
+    type Error = TransportError;
+    type Future = Pin<Box<dyn Future<Output = Result<MtlsClientIo, TransportError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        let fixed_name = self.server_name.clone();
+        let timeout = self.handshake_timeout;
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| TransportError::Endpoint { uri: uri.to_string(), reason: "no host".into() })?;
+            let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let addr = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+            let server_name = match fixed_name {
+                Some(n) => n,
+                None => ServerName::try_from(host.clone())
+                    .map_err(|e| TransportError::ServerName { name: host.clone(), reason: e.to_string() })?,
+            };
+            let tcp = TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|source| TransportError::Connect { addr: addr.clone(), source })?;
+            let _ = tcp.set_nodelay(true);
+            let name_text = server_name.to_str().into_owned();
+            let handshake_err = |reason: String| TransportError::Handshake {
+                addr: addr.clone(),
+                server_name: name_text.clone(),
+                reason,
+            };
+            let stream = tokio::time::timeout(timeout, tls.connect(server_name, tcp))
+                .await
+                .map_err(|_| handshake_err(format!("no answer within {timeout:?}")))?
+                .map_err(|e| {
+                    let reason = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                        Some(tls) => certificate_reason(tls),
+                        None => e.to_string(),
+                    };
+                    handshake_err(reason)
+                })?;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// A tonic [`Endpoint`] for `uri` (`https://host:port`) to use with [`MtlsConnector`].
+///
+/// tonic refuses `https` URIs when its own TLS is not configured, so the endpoint connects to
+/// `http://host:port` (our connector does the TLS) while requests carry the `https` origin.
+pub fn endpoint(uri: &str) -> Result<Endpoint, TransportError> {
+    let bad = |reason: String| TransportError::Endpoint { uri: uri.to_string(), reason };
+    let parsed: Uri = uri.parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
+    match parsed.scheme_str() {
+        Some("https") => {}
+        Some(other) => return Err(bad(format!("scheme {other:?}: only https is supported (always mutual TLS)"))),
+        None => return Err(bad("missing scheme, expected https://host:port".into())),
+    }
+    let authority = parsed.authority().ok_or_else(|| bad("missing host".into()))?;
+    if parsed.path() != "/" && !parsed.path().is_empty() {
+        return Err(bad(format!("unexpected path {:?}", parsed.path())));
+    }
+    let dial = format!("http://{authority}");
+    let origin: Uri = format!("https://{authority}").parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
+    Endpoint::from_shared(dial)
+        .map(|e| e.origin(origin).connect_timeout(DEFAULT_CONNECT_TIMEOUT))
+        .map_err(|e| bad(error_chain(&e)))
+}
+
+/// Connect to `uri` (`https://host:port`) over mutual TLS and return a tonic channel.
+/// `server_name` overrides the name the server certificate must match (default: the URI host).
+///
+/// With TLS 1.3 the server checks our certificate after our side of the handshake is done, so
+/// a server that refuses us may show up as an error of the first RPC rather than of `connect`.
+pub async fn connect(uri: &str, tls: Arc<ClientConfig>, server_name: Option<&str>) -> Result<Channel, TransportError> {
+    let connector = MtlsConnector::new(tls, server_name)?;
+    endpoint(uri)?
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| TransportError::Channel { uri: uri.to_string(), reason: error_chain(&e) })
+}
+
+/// Like [`connect`], but the channel connects on first use (and reconnects as needed).
+pub fn connect_lazy(uri: &str, tls: Arc<ClientConfig>, server_name: Option<&str>) -> Result<Channel, TransportError> {
+    let connector = MtlsConnector::new(tls, server_name)?;
+    Ok(endpoint(uri)?.connect_with_connector_lazy(connector))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn serials_normalize() {
+        assert_eq!(normalize_serial("4A:0B:FF"), "4a0bff");
+        assert_eq!(normalize_serial("00:80:01"), "8001");
+        assert_eq!(normalize_serial(" abc "), "0abc");
+        assert_eq!(normalize_serial("00"), "00");
+        let list = RevokedSerials::new(["4A:0B"]);
+        assert!(list.is_revoked("4a0b"));
+        assert!(!list.is_revoked("4a0c"));
+        list.revoke("004a0c");
+        assert!(list.is_revoked("4a0c"));
+        list.unrevoke("4A0C");
+        assert_eq!(list.len(), 1);
+        assert!(!NoRevocations.is_revoked("4a0b"));
+    }
+
+    #[test]
+    fn endpoints() {
+        let e = endpoint("https://127.0.0.1:7443").unwrap();
+        assert_eq!(e.uri().to_string(), "http://127.0.0.1:7443/");
+        assert!(endpoint("https://[::1]:7443").is_ok());
+        for (uri, needle) in [
+            ("http://127.0.0.1:7443", "only https"),
+            ("127.0.0.1:7443", "scheme"),
+            ("https://127.0.0.1:7443/path", "path"),
+            ("https://", "https://"),
+        ] {
+            let msg = endpoint(uri).unwrap_err().to_string();
+            assert!(msg.contains(needle) && msg.contains(uri), "{uri}: {msg}");
+        }
+        let tls = Arc::new(
+            ClientConfig::builder_with_provider(crypto_provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(RootCertStore::empty())
+                .with_no_client_auth(),
+        );
+        let msg = MtlsConnector::new(tls, Some("not a name!")).unwrap_err().to_string();
+        assert!(msg.contains("not a name!"), "{msg}");
+    }
+
+    #[test]
+    fn reasons_in_words() {
+        assert_eq!(certificate_reason(&rustls::Error::NoCertificatesPresented), "no client certificate presented");
+        let unknown = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
+        assert!(certificate_reason(&unknown).contains("not issued by our CA"));
+        let revoked = rustls::Error::InvalidCertificate(CertificateError::Revoked);
+        assert_eq!(certificate_reason(&revoked), "certificate revoked");
+        let e = std::io::Error::other(TransportError::Endpoint { uri: "x".into(), reason: "bad".into() });
+        assert_eq!(error_chain(&e), "endpoint \"x\": bad");
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let files = TlsFiles::new("/nonexistent/c.pem", "/nonexistent/c.key", "/nonexistent/ca.pem");
+        let msg = client_config(&files).unwrap_err().to_string();
+        assert!(msg.contains("CA certificate /nonexistent/ca.pem"), "{msg}");
+        let msg = server_config(&files, Arc::new(NoRevocations)).unwrap_err().to_string();
+        assert!(msg.contains("/nonexistent/ca.pem"), "{msg}");
+    }
+}

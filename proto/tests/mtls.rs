@@ -1,0 +1,359 @@
+//! End-to-end tests of the mutual-TLS transport: a tonic-health service served with
+//! `transport::serve` on 127.0.0.1:0, clients from development PKIs generated into temporary
+//! directories. Checks who gets in, who is refused (and that the refusal is logged with a reason),
+//! and that a stalled handshake does not block other clients.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use flashgate_common::pki::{self, Identity, PkiInit, PkiLayout, ValidityWindow};
+use flashgate_proto::transport::{
+    self, NoRevocations, PeerConn, RevocationList, RevokedSerials, ServeOptions, TlsFiles, TransportError,
+};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tonic::Status;
+use tonic::transport::Server;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+use tonic_health::server::{HealthReporter, HealthService};
+
+const TD: &str = "factory.test";
+
+// ---- log capture ------------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        std::io::stderr().write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = LogBuf(buf.clone());
+        tracing_subscriber::fmt()
+            .with_env_filter("flashgate_proto=debug,info")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        buf
+    })
+}
+
+/// Wait up to 5 s for a log line containing every needle.
+async fn wait_for_log(needles: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
+        if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+            return line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no log line with {needles:?} in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---- server and clients -----------------------------------------------------------------------
+
+fn dev_pki(dir: &Path) -> PkiLayout {
+    let init = PkiInit {
+        trust_domain: TD.into(),
+        sites: vec!["berlin".into(), "austin".into()],
+        stations_per_site: 2,
+        ..PkiInit::default()
+    };
+    pki::init_dev_pki(dir, &init).unwrap()
+}
+
+fn station(site: &str, n: u32) -> Identity {
+    Identity::station(TD, site, n).unwrap()
+}
+
+fn broker() -> Identity {
+    Identity::broker(TD, "broker-1").unwrap()
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<PeerConn>>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), TransportError>>,
+}
+
+impl TestServer {
+    fn uri(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    fn seen(&self) -> Vec<PeerConn> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.unwrap().unwrap().unwrap();
+    }
+}
+
+async fn start_server(pki_dir: &Path, revoked: Arc<dyn RevocationList>, options: ServeOptions) -> TestServer {
+    logs();
+    let tls = transport::server_config(&TlsFiles::for_identity(pki_dir, &broker()), revoked).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let health = HealthService::from_health_reporter(HealthReporter::new());
+    let svc = HealthServer::with_interceptor(health, move |req: tonic::Request<()>| {
+        let peer = PeerConn::from_request(&req)?.clone();
+        seen2.lock().unwrap().push(peer);
+        Ok::<_, Status>(req)
+    });
+    let router = Server::builder().add_service(svc);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(transport::serve_with_options(router, listener, tls, options, async {
+        let _ = stopped.await;
+    }));
+    TestServer { addr, seen, stop: Some(stop), task }
+}
+
+async fn start(pki_dir: &Path) -> TestServer {
+    start_server(pki_dir, Arc::new(NoRevocations), ServeOptions::default()).await
+}
+
+/// One health check over a fresh connection; any failure (connect or RPC) as text.
+async fn health_check(uri: &str, tls: Arc<rustls::ClientConfig>, server_name: Option<&str>) -> Result<(), String> {
+    let call = async {
+        let channel = transport::connect(uri, tls, server_name).await.map_err(|e| e.to_string())?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .map_err(|s| format!("{s}"))?;
+        assert_eq!(reply.into_inner().status(), ServingStatus::Serving);
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), call).await.map_err(|_| "timed out".to_string())?
+}
+
+fn client_tls(pki_dir: &Path, id: &Identity) -> Arc<rustls::ClientConfig> {
+    transport::client_config(&TlsFiles::for_identity(pki_dir, id)).unwrap()
+}
+
+// ---- tests ------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn station_is_served_and_identified() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dev_pki(dir.path());
+    let server = start(dir.path()).await;
+
+    let id = station("berlin", 1);
+    health_check(&server.uri(), client_tls(dir.path(), &id), None).await.unwrap();
+    // The broker's DNS SAN works as a server name too.
+    let admin = Identity::admin(TD, "admin").unwrap();
+    health_check(&server.uri(), client_tls(dir.path(), &admin), Some("localhost")).await.unwrap();
+
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0].peer.identity, id);
+    assert_eq!(seen[0].peer.serial_hex, layout.find(&id).unwrap().serial_hex);
+    assert_eq!(seen[0].remote_addr.ip(), server.addr.ip());
+    assert!(seen[0].peer.not_after > SystemTime::now());
+    assert_eq!(seen[1].peer.identity, admin);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn lazy_channel_reconnects_and_reports_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    dev_pki(dir.path());
+    let server = start(dir.path()).await;
+    let tls = client_tls(dir.path(), &station("austin", 2));
+    let channel = transport::connect_lazy(&server.uri(), tls.clone(), None).unwrap();
+    let mut client = HealthClient::new(channel);
+    for _ in 0..2 {
+        client.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    }
+    assert_eq!(server.seen().len(), 2);
+    assert_eq!(server.seen()[1].peer.identity, station("austin", 2));
+
+    // Endpoint and server-name errors say what was wrong.
+    let e = transport::connect("http://127.0.0.1:1", tls.clone(), None).await.unwrap_err().to_string();
+    assert!(e.contains("only https"), "{e}");
+    let e = transport::connect(&server.uri(), tls.clone(), Some("wrong.test")).await.unwrap_err().to_string();
+    assert!(e.contains("wrong.test") && e.contains("NotValidForName"), "{e}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn certificate_from_another_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    dev_pki(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let other_layout = dev_pki(other.path());
+    let server = start(dir.path()).await;
+
+    // A station certificate from another CA, trusting our CA so the client accepts the server.
+    let id = station("berlin", 1);
+    let (cert, key) = pki::identity_paths(other.path(), &id);
+    let tls = transport::client_config(&TlsFiles::new(cert, key, pki::ca_cert_path(dir.path()))).unwrap();
+    let err = health_check(&server.uri(), tls, None).await.unwrap_err();
+    eprintln!("client saw: {err}");
+    let serial = &other_layout.find(&id).unwrap().serial_hex;
+    let line = wait_for_log(&["refused connection", serial, "unknown issuer"]).await;
+    assert!(line.contains("spiffe://factory.test/site/berlin/station/1"), "{line}");
+    assert!(server.seen().is_empty(), "the RPC must not run: {err}");
+
+    // And a client that trusts only the other CA refuses our server.
+    let tls = client_tls(other.path(), &id);
+    let err = health_check(&server.uri(), tls, None).await.unwrap_err();
+    eprintln!("client saw: {err}");
+    assert!(err.contains("unknown issuer"), "{err}");
+    assert!(server.seen().is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn client_without_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    dev_pki(dir.path());
+    let server = start(dir.path()).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(pki::ca_cert_path(dir.path())).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(transport::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let err = health_check(&server.uri(), Arc::new(cfg), None).await.unwrap_err();
+    eprintln!("client saw: {err}");
+    wait_for_log(&["refused connection", "no client certificate presented"]).await;
+    assert!(server.seen().is_empty(), "the RPC must not run: {err}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn expired_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    dev_pki(dir.path());
+    let server = start(dir.path()).await;
+
+    let id = station("berlin", 9);
+    let now = SystemTime::now();
+    let window = ValidityWindow::explicit(now - Duration::from_secs(2 * 86_400), now - Duration::from_secs(86_400));
+    let issued = pki::issue_cert_window(dir.path(), &id, &[], &[], window).unwrap();
+    let err = health_check(&server.uri(), client_tls(dir.path(), &id), None).await.unwrap_err();
+    let line = wait_for_log(&["refused connection", &issued.serial_hex, "expired"]).await;
+    assert!(line.contains("spiffe://factory.test/site/berlin/station/9"), "{line}");
+    assert!(server.seen().is_empty(), "the RPC must not run: {err}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn revoked_serial_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dev_pki(dir.path());
+    let revoked_id = station("berlin", 2);
+    let serial = layout.find(&revoked_id).unwrap().serial_hex.clone();
+    // Revocation lists accept the colon-separated upper-case form people copy from tools.
+    let colon_form: Vec<String> =
+        serial.as_bytes().chunks(2).map(|c| String::from_utf8_lossy(c).to_uppercase()).collect();
+    let list = Arc::new(RevokedSerials::new([colon_form.join(":")]));
+    let server = start_server(dir.path(), list.clone(), ServeOptions::default()).await;
+
+    let err = health_check(&server.uri(), client_tls(dir.path(), &revoked_id), None).await.unwrap_err();
+    eprintln!("client saw: {err}");
+    wait_for_log(&["refused connection", &serial, "revoked"]).await;
+    assert!(server.seen().is_empty(), "the RPC must not run: {err}");
+
+    // Others still get in; revoking at run time applies to the next handshake, even for a
+    // client that tries to resume its earlier TLS session (the server must not resume).
+    let ok_id = station("berlin", 1);
+    let mut resuming = (*client_tls(dir.path(), &ok_id)).clone();
+    resuming.resumption = rustls::client::Resumption::default();
+    let resuming = Arc::new(resuming);
+    health_check(&server.uri(), resuming.clone(), None).await.unwrap();
+    assert_eq!(server.seen().len(), 1);
+    let ok_serial = layout.find(&ok_id).unwrap().serial_hex.clone();
+    list.revoke(&ok_serial);
+    health_check(&server.uri(), resuming, None).await.unwrap_err();
+    wait_for_log(&["refused connection", &ok_serial, "revoked"]).await;
+    assert_eq!(server.seen().len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn stalled_handshakes_do_not_block_other_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    dev_pki(dir.path());
+    let options = ServeOptions { handshake_timeout: Duration::from_secs(4), ..ServeOptions::default() };
+    let server = start_server(dir.path(), Arc::new(NoRevocations), options).await;
+
+    // Raw TCP connections that never speak.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    let started = Instant::now();
+    health_check(&server.uri(), client_tls(dir.path(), &station("austin", 1)), None).await.unwrap();
+    // Had the silent connections blocked the accept loop, this would take the 4 s timeout.
+    assert!(started.elapsed() < Duration::from_secs(3), "served in {:?}", started.elapsed());
+    assert_eq!(server.seen().len(), 1);
+
+    // The silent connections are closed at the handshake timeout, and that is logged.
+    let local = silent[0].local_addr().unwrap().to_string();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), silent[0].read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "server should close a silent connection");
+    wait_for_log(&["refused connection", &local, "no TLS handshake within"]).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn configuration_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    dev_pki(dir.path());
+    let files = TlsFiles::for_identity(dir.path(), &broker());
+
+    let missing = TlsFiles { ca: dir.path().join("nope.pem"), ..files.clone() };
+    let e = transport::server_config(&missing, Arc::new(NoRevocations)).unwrap_err().to_string();
+    assert!(e.contains("CA certificate") && e.contains("nope.pem"), "{e}");
+
+    // The key file holds a certificate: no key found.
+    let wrong_key = TlsFiles { key: files.cert.clone(), ..files.clone() };
+    let e = transport::client_config(&wrong_key).unwrap_err().to_string();
+    assert!(e.contains("private key") && e.contains("broker-1.pem"), "{e}");
+
+    // A key that belongs to another certificate.
+    let (_, other_key) = pki::identity_paths(dir.path(), &station("berlin", 1));
+    let mismatched = TlsFiles { key: other_key, ..files.clone() };
+    let e = transport::server_config(&mismatched, Arc::new(NoRevocations)).unwrap_err().to_string();
+    assert!(e.contains("berlin-1.key"), "{e}");
+
+    // The CA certificate as our own certificate has no identity.
+    let ca_as_leaf = TlsFiles { cert: files.ca.clone(), key: pki::ca_key_path(dir.path()), ca: files.ca.clone() };
+    let e = transport::client_config(&ca_as_leaf).unwrap_err().to_string();
+    assert!(e.contains("ca.pem") && e.contains("CA certificate"), "{e}");
+}
