@@ -1,5 +1,78 @@
-//! The `flashgate` command (being written).
+//! The `flashgate` command: one binary with a subcommand per role, in the style of Vault or Nomad.
+//! Each subcommand is a thin adapter from arguments to the libraries (`flashgate-common`,
+//! `flashgate-sim`, `flashgate-agent`); this crate owns argument parsing, terminal output and
+//! process exit codes only.
 
-fn main() {
-    println!("flashgate");
+mod commands;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+/// Flashgate: networked Secure Firmware Installation for STM32 production.
+#[derive(Debug, Parser)]
+#[command(name = "flashgate", version, about, propagate_version = true)]
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `flashgate_sim=debug`.
+    #[arg(long, global = true, env = "FLASHGATE_LOG", default_value = "warn")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Pack firmware into an encrypted `.sfi` image (the Trusted Package Creator equivalent).
+    Pack(commands::pack::PackArgs),
+    /// Inspect `.sfi` images.
+    #[command(subcommand)]
+    Sfi(commands::sfi::SfiCommand),
+    /// Run simulated STM32 targets, or manage their vendor CA and state.
+    Sim(commands::sim::SimArgs),
+    /// Read a target's chip certificate over its bootloader.
+    Cert(commands::lab::CertArgs),
+    /// Issue licences without a broker (lab flow).
+    #[command(subcommand)]
+    Licence(commands::lab::LicenceCommand),
+    /// Install an encrypted image into a target with a licence (lab flow).
+    Flash(commands::lab::FlashArgs),
+    /// Development PKI: a CA and SPIFFE-identified certificates for brokers, admins and stations.
+    Pki(commands::pki::PkiArgs),
+    /// Run the whole flow on this machine against simulated targets.
+    Demo(commands::demo::DemoArgs),
+    /// Measure throughput (used by `make bench`).
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    output::init_tracing(&cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Pack(args) => commands::pack::run(args),
+            Command::Sfi(cmd) => commands::sfi::run(cmd),
+            Command::Sim(args) => commands::sim::run(args).await,
+            Command::Cert(args) => commands::lab::cert(args).await,
+            Command::Licence(cmd) => commands::lab::licence(cmd),
+            Command::Flash(args) => commands::lab::flash(args).await,
+            Command::Pki(args) => commands::pki::run(args),
+            Command::Demo(args) => commands::demo::run(args).await,
+            Command::Bench(cmd) => commands::bench::run(cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,46 @@
+# Flashgate build entry points. `make test` is what CI runs (.ci/run); `make bench` writes BENCHMARKS.md.
+
+CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the tests need: stm32flash (a real AN3155 client nobody here wrote).
+TEST_PACKAGES := stm32flash
+
+.PHONY: all build test deps fmt clippy unit bench demo clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+## Everything CI checks: formatting, lints as errors, every test (unit, property, cross-crate, stm32flash).
+test: deps fmt clippy unit
+
+## Install the Debian packages the tests need when they are missing.
+deps:
+	@missing=""; for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	FLASHGATE_REQUIRE_STM32FLASH=1 $(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace --doc
+
+## Benchmarks: release build, then every figure into BENCHMARKS.md (see scripts/bench.sh).
+bench:
+	$(CARGO) build --release
+	./scripts/bench.sh
+
+demo:
+	$(CARGO) run --release -- demo
+
+clean:
+	$(CARGO) clean
