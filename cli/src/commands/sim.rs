@@ -1,6 +1,7 @@
 //! `flashgate sim`: serve simulated STM32 targets over TCP and pseudo-terminals; `sim vendor-ca`
 //! makes the simulator's test vendor CA; `sim dump` writes a target's flash to a file.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -128,7 +129,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
     println!("serving {} {} target(s); Ctrl-C to stop", a.targets, a.family);
     wait_for_shutdown().await;
     sim.shutdown().await?;
-    println!("state saved; stopped");
+    // Whoever started us may have stopped reading stdout; a closed pipe is not an error now.
+    let _ = writeln!(std::io::stdout(), "state saved; stopped");
     Ok(())
 }
 
