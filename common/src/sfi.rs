@@ -636,30 +636,38 @@ pub fn encrypt_area(
     Ok((desc, buf))
 }
 
-/// Decrypt and authenticate one area. The plaintext is released only if the tag verifies.
+/// Authenticate and decrypt one area's ciphertext into a new buffer; `AreaNotAuthentic` if its
+/// tag does not verify.
 pub fn decrypt_area(
     key: &FirmwareKey,
     nonce: &ImageNonce,
     desc: &AreaDescriptor,
     ciphertext: &[u8],
 ) -> Result<Vec<u8>, SfiError> {
-    if ciphertext.len() as u64 != u64::from(desc.size) {
-        return Err(SfiError::LengthMismatch {
-            index: desc.index,
-            expected: desc.size,
-            found: ciphertext.len() as u64,
-        });
-    }
     let mut buf = ciphertext.to_vec();
-    match cipher(key).decrypt_in_place_detached(
-        Nonce::from_slice(&area_iv(nonce, desc.index)),
-        &desc.aad(),
-        &mut buf,
-        Tag::from_slice(&desc.tag),
-    ) {
-        Ok(()) => Ok(buf),
-        Err(_) => Err(SfiError::AreaNotAuthentic { index: desc.index }),
+    decrypt_area_in_place(key, nonce, desc, &mut buf)?;
+    Ok(buf)
+}
+
+/// Authenticate and decrypt one area in place: on success `buf` holds the plaintext; on
+/// `AreaNotAuthentic` it still holds the ciphertext (nothing unauthenticated is released).
+pub fn decrypt_area_in_place(
+    key: &FirmwareKey,
+    nonce: &ImageNonce,
+    desc: &AreaDescriptor,
+    buf: &mut [u8],
+) -> Result<(), SfiError> {
+    if buf.len() as u64 != u64::from(desc.size) {
+        return Err(SfiError::LengthMismatch { index: desc.index, expected: desc.size, found: buf.len() as u64 });
     }
+    cipher(key)
+        .decrypt_in_place_detached(
+            Nonce::from_slice(&area_iv(nonce, desc.index)),
+            &desc.aad(),
+            buf,
+            Tag::from_slice(&desc.tag),
+        )
+        .map_err(|_| SfiError::AreaNotAuthentic { index: desc.index })
 }
 
 /// One area in clear, as the packer produces it and a device installs it.
@@ -808,9 +816,16 @@ impl EncryptedArea {
         self.offset + DESCRIPTOR_LEN as u64
     }
 
-    /// Authenticate and decrypt the area.
+    /// Authenticate and decrypt the area into a new buffer.
     pub fn decrypt(&self, key: &FirmwareKey, nonce: &ImageNonce) -> Result<Vec<u8>, SfiError> {
         decrypt_area(key, nonce, &self.descriptor, &self.ciphertext)
+    }
+
+    /// Authenticate and decrypt the area in its own buffer (no copy: the fast path for readers
+    /// that consume areas one at a time).
+    pub fn into_plaintext(mut self, key: &FirmwareKey, nonce: &ImageNonce) -> Result<Vec<u8>, SfiError> {
+        decrypt_area_in_place(key, nonce, &self.descriptor, &mut self.ciphertext)?;
+        Ok(self.ciphertext)
     }
 }
 
@@ -1048,14 +1063,24 @@ macro_rules! reader_body {
         let descriptor = v.next_descriptor(&bytes)?;
         let payload_at = offset + DESCRIPTOR_LEN as u64;
         let mut ciphertext = Vec::new();
+        let capacity = v.payload_capacity(descriptor.size);
         ciphertext
-            .try_reserve_exact(v.payload_capacity(descriptor.size))
+            .try_reserve_exact(capacity)
             .map_err(|_| SfiError::Io { offset: payload_at, source: std::io::ErrorKind::OutOfMemory.into() })?;
-        let got = (&mut $self.inner)
-            .take(descriptor.size.into())
-            .read_to_end(&mut ciphertext)
-            $(.$aw)?
-            .map_err(io_error(payload_at))?;
+        let got = if capacity == descriptor.size as usize {
+            // The size is vouched for (the file is long enough): fill the buffer in one go.
+            ciphertext.resize(capacity, 0);
+            let got = $read_full(&mut $self.inner, &mut ciphertext)$(.$aw)?.map_err(io_error(payload_at))?;
+            ciphertext.truncate(got);
+            got
+        } else {
+            // Unknown length: grow only as bytes actually arrive.
+            (&mut $self.inner)
+                .take(descriptor.size.into())
+                .read_to_end(&mut ciphertext)
+                $(.$aw)?
+                .map_err(io_error(payload_at))?
+        };
         if got as u64 != u64::from(descriptor.size) {
             return Err(v.truncated_payload(payload_at, descriptor.size.into(), got as u64));
         }
@@ -1194,6 +1219,29 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn in_place_decryption_releases_plaintext_only_when_authentic() {
+        let key = FirmwareKey::new([3; 16]);
+        let nonce = ImageNonce([4; 12]);
+        let plain = vec![0x42u8; 3000];
+        let (desc, ct) = encrypt_area(&key, &nonce, AreaType::Firmware, 1, 0x0800_0000, 1, &plain).unwrap();
+        let area = EncryptedArea { descriptor: desc.clone(), offset: 28, ciphertext: ct.clone() };
+        assert_eq!(area.into_plaintext(&key, &nonce).unwrap(), plain);
+
+        let mut tampered = ct.clone();
+        tampered[10] ^= 1;
+        let mut buf = tampered.clone();
+        assert!(matches!(
+            decrypt_area_in_place(&key, &nonce, &desc, &mut buf),
+            Err(SfiError::AreaNotAuthentic { index: 1 })
+        ));
+        assert_eq!(buf, tampered, "a failed tag must leave the ciphertext untouched");
+        assert!(matches!(
+            decrypt_area_in_place(&key, &nonce, &desc, &mut buf[..10]),
+            Err(SfiError::LengthMismatch { .. })
+        ));
+    }
     use crate::family::Family;
 
     const KEY: [u8; 16] = *b"0123456789abcdef";

@@ -97,8 +97,7 @@ fn sfi_bench(args: &SfiBenchArgs) -> Result<()> {
         let mut reader = ImageReader::new(std::io::Cursor::new(&image), opts)?;
         sfi::verify_header(&key, &nonce, reader.header())?;
         while let Some(area) = reader.next_area()? {
-            let plain = sfi::decrypt_area(&key, &nonce, &area.descriptor, &area.ciphertext)?;
-            std::hint::black_box(plain);
+            std::hint::black_box(area.into_plaintext(&key, &nonce)?);
         }
         Ok(())
     })?;

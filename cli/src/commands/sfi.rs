@@ -53,11 +53,15 @@ pub fn run(cmd: SfiCommand) -> Result<()> {
     println!("  {:>4} {:>4} {:>10} {:>10} {:>10}  tag", "#", "type", "address", "size", "offset");
     let mut plain = Vec::new();
     while let Some(area) = reader.next_area()? {
-        let d = &area.descriptor;
+        let d = area.descriptor.clone();
+        let offset = area.offset;
         let verdict = match &secrets {
             Some((key, nonce)) => {
-                let data = sfi::decrypt_area(key, nonce, d, &area.ciphertext)?;
-                plain.push(PlainArea { area_type: d.area_type, address: d.address, data });
+                let data = area.into_plaintext(key, nonce)?;
+                // Plaintext is kept only to compute the expected flash CRC.
+                if args.family.is_some() {
+                    plain.push(PlainArea { area_type: d.area_type, address: d.address, data });
+                }
                 "verified"
             }
             None => "",
@@ -68,7 +72,7 @@ pub fn run(cmd: SfiCommand) -> Result<()> {
             d.area_type.as_byte() as char,
             d.address,
             d.size,
-            area.offset,
+            offset,
             hex::encode(d.tag),
             verdict
         );
