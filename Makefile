@@ -5,7 +5,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests need: stm32flash (a real AN3155 client nobody here wrote).
 TEST_PACKAGES := stm32flash
 
-.PHONY: all build test deps fmt clippy unit bench demo clean
+.PHONY: all build test deps fmt clippy unit fuzz-check bench demo clean
 
 all: build
 
@@ -13,7 +13,7 @@ build:
 	$(CARGO) build --workspace --all-targets
 
 ## Everything CI checks: formatting, lints as errors, every test (unit, property, cross-crate, stm32flash).
-test: deps fmt clippy unit
+test: deps fmt clippy unit fuzz-check
 
 ## Install the Debian packages the tests need when they are missing.
 deps:
@@ -33,6 +33,10 @@ clippy:
 unit:
 	FLASHGATE_REQUIRE_STM32FLASH=1 $(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
+
+## The fuzz targets (fuzz/, not a workspace member) must keep compiling; running them is in docs/testing.md.
+fuzz-check:
+	$(CARGO) check --manifest-path fuzz/Cargo.toml --bins --target-dir target
 
 ## Benchmarks: release build, then every figure into BENCHMARKS.md (see scripts/bench.sh).
 bench:

@@ -14,6 +14,8 @@ trap 'rm -f "$tmp"' EXIT
   echo "Produced by \`make bench\` (scripts/bench.sh) on $(date -u +%Y-%m-%d), $(nproc) cores,"
   echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(rustc --version)."
   echo "Figures come from one run on this machine; rerun \`make bench\` to reproduce them."
+  echo "Load average when the run started: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine lowers the MB/s"
+  echo "figures; the ratios against raw AES-GCM are measured in the same run and are the meaningful part)."
   echo
   echo "## .sfi pack and parse throughput"
   echo
