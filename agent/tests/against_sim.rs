@@ -34,7 +34,9 @@ fn field(v: &serde_json::Value, name: &str) -> Vec<u8> {
 }
 
 fn vectors() -> Vectors {
-    let text = std::fs::read_to_string(format!("{VECTORS}sfi-profile-v1.json")).unwrap();
+    let text = std::fs::read_to_string(format!("{VECTORS}sfi-profile-v1.json")).unwrap_or_else(|e| {
+        panic!("reading the reference vectors in {VECTORS} (../shared/spec/vectors next to the project): {e}")
+    });
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let areas = v["areas"]
         .as_array()
@@ -52,7 +54,8 @@ fn vectors() -> Vectors {
         key: FirmwareKey::new(field(&v, "firmware_key").try_into().unwrap()),
         nonce: ImageNonce(field(&v, "image_nonce").try_into().unwrap()),
         licence: field(&v, "licence").try_into().unwrap(),
-        image: std::fs::read(format!("{VECTORS}image-v1.sfi")).unwrap(),
+        image: std::fs::read(format!("{VECTORS}image-v1.sfi"))
+            .unwrap_or_else(|e| panic!("reading {VECTORS}image-v1.sfi: {e}")),
         areas,
     }
 }
@@ -122,7 +125,14 @@ async fn wrong_chip_refuses_the_licence_in_plain_words() {
     // The same product, another chip: the vector licence cannot be opened there.
     let ca = flashgate_common::cert::VendorCa::from_scalar(
         field(
-            &serde_json::from_str(&std::fs::read_to_string(format!("{VECTORS}sfi-profile-v1.json")).unwrap()).unwrap(),
+            &serde_json::from_str(&std::fs::read_to_string(format!("{VECTORS}sfi-profile-v1.json")).unwrap_or_else(
+                |e| {
+                    panic!(
+                        "reading the reference vectors in {VECTORS} (../shared/spec/vectors next to the project): {e}"
+                    )
+                },
+            ))
+            .unwrap(),
             "vendor_ca_private_scalar",
         )
         .try_into()
@@ -207,7 +217,9 @@ async fn tcp_and_serial_transports_reach_the_simulator() {
     use flashgate_agent::bootloader::{TargetAddr, connect};
     use flashgate_sim::{SimConfig, Simulator};
 
-    let text = std::fs::read_to_string(format!("{VECTORS}sfi-profile-v1.json")).unwrap();
+    let text = std::fs::read_to_string(format!("{VECTORS}sfi-profile-v1.json")).unwrap_or_else(|e| {
+        panic!("reading the reference vectors in {VECTORS} (../shared/spec/vectors next to the project): {e}")
+    });
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     let ca_scalar = field(&json, "vendor_ca_private_scalar").try_into().unwrap();
     let ca = flashgate_common::cert::VendorCa::from_scalar(ca_scalar).unwrap();

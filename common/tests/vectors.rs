@@ -24,8 +24,11 @@ struct Vectors {
 
 impl Vectors {
     fn load() -> Self {
-        let text = std::fs::read_to_string(format!("{VECTORS}sfi-profile-v1.json")).unwrap();
-        let image = std::fs::read(format!("{VECTORS}image-v1.sfi")).unwrap();
+        let text = std::fs::read_to_string(format!("{VECTORS}sfi-profile-v1.json")).unwrap_or_else(|e| {
+            panic!("reading the reference vectors in {VECTORS} (../shared/spec/vectors next to the project): {e}")
+        });
+        let image = std::fs::read(format!("{VECTORS}image-v1.sfi"))
+            .unwrap_or_else(|e| panic!("reading {VECTORS}image-v1.sfi: {e}"));
         Self { json: serde_json::from_str(&text).unwrap(), image }
     }
 

@@ -39,9 +39,12 @@ fn bytes(v: &serde_json::Value, field: &str) -> Vec<u8> {
 
 /// Load `sfi-profile-v1.json` and `image-v1.sfi`.
 pub fn vectors() -> Vectors {
-    let text = std::fs::read_to_string(format!("{VECTORS}sfi-profile-v1.json")).unwrap();
+    let text = std::fs::read_to_string(format!("{VECTORS}sfi-profile-v1.json")).unwrap_or_else(|e| {
+        panic!("reading the reference vectors in {VECTORS} (../shared/spec/vectors next to the project): {e}")
+    });
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let image = std::fs::read(format!("{VECTORS}image-v1.sfi")).unwrap();
+    let image = std::fs::read(format!("{VECTORS}image-v1.sfi"))
+        .unwrap_or_else(|e| panic!("reading {VECTORS}image-v1.sfi: {e}"));
     assert_eq!(image, bytes(&v, "image_sfi"));
     let areas = v["areas"]
         .as_array()
