@@ -1,1 +1,13 @@
-//! flashgate-broker (being written).
+//! flashgate-broker: the OEM-side licence service of Flashgate (SFI profile v1). It verifies chip
+//! certificates against the trusted vendor CA keys, counts each licence against a batch quota in a
+//! ledger with an audit chain, and has the licence — the firmware key wrapped for one chip (§4) —
+//! issued inside an HSM, over mutual-TLS gRPC to the station agents.
+//!
+//! Modules:
+//! - [`hsm`]: the HSM trait, its software (encrypted keystore) and PKCS#11 backends, and the pool
+//!   that spreads requests over several HSMs with failover, health probes and load shedding.
+//! - [`ledger`]: batches, quotas, one licence per (batch, device), install reports and the hash-chained
+//!   audit log, on SQLite or a PostgreSQL database shared by several brokers (group commit).
+
+pub mod hsm;
+pub mod ledger;

@@ -1,0 +1,853 @@
+//! The broker's ledger: batches and quotas, one licence per (batch, device), install reports, keys, images,
+//! station revocations and the hash-chained audit log, on SQLite (default; WAL, `synchronous=FULL`) or on a
+//! PostgreSQL database shared by several brokers.
+//!
+//! Invariants (each tested in `broker/tests/ledger_*.rs`):
+//! - one licence per (batch, device): a retry returns the stored bytes and consumes nothing;
+//! - `issued <= quota` under any concurrency: the unit is taken by a conditional row update in the same
+//!   transaction that stores the licence and its audit record, and the caller gets the licence only after that
+//!   transaction is durably committed;
+//! - every security event is appended to the audit chain in the transaction that makes the change; if the
+//!   audit record cannot be written nothing is committed (fail closed).
+//!
+//! Licence issues, refusals and install reports go through one group-commit writer task per ledger
+//! ([`writer`]); administrative changes run in their own short transactions. On PostgreSQL every writing
+//! transaction first locks the single `audit_head` row, which serialises writers across brokers.
+
+pub mod audit;
+pub mod error;
+pub mod model;
+mod schema;
+mod writer;
+
+use std::path::Path;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{Any, AnyConnection, AnyPool, Row, Transaction};
+use tokio::sync::{mpsc, oneshot};
+
+pub use audit::{AuditRecord, AuditSummary};
+pub use error::{AuditFault, LedgerError, RefusalReason};
+pub use model::{
+    ANY_SITE, Batch, BatchState, BatchStatus, ImageMeta, InstallOutcome, InstallReport, IssueOutcome, IssueRecord,
+    KeyRecord, NewBatch, Precheck, PrecheckRequest, RefusalRecord, Revocation, now_ms,
+};
+
+use audit::{AuditEvent, Head};
+use writer::{Outcome, Payload, WriteOp};
+
+/// Size of the chunks an image is stored in.
+pub const IMAGE_CHUNK: usize = 1 << 20;
+
+/// Which SQL database the ledger runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite file (one broker).
+    Sqlite,
+    /// PostgreSQL (one or more brokers).
+    Postgres,
+}
+
+impl Dialect {
+    /// Dialect named by a connection URL (`sqlite:` or `postgres:`/`postgresql:`).
+    pub fn from_url(url: &str) -> Result<Self, LedgerError> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(Self::Postgres)
+        } else {
+            Err(LedgerError::Invalid {
+                field: "ledger url",
+                value: redact_url(url),
+                why: "expected sqlite://PATH or postgres://…",
+            })
+        }
+    }
+}
+
+/// Removes a password from a URL before it appears in an error message.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
+            Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
+}
+
+/// Connection and group-commit settings.
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    /// `sqlite://PATH` (created if missing) or `postgres://user@host:port/db`.
+    pub url: String,
+    /// Most operations committed in one group transaction.
+    pub max_group: usize,
+    /// Depth of the writer queue (callers wait when it is full).
+    pub queue_depth: usize,
+    /// SQLite: connections of the read pool (the writer has its own single connection).
+    pub read_connections: u32,
+    /// PostgreSQL: connections of the (shared read/write) pool.
+    pub pg_connections: u32,
+    /// SQLite `busy_timeout`, and the pool acquire timeout.
+    pub busy_timeout: Duration,
+}
+
+impl LedgerConfig {
+    /// Defaults for `url`: groups of up to 256, queue of 4096, 4 read connections, 8 PostgreSQL connections.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            max_group: 256,
+            queue_depth: 4096,
+            read_connections: 4,
+            pg_connections: 8,
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Defaults for an SQLite file at `path`.
+    pub fn sqlite(path: &Path) -> Self {
+        Self::new(format!("sqlite://{}", path.display()))
+    }
+}
+
+struct Inner {
+    dialect: Dialect,
+    read: AnyPool,
+    write: AnyPool,
+    ops: mpsc::Sender<WriteOp>,
+}
+
+/// Handle to the ledger; cheap to clone. The writer task stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").field("dialect", &self.inner.dialect).finish_non_exhaustive()
+    }
+}
+
+/// Starts a writing transaction and reads (on PostgreSQL: locks) the audit head.
+pub(crate) async fn begin_write(
+    pool: &AnyPool,
+    dialect: Dialect,
+) -> Result<(Transaction<'static, Any>, Head), sqlx::Error> {
+    let mut tx = match dialect {
+        // Take the write lock up front: no deferred-transaction upgrade failures.
+        Dialect::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await?,
+        Dialect::Postgres => pool.begin().await?,
+    };
+    let head = audit::lock_head(&mut tx, dialect).await?;
+    Ok((tx, head))
+}
+
+/// Finishes a writing transaction: stores the audit head and commits.
+async fn commit_write(mut tx: Transaction<'static, Any>, head: &Head, op: &'static str) -> Result<(), LedgerError> {
+    audit::store_head(&mut tx, head).await.map_err(LedgerError::db(op))?;
+    tx.commit().await.map_err(LedgerError::db(op))
+}
+
+const BATCH_COLUMNS: &str = "b.id, b.product_id, b.image_sha256, i.key_id, b.quota, b.issued, b.allowed_sites, \
+     b.not_before, b.not_after, b.state, b.created_at, b.created_by";
+
+fn batch_from_row(r: &sqlx::any::AnyRow) -> Result<Batch, sqlx::Error> {
+    let sites: String = r.try_get(6)?;
+    let state: String = r.try_get(9)?;
+    Ok(Batch {
+        id: r.try_get(0)?,
+        product_id: r.try_get(1)?,
+        image_sha256: r.try_get(2)?,
+        key_id: r.try_get(3)?,
+        quota: r.try_get(4)?,
+        issued: r.try_get(5)?,
+        allowed_sites: serde_json::from_str(&sites).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        not_before: r.try_get(7)?,
+        not_after: r.try_get(8)?,
+        state: BatchState::parse(&state).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        created_at: r.try_get(10)?,
+        created_by: r.try_get(11)?,
+    })
+}
+
+/// Reads one batch (with its image's key id).
+pub(crate) async fn load_batch(conn: &mut AnyConnection, id: &str) -> Result<Option<Batch>, sqlx::Error> {
+    let sql =
+        format!("SELECT {BATCH_COLUMNS} FROM batches b JOIN images i ON i.sha256 = b.image_sha256 WHERE b.id = $1");
+    let row = sqlx::query(&sql).bind(id).fetch_optional(&mut *conn).await?;
+    row.as_ref().map(batch_from_row).transpose()
+}
+
+/// `prefix` followed by `rows` groups of `cols` numbered placeholders: `($1, $2), ($3, $4)`.
+pub(crate) fn multi_row_insert(prefix: &str, cols: usize, rows: usize) -> String {
+    use std::fmt::Write as _;
+    let mut sql = String::with_capacity(prefix.len() + rows * cols * 5);
+    sql.push_str(prefix);
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..cols {
+            // Writing into a String cannot fail.
+            let _ = write!(sql, "{}${}", if c == 0 { "" } else { ", " }, r * cols + c + 1);
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+fn with_create_mode(url: &str) -> String {
+    if url.contains("mode=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    }
+}
+
+async fn sqlite_pool(url: &str, max: u32, busy: Duration) -> Result<AnyPool, LedgerError> {
+    let busy_ms = busy.as_millis();
+    AnyPoolOptions::new()
+        .max_connections(max)
+        .min_connections(1)
+        .acquire_timeout(busy)
+        .after_connect(move |conn, _meta| {
+            Box::pin(async move {
+                // WAL for concurrent readers; FULL: a commit is on disk (WAL fsync) before it returns.
+                for pragma in [
+                    "PRAGMA journal_mode = WAL".to_owned(),
+                    "PRAGMA synchronous = FULL".to_owned(),
+                    "PRAGMA foreign_keys = ON".to_owned(),
+                    format!("PRAGMA busy_timeout = {busy_ms}"),
+                ] {
+                    sqlx::query(&pragma).execute(&mut *conn).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await
+        .map_err(LedgerError::db("open SQLite ledger"))
+}
+
+impl Ledger {
+    /// Opens (creating and migrating if needed) the ledger at `url` with default settings.
+    pub async fn open(url: &str) -> Result<Self, LedgerError> {
+        Self::open_with(LedgerConfig::new(url)).await
+    }
+
+    /// Opens the ledger described by `cfg`, applies pending migrations and starts the writer task.
+    /// Must be called inside a Tokio runtime.
+    pub async fn open_with(cfg: LedgerConfig) -> Result<Self, LedgerError> {
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(install_default_drivers);
+        let dialect = Dialect::from_url(&cfg.url)?;
+        if cfg.max_group == 0 || cfg.queue_depth == 0 {
+            return Err(LedgerError::Invalid {
+                field: "ledger max_group/queue_depth",
+                value: format!("{}/{}", cfg.max_group, cfg.queue_depth),
+                why: "must be at least 1",
+            });
+        }
+        let (read, write) = match dialect {
+            Dialect::Sqlite => {
+                if cfg.url.contains(":memory:") || cfg.url.contains("mode=memory") {
+                    return Err(LedgerError::Invalid {
+                        field: "ledger url",
+                        value: cfg.url.clone(),
+                        why: "in-memory SQLite is not durable; give a file path",
+                    });
+                }
+                let url = with_create_mode(&cfg.url);
+                let write = sqlite_pool(&url, 1, cfg.busy_timeout).await?;
+                schema::migrate(&write, dialect).await?;
+                let read = sqlite_pool(&url, cfg.read_connections.max(1), cfg.busy_timeout).await?;
+                (read, write)
+            }
+            Dialect::Postgres => {
+                let pool = AnyPoolOptions::new()
+                    .max_connections(cfg.pg_connections.max(2))
+                    .acquire_timeout(cfg.busy_timeout)
+                    .connect(&cfg.url)
+                    .await
+                    .map_err(LedgerError::db("open PostgreSQL ledger"))?;
+                schema::migrate(&pool, dialect).await?;
+                (pool.clone(), pool)
+            }
+        };
+        let (tx, rx) = mpsc::channel(cfg.queue_depth);
+        tokio::spawn(writer::run(write.clone(), dialect, rx, cfg.max_group));
+        Ok(Self { inner: Arc::new(Inner { dialect, read, write, ops: tx }) })
+    }
+
+    /// The database dialect in use.
+    pub fn dialect(&self) -> Dialect {
+        self.inner.dialect
+    }
+
+    async fn submit(&self, payload: Payload) -> Result<Outcome, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner.ops.send(WriteOp { payload, reply }).await.map_err(|_| LedgerError::WriterStopped)?;
+        rx.await.map_err(|_| LedgerError::WriterStopped)?
+    }
+
+    async fn read_conn(&self) -> Result<sqlx::pool::PoolConnection<Any>, LedgerError> {
+        self.inner.read.acquire().await.map_err(LedgerError::db("acquire read connection"))
+    }
+
+    /// Optimistic check before the HSM computes a licence: returns the device's existing licence if any, else
+    /// the batch if it is open for this site and product with quota left. A refusal is audited and returned
+    /// as [`LedgerError::Refused`]. [`Ledger::commit_issue`] re-checks everything. An existing licence is returned
+    /// whatever the batch's current state: it was counted when issued and a retry gives nothing new.
+    pub async fn precheck(&self, req: &PrecheckRequest) -> Result<Precheck, LedgerError> {
+        // One statement: the batch (with key id) and the device's licence, if any.
+        let (existing, batch) = {
+            let mut conn = self.read_conn().await?;
+            let sql = format!(
+                "SELECT {BATCH_COLUMNS}, (SELECT l.licence FROM licences l WHERE l.batch_id = b.id \
+                 AND l.device_id = $2) FROM batches b JOIN images i ON i.sha256 = b.image_sha256 WHERE b.id = $1"
+            );
+            let row = sqlx::query(&sql)
+                .bind(&req.batch_id)
+                .bind(&req.device_id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(LedgerError::db("precheck: read batch and licence"))?;
+            match row {
+                None => (None, None),
+                Some(r) => {
+                    let existing: Option<Vec<u8>> =
+                        r.try_get(12).map_err(LedgerError::db("precheck: read batch and licence"))?;
+                    (existing, Some(batch_from_row(&r).map_err(LedgerError::db("precheck: read batch"))?))
+                }
+            }
+        };
+        if let Some(l) = existing {
+            return Ok(Precheck::Existing(l));
+        }
+        let refusal = match &batch {
+            None => Some((RefusalReason::UnknownBatch, format!("batch {:?} does not exist", req.batch_id))),
+            Some(b) => match b.check(now_ms(), &req.site, &req.product_id) {
+                Err(r) => Some(r),
+                Ok(()) if b.issued >= b.quota => Some((
+                    RefusalReason::QuotaExhausted,
+                    format!("batch {:?} has issued {} of {} licences", b.id, b.issued, b.quota),
+                )),
+                Ok(()) => None,
+            },
+        };
+        match (refusal, batch) {
+            (Some((reason, detail)), _) => {
+                self.record_refusal(RefusalRecord {
+                    batch_id: req.batch_id.clone(),
+                    device_id: req.device_id.clone(),
+                    station: req.station.clone(),
+                    site: req.site.clone(),
+                    actor: req.actor.clone(),
+                    reason,
+                    detail: detail.clone(),
+                })
+                .await?;
+                Err(LedgerError::Refused { reason, detail })
+            }
+            (None, Some(b)) => Ok(Precheck::Proceed(b)),
+            (None, None) => Err(LedgerError::Internal { what: "precheck: batch vanished" }),
+        }
+    }
+
+    /// Commits a computed licence: in one (group) transaction returns the existing licence if the device has
+    /// one (nothing consumed), else re-checks the batch, takes one unit of quota, stores the licence and appends
+    /// `licence.issued` to the audit chain. Returns only after the commit is durable. Refusals are audited
+    /// (`licence.refused`) and returned as [`LedgerError::Refused`]; any database failure returns
+    /// [`LedgerError::Database`] and nothing was committed for this request (retrying is safe).
+    pub async fn commit_issue(&self, rec: IssueRecord) -> Result<IssueOutcome, LedgerError> {
+        if rec.licence.is_empty() {
+            return Err(LedgerError::Invalid { field: "licence", value: String::new(), why: "empty licence" });
+        }
+        match self.submit(Payload::Issue(rec)).await? {
+            Outcome::Issue(o) => Ok(o),
+            _ => Err(LedgerError::Internal { what: "writer answered an issue with another outcome" }),
+        }
+    }
+
+    /// Appends a `licence.refused` record for a refusal decided by the service (certificate not verified,
+    /// station revoked, not authorised).
+    pub async fn record_refusal(&self, rec: RefusalRecord) -> Result<(), LedgerError> {
+        match self.submit(Payload::Refusal(rec)).await? {
+            Outcome::Refusal => Ok(()),
+            _ => Err(LedgerError::Internal { what: "writer answered a refusal with another outcome" }),
+        }
+    }
+
+    /// Records an install report once per (station, result_id), with an `install.reported` audit record.
+    /// A repeat is [`InstallOutcome::Duplicate`] and is not counted again.
+    pub async fn report_install(&self, rep: InstallReport) -> Result<InstallOutcome, LedgerError> {
+        if serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&rep.timings_json).is_err() {
+            return Err(LedgerError::Invalid {
+                field: "install timings",
+                value: rep.timings_json,
+                why: "expected a JSON object",
+            });
+        }
+        match self.submit(Payload::Install(rep)).await? {
+            Outcome::Install(o) => Ok(o),
+            _ => Err(LedgerError::Internal { what: "writer answered an install report with another outcome" }),
+        }
+    }
+
+    /// The licence stored for (batch, device), if any.
+    pub async fn licence(&self, batch_id: &str, device_id: &str) -> Result<Option<Vec<u8>>, LedgerError> {
+        let mut conn = self.read_conn().await?;
+        writer::existing_licence(&mut conn, batch_id, device_id).await.map_err(LedgerError::db("read licence"))
+    }
+
+    /// Records a firmware key (metadata only) with a `key.added` audit record.
+    pub async fn add_key(&self, key: &KeyRecord, actor: &str) -> Result<(), LedgerError> {
+        const OP: &str = "add key";
+        let (mut tx, mut head) =
+            begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
+        let now = now_ms();
+        let n = sqlx::query(
+            "INSERT INTO keys (key_id, label, backend, backend_ref, created_at, created_by) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key_id) DO NOTHING",
+        )
+        .bind(&key.key_id)
+        .bind(&key.label)
+        .bind(&key.backend)
+        .bind(&key.backend_ref)
+        .bind(now)
+        .bind(actor)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::db(OP))?
+        .rows_affected();
+        if n == 0 {
+            return Err(LedgerError::AlreadyExists { what: "key", id: key.key_id.clone() });
+        }
+        let details = serde_json::json!({"label": key.label, "backend": key.backend, "backend_ref": key.backend_ref});
+        let ev = AuditEvent { actor, event: "key.added", subject: format!("key/{}", key.key_id), details };
+        audit::append(&mut tx, &mut head, now, ev).await.map_err(LedgerError::db(OP))?;
+        commit_write(tx, &head, OP).await
+    }
+
+    /// Stores an encrypted image (chunked, shared by every broker on the ledger) under its SHA-256 with an
+    /// `image.added` audit record. Storing the same bytes again returns the existing metadata.
+    pub async fn put_image(
+        &self,
+        key_id: &str,
+        family: &str,
+        product_id: &str,
+        bytes: &[u8],
+        actor: &str,
+    ) -> Result<ImageMeta, LedgerError> {
+        const OP: &str = "store image";
+        let sha = hex::encode(Sha256::digest(bytes));
+        let size = i64::try_from(bytes.len()).map_err(|_| LedgerError::Invalid {
+            field: "image size",
+            value: bytes.len().to_string(),
+            why: "too large",
+        })?;
+        let meta = ImageMeta {
+            sha256: sha.clone(),
+            key_id: key_id.to_owned(),
+            family: family.to_owned(),
+            product_id: product_id.to_owned(),
+            size,
+        };
+        let (mut tx, mut head) =
+            begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
+        let exists = sqlx::query("SELECT 1 FROM images WHERE sha256 = $1")
+            .bind(&sha)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(LedgerError::db(OP))?;
+        if exists.is_some() {
+            return Ok(meta);
+        }
+        let key = sqlx::query("SELECT 1 FROM keys WHERE key_id = $1")
+            .bind(key_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(LedgerError::db(OP))?;
+        if key.is_none() {
+            return Err(LedgerError::NotFound { what: "key", id: key_id.to_owned() });
+        }
+        let chunks: Vec<&[u8]> = bytes.chunks(IMAGE_CHUNK).collect();
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO images (sha256, key_id, family, product_id, size, chunk_count, created_at, created_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&sha)
+        .bind(key_id)
+        .bind(family)
+        .bind(product_id)
+        .bind(size)
+        .bind(chunks.len() as i64)
+        .bind(now)
+        .bind(actor)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::db(OP))?;
+        for (i, c) in chunks.iter().enumerate() {
+            sqlx::query("INSERT INTO image_chunks (sha256, idx, bytes) VALUES ($1, $2, $3)")
+                .bind(&sha)
+                .bind(i as i64)
+                .bind(c.to_vec())
+                .execute(&mut *tx)
+                .await
+                .map_err(LedgerError::db(OP))?;
+        }
+        let details = serde_json::json!({"key_id": key_id, "family": family, "product_id": product_id, "size": size});
+        let ev = AuditEvent { actor, event: "image.added", subject: format!("image/{sha}"), details };
+        audit::append(&mut tx, &mut head, now, ev).await.map_err(LedgerError::db(OP))?;
+        commit_write(tx, &head, OP).await?;
+        Ok(meta)
+    }
+
+    /// Reads an image back, checking its size and SHA-256.
+    pub async fn image(&self, sha256: &str) -> Result<(ImageMeta, Vec<u8>), LedgerError> {
+        const OP: &str = "read image";
+        let mut conn = self.read_conn().await?;
+        let row = sqlx::query("SELECT key_id, family, product_id, size, chunk_count FROM images WHERE sha256 = $1")
+            .bind(sha256)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(LedgerError::db(OP))?
+            .ok_or_else(|| LedgerError::NotFound { what: "image", id: sha256.to_owned() })?;
+        let get = |i| row.try_get::<i64, _>(i).map_err(LedgerError::db(OP));
+        let meta = ImageMeta {
+            sha256: sha256.to_owned(),
+            key_id: row.try_get(0).map_err(LedgerError::db(OP))?,
+            family: row.try_get(1).map_err(LedgerError::db(OP))?,
+            product_id: row.try_get(2).map_err(LedgerError::db(OP))?,
+            size: get(3)?,
+        };
+        let chunk_count = get(4)?;
+        let rows = sqlx::query("SELECT idx, bytes FROM image_chunks WHERE sha256 = $1 ORDER BY idx")
+            .bind(sha256)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(LedgerError::db(OP))?;
+        let corrupt = |why: String| LedgerError::Corrupt { what: "image", id: sha256.to_owned(), why };
+        if rows.len() as i64 != chunk_count {
+            return Err(corrupt(format!("expected {chunk_count} chunks, found {}", rows.len())));
+        }
+        let mut bytes = Vec::with_capacity(usize::try_from(meta.size).unwrap_or(0));
+        for (i, r) in rows.iter().enumerate() {
+            let idx: i64 = r.try_get(0).map_err(LedgerError::db(OP))?;
+            if idx != i as i64 {
+                return Err(corrupt(format!("chunk {i} missing (found chunk {idx})")));
+            }
+            let c: Vec<u8> = r.try_get(1).map_err(LedgerError::db(OP))?;
+            bytes.extend_from_slice(&c);
+        }
+        if bytes.len() as i64 != meta.size {
+            return Err(corrupt(format!("expected {} bytes, found {}", meta.size, bytes.len())));
+        }
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if actual != sha256 {
+            return Err(corrupt(format!("bytes hash to {actual}")));
+        }
+        Ok((meta, bytes))
+    }
+
+    /// Creates a batch (state open, nothing issued) with a `batch.created` audit record.
+    pub async fn create_batch(&self, b: &NewBatch, actor: &str) -> Result<Batch, LedgerError> {
+        const OP: &str = "create batch";
+        if b.quota < 0 {
+            return Err(LedgerError::Invalid { field: "batch quota", value: b.quota.to_string(), why: "negative" });
+        }
+        if b.product_id.len() != 8 || !b.product_id.is_ascii() {
+            return Err(LedgerError::Invalid {
+                field: "batch product_id",
+                value: b.product_id.clone(),
+                why: "expected 8 ASCII characters",
+            });
+        }
+        if let (Some(nb), Some(na)) = (b.not_before, b.not_after)
+            && na <= nb
+        {
+            return Err(LedgerError::Invalid {
+                field: "batch validity window",
+                value: format!("{nb}..{na}"),
+                why: "not_after must be later than not_before",
+            });
+        }
+        let sites = serde_json::to_string(&b.allowed_sites).map_err(|_| LedgerError::Invalid {
+            field: "batch allowed_sites",
+            value: format!("{:?}", b.allowed_sites),
+            why: "not serialisable",
+        })?;
+        let (mut tx, mut head) =
+            begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
+        let img = sqlx::query("SELECT product_id FROM images WHERE sha256 = $1")
+            .bind(&b.image_sha256)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(LedgerError::db(OP))?
+            .ok_or_else(|| LedgerError::NotFound { what: "image", id: b.image_sha256.clone() })?;
+        let img_product: String = img.try_get(0).map_err(LedgerError::db(OP))?;
+        if img_product != b.product_id {
+            return Err(LedgerError::Invalid {
+                field: "batch product_id",
+                value: b.product_id.clone(),
+                why: "differs from the image's product id",
+            });
+        }
+        let now = now_ms();
+        let n = sqlx::query(
+            "INSERT INTO batches (id, product_id, image_sha256, quota, issued, allowed_sites, not_before, not_after, \
+             state, created_at, created_by) VALUES ($1, $2, $3, $4, 0, $5, $6, $7, 'open', $8, $9) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&b.id)
+        .bind(&b.product_id)
+        .bind(&b.image_sha256)
+        .bind(b.quota)
+        .bind(&sites)
+        .bind(b.not_before)
+        .bind(b.not_after)
+        .bind(now)
+        .bind(actor)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::db(OP))?
+        .rows_affected();
+        if n == 0 {
+            return Err(LedgerError::AlreadyExists { what: "batch", id: b.id.clone() });
+        }
+        let details = serde_json::json!({
+            "product_id": b.product_id, "image_sha256": b.image_sha256, "quota": b.quota,
+            "allowed_sites": b.allowed_sites, "not_before": b.not_before, "not_after": b.not_after,
+        });
+        let ev = AuditEvent { actor, event: "batch.created", subject: format!("batch/{}", b.id), details };
+        audit::append(&mut tx, &mut head, now, ev).await.map_err(LedgerError::db(OP))?;
+        let batch = load_batch(&mut tx, &b.id).await.map_err(LedgerError::db(OP))?;
+        commit_write(tx, &head, OP).await?;
+        batch.ok_or_else(|| LedgerError::NotFound { what: "batch", id: b.id.clone() })
+    }
+
+    /// Changes a batch's state (open, paused, closed) with a `batch.state_changed` audit record. A closed batch
+    /// cannot be reopened.
+    pub async fn set_batch_state(&self, id: &str, state: BatchState, actor: &str) -> Result<Batch, LedgerError> {
+        const OP: &str = "change batch state";
+        let (mut tx, mut head) =
+            begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
+        let before = load_batch(&mut tx, id)
+            .await
+            .map_err(LedgerError::db(OP))?
+            .ok_or_else(|| LedgerError::NotFound { what: "batch", id: id.to_owned() })?;
+        if before.state == BatchState::Closed && state != BatchState::Closed {
+            return Err(LedgerError::Invalid {
+                field: "batch state",
+                value: state.as_str().to_owned(),
+                why: "a closed batch cannot be reopened or paused",
+            });
+        }
+        sqlx::query("UPDATE batches SET state = $1 WHERE id = $2")
+            .bind(state.as_str())
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(LedgerError::db(OP))?;
+        let now = now_ms();
+        let details = serde_json::json!({"from": before.state.as_str(), "to": state.as_str()});
+        let ev = AuditEvent { actor, event: "batch.state_changed", subject: format!("batch/{id}"), details };
+        audit::append(&mut tx, &mut head, now, ev).await.map_err(LedgerError::db(OP))?;
+        commit_write(tx, &head, OP).await?;
+        Ok(Batch { state, ..before })
+    }
+
+    /// Reads one batch.
+    pub async fn batch(&self, id: &str) -> Result<Batch, LedgerError> {
+        let mut conn = self.read_conn().await?;
+        load_batch(&mut conn, id)
+            .await
+            .map_err(LedgerError::db("read batch"))?
+            .ok_or_else(|| LedgerError::NotFound { what: "batch", id: id.to_owned() })
+    }
+
+    /// Every batch, by id.
+    pub async fn batches(&self) -> Result<Vec<Batch>, LedgerError> {
+        let mut conn = self.read_conn().await?;
+        let sql =
+            format!("SELECT {BATCH_COLUMNS} FROM batches b JOIN images i ON i.sha256 = b.image_sha256 ORDER BY b.id");
+        let rows = sqlx::query(&sql).fetch_all(&mut *conn).await.map_err(LedgerError::db("list batches"))?;
+        rows.iter().map(batch_from_row).collect::<Result<_, _>>().map_err(LedgerError::db("list batches"))
+    }
+
+    /// Issued, installed, failed and remaining counts of a batch.
+    pub async fn batch_status(&self, id: &str) -> Result<BatchStatus, LedgerError> {
+        const OP: &str = "read batch status";
+        let mut conn = self.read_conn().await?;
+        let batch = load_batch(&mut conn, id)
+            .await
+            .map_err(LedgerError::db(OP))?
+            .ok_or_else(|| LedgerError::NotFound { what: "batch", id: id.to_owned() })?;
+        let row = sqlx::query(
+            "SELECT \
+               (SELECT COUNT(DISTINCT device_id) FROM installs WHERE batch_id = $1 AND status_code = 0), \
+               (SELECT COUNT(DISTINCT f.device_id) FROM installs f WHERE f.batch_id = $1 AND f.status_code <> 0 \
+                  AND NOT EXISTS (SELECT 1 FROM installs s WHERE s.batch_id = f.batch_id \
+                                  AND s.device_id = f.device_id AND s.status_code = 0))",
+        )
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(LedgerError::db(OP))?;
+        Ok(BatchStatus {
+            issued: batch.issued,
+            installed: row.try_get(0).map_err(LedgerError::db(OP))?,
+            failed: row.try_get(1).map_err(LedgerError::db(OP))?,
+            remaining: batch.remaining(),
+            batch,
+        })
+    }
+
+    /// Revokes a station certificate with a `station.revoked` audit record. Revoking an already revoked serial
+    /// returns the existing revocation.
+    pub async fn revoke_station(
+        &self,
+        serial: &str,
+        identity: &str,
+        reason: &str,
+        actor: &str,
+    ) -> Result<Revocation, LedgerError> {
+        const OP: &str = "revoke station";
+        let (mut tx, mut head) =
+            begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
+        let now = now_ms();
+        let n = sqlx::query(
+            "INSERT INTO revocations (serial, identity, reason, revoked_at, revoked_by) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (serial) DO NOTHING",
+        )
+        .bind(serial)
+        .bind(identity)
+        .bind(reason)
+        .bind(now)
+        .bind(actor)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::db(OP))?
+        .rows_affected();
+        if n == 1 {
+            let details = serde_json::json!({"identity": identity, "reason": reason});
+            let ev = AuditEvent { actor, event: "station.revoked", subject: format!("station-cert/{serial}"), details };
+            audit::append(&mut tx, &mut head, now, ev).await.map_err(LedgerError::db(OP))?;
+            commit_write(tx, &head, OP).await?;
+        } else {
+            tx.rollback().await.map_err(LedgerError::db(OP))?;
+        }
+        self.revocations()
+            .await?
+            .into_iter()
+            .find(|r| r.serial == serial)
+            .ok_or_else(|| LedgerError::NotFound { what: "revocation", id: serial.to_owned() })
+    }
+
+    /// Every revocation, by serial.
+    pub async fn revocations(&self) -> Result<Vec<Revocation>, LedgerError> {
+        const OP: &str = "list revocations";
+        let mut conn = self.read_conn().await?;
+        let rows =
+            sqlx::query("SELECT serial, identity, reason, revoked_at, revoked_by FROM revocations ORDER BY serial")
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(LedgerError::db(OP))?;
+        rows.iter()
+            .map(|r| {
+                Ok(Revocation {
+                    serial: r.try_get(0)?,
+                    identity: r.try_get(1)?,
+                    reason: r.try_get(2)?,
+                    revoked_at: r.try_get(3)?,
+                    revoked_by: r.try_get(4)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(LedgerError::db(OP))
+    }
+
+    /// Up to `limit` audit records after `after_seq`, in order.
+    pub async fn audit_page(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRecord>, LedgerError> {
+        let mut conn = self.read_conn().await?;
+        audit::page(&mut conn, after_seq, limit).await.map_err(LedgerError::db("read audit"))
+    }
+
+    /// Walks the whole audit chain up to the current head. Returns the first broken record as
+    /// [`LedgerError::AuditBroken`] (edited, missing, reordered, or trailing records deleted).
+    pub async fn verify_audit(&self) -> Result<AuditSummary, LedgerError> {
+        const OP: &str = "verify audit";
+        const PAGE: i64 = 2000;
+        let mut conn = self.read_conn().await?;
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(LedgerError::db(OP))?;
+        let head_seq: i64 = head.try_get(0).map_err(LedgerError::db(OP))?;
+        let head_hash: Vec<u8> = head.try_get(1).map_err(LedgerError::db(OP))?;
+        let mut v = audit::Verifier::new();
+        let mut after = 0;
+        'pages: loop {
+            let page = audit::page(&mut conn, after, PAGE).await.map_err(LedgerError::db(OP))?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for r in &page {
+                // Records appended after we read the head belong to a later verification.
+                if r.seq > head_seq {
+                    break 'pages;
+                }
+                v.push(r)?;
+            }
+        }
+        v.finish(head_seq, &head_hash)
+    }
+
+    /// Writes the audit log as JSON lines (hashes in hex) and returns the number of records written.
+    pub async fn export_audit(&self, out: &mut (dyn std::io::Write + Send)) -> Result<u64, LedgerError> {
+        const PAGE: i64 = 2000;
+        let mut after = 0;
+        let mut n = 0;
+        loop {
+            let page = self.audit_page(after, PAGE).await?;
+            let Some(last) = page.last() else { return Ok(n) };
+            after = last.seq;
+            for r in &page {
+                let line = serde_json::to_string(r).map_err(|e| LedgerError::Corrupt {
+                    what: "audit record",
+                    id: r.seq.to_string(),
+                    why: e.to_string(),
+                })?;
+                writeln!(out, "{line}").map_err(|source| LedgerError::Io { what: "audit export", source })?;
+                n += 1;
+            }
+        }
+    }
+
+    /// Closes the connection pools (pending writes already answered are durable).
+    pub async fn close(&self) {
+        self.inner.read.close().await;
+        self.inner.write.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dialect_and_redaction() {
+        assert_eq!(Dialect::from_url("sqlite:///tmp/x.db").unwrap(), Dialect::Sqlite);
+        assert_eq!(Dialect::from_url("postgres://u@h/db").unwrap(), Dialect::Postgres);
+        let e = Dialect::from_url("mysql://u:secret@h/db").unwrap_err().to_string();
+        assert!(!e.contains("secret"), "{e}");
+        assert_eq!(with_create_mode("sqlite:///a.db"), "sqlite:///a.db?mode=rwc");
+        assert_eq!(multi_row_insert("V ", 2, 2), "V ($1, $2), ($3, $4)");
+    }
+}

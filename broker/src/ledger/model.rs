@@ -1,0 +1,370 @@
+//! Plain data types exchanged with the ledger: batches, issue requests and outcomes, install reports, keys,
+//! images and revocations. No database access lives here.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::error::{LedgerError, RefusalReason};
+
+/// Milliseconds since the Unix epoch, the unit of every timestamp in the ledger.
+pub fn now_ms() -> i64 {
+    // A clock before 1970 is a misconfigured host; treat it as the epoch rather than failing issues.
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Administrative state of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BatchState {
+    /// Licences may be issued.
+    Open,
+    /// Temporarily no licences; may be reopened.
+    Paused,
+    /// Permanently closed.
+    Closed,
+}
+
+impl BatchState {
+    /// The value stored in the `state` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Paused => "paused",
+            Self::Closed => "closed",
+        }
+    }
+
+    /// Parses a stored `state` value.
+    pub fn parse(s: &str) -> Result<Self, LedgerError> {
+        match s {
+            "open" => Ok(Self::Open),
+            "paused" => Ok(Self::Paused),
+            "closed" => Ok(Self::Closed),
+            other => Err(LedgerError::Invalid {
+                field: "batch state",
+                value: other.to_owned(),
+                why: "expected open, paused or closed",
+            }),
+        }
+    }
+}
+
+/// The site wildcard: a batch whose allowed sites contain it accepts every site.
+pub const ANY_SITE: &str = "*";
+
+/// A new batch, as an administrator creates it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewBatch {
+    /// Batch id chosen by the administrator (unique across the ledger).
+    pub id: String,
+    /// 8-character ASCII product id the batch's chips must carry (e.g. `46201002`).
+    pub product_id: String,
+    /// Hex SHA-256 of the image (must already be stored with [`crate::ledger::Ledger::put_image`]).
+    pub image_sha256: String,
+    /// Maximum number of licences.
+    pub quota: i64,
+    /// Sites whose stations may obtain licences; [`ANY_SITE`] allows every site; empty allows none.
+    pub allowed_sites: Vec<String>,
+    /// Licences are refused before this time (ms since epoch), if set.
+    pub not_before: Option<i64>,
+    /// Licences are refused from this time on (ms since epoch), if set.
+    pub not_after: Option<i64>,
+}
+
+/// A batch as stored, with its issued count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Batch id.
+    pub id: String,
+    /// Product id the batch's chips must carry.
+    pub product_id: String,
+    /// Hex SHA-256 of the image.
+    pub image_sha256: String,
+    /// Hex key id of the image's firmware key.
+    pub key_id: String,
+    /// Maximum number of licences.
+    pub quota: i64,
+    /// Licences issued so far (each a durable unit of quota).
+    pub issued: i64,
+    /// Allowed sites ([`ANY_SITE`] allows every site).
+    pub allowed_sites: Vec<String>,
+    /// Start of the validity window (ms since epoch).
+    pub not_before: Option<i64>,
+    /// End of the validity window (ms since epoch, exclusive).
+    pub not_after: Option<i64>,
+    /// Administrative state.
+    pub state: BatchState,
+    /// Creation time (ms since epoch).
+    pub created_at: i64,
+    /// Who created it.
+    pub created_by: String,
+}
+
+impl Batch {
+    /// Checks everything except the quota: state, validity window at `now`, site and product.
+    /// Returns the first refusal in the order state, window, product, site.
+    pub fn check(&self, now: i64, site: &str, product_id: &str) -> Result<(), (RefusalReason, String)> {
+        match self.state {
+            BatchState::Open => {}
+            BatchState::Paused => return Err((RefusalReason::BatchPaused, format!("batch {:?} is paused", self.id))),
+            BatchState::Closed => return Err((RefusalReason::BatchClosed, format!("batch {:?} is closed", self.id))),
+        }
+        if let Some(nb) = self.not_before
+            && now < nb
+        {
+            return Err((
+                RefusalReason::BatchNotStarted,
+                format!("batch {:?} is valid from {nb} ms, now is {now} ms", self.id),
+            ));
+        }
+        if let Some(na) = self.not_after
+            && now >= na
+        {
+            return Err((
+                RefusalReason::BatchExpired,
+                format!("batch {:?} expired at {na} ms, now is {now} ms", self.id),
+            ));
+        }
+        if product_id != self.product_id {
+            return Err((
+                RefusalReason::ProductMismatch,
+                format!(
+                    "chip product id {product_id:?} differs from batch {:?} product id {:?}",
+                    self.id, self.product_id
+                ),
+            ));
+        }
+        if !self.allowed_sites.iter().any(|s| s == ANY_SITE || s == site) {
+            return Err((
+                RefusalReason::SiteNotAllowed,
+                format!("site {site:?} is not in batch {:?} allowed sites {:?}", self.id, self.allowed_sites),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Units left (`quota - issued`, never negative).
+    pub fn remaining(&self) -> i64 {
+        (self.quota - self.issued).max(0)
+    }
+}
+
+/// What the service asks before computing a licence with the HSM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrecheckRequest {
+    /// Batch id.
+    pub batch_id: String,
+    /// Chip device id (`hex(SHA-256(chip_pub))[0..32]`).
+    pub device_id: String,
+    /// Product id from the (verified) chip certificate.
+    pub product_id: String,
+    /// The requesting station's identity (audit subject).
+    pub station: String,
+    /// The requesting station's site.
+    pub site: String,
+    /// Who is asking (audit actor), usually the station identity.
+    pub actor: String,
+}
+
+/// Result of [`crate::ledger::Ledger::precheck`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precheck {
+    /// The device already holds a licence for the batch: return these bytes, consume nothing, skip the HSM.
+    Existing(Vec<u8>),
+    /// The batch looked open for this site and product with quota left: compute the licence and commit it.
+    /// (Optimistic: [`crate::ledger::Ledger::commit_issue`] re-checks everything.)
+    Proceed(Batch),
+}
+
+/// A computed licence to commit against a batch's quota.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssueRecord {
+    /// Batch id.
+    pub batch_id: String,
+    /// Chip device id.
+    pub device_id: String,
+    /// Product id from the chip certificate.
+    pub product_id: String,
+    /// The licence bytes (132 bytes for licence v1).
+    pub licence: Vec<u8>,
+    /// The chip certificate (136 bytes).
+    pub certificate: Vec<u8>,
+    /// Station identity.
+    pub station: String,
+    /// Station site.
+    pub site: String,
+    /// Audit actor.
+    pub actor: String,
+}
+
+/// Successful result of [`crate::ledger::Ledger::commit_issue`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IssueOutcome {
+    /// A new licence was committed; one unit of quota is durably consumed.
+    Issued(Vec<u8>),
+    /// The device already had a licence: these are its stored bytes; nothing was consumed.
+    Existing(Vec<u8>),
+}
+
+impl IssueOutcome {
+    /// The licence bytes to return to the station.
+    pub fn licence(&self) -> &[u8] {
+        match self {
+            Self::Issued(l) | Self::Existing(l) => l,
+        }
+    }
+
+    /// Consumes the outcome, returning the licence bytes.
+    pub fn into_licence(self) -> Vec<u8> {
+        match self {
+            Self::Issued(l) | Self::Existing(l) => l,
+        }
+    }
+}
+
+/// A refusal decided outside the ledger (e.g. certificate not verified, station revoked), to be audited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalRecord {
+    /// Batch id asked for (may be unknown).
+    pub batch_id: String,
+    /// Device id, if known.
+    pub device_id: String,
+    /// Station identity.
+    pub station: String,
+    /// Station site.
+    pub site: String,
+    /// Audit actor.
+    pub actor: String,
+    /// Why.
+    pub reason: RefusalReason,
+    /// Human-readable detail.
+    pub detail: String,
+}
+
+/// An install result reported by a station.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallReport {
+    /// Reporting station identity.
+    pub station: String,
+    /// Station-chosen id of this result, unique per station (idempotency key).
+    pub result_id: String,
+    /// Batch id.
+    pub batch_id: String,
+    /// Device id.
+    pub device_id: String,
+    /// SFI status code (0 = installed).
+    pub status_code: u16,
+    /// Status in words.
+    pub message: String,
+    /// Flash CRC-32 reported by INSTALL, if it got that far.
+    pub flash_crc: Option<u32>,
+    /// Attempt number on the station (1-based).
+    pub attempt: u32,
+    /// Timings as a JSON object (e.g. `{"licence_ms":3,"flash_ms":12000}`).
+    pub timings_json: String,
+    /// Audit actor.
+    pub actor: String,
+}
+
+/// Result of [`crate::ledger::Ledger::report_install`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstallOutcome {
+    /// First time this (station, result_id) was reported: counted.
+    Recorded,
+    /// Already reported: not counted again.
+    Duplicate,
+}
+
+/// Counters of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchStatus {
+    /// The batch.
+    pub batch: Batch,
+    /// Licences issued.
+    pub issued: i64,
+    /// Distinct devices with at least one successful install report.
+    pub installed: i64,
+    /// Distinct devices with failed install reports and no successful one.
+    pub failed: i64,
+    /// Quota units left.
+    pub remaining: i64,
+}
+
+/// A firmware key known to the HSM pool, as recorded in the ledger (never the key itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// Hex of the 16-byte key id.
+    pub key_id: String,
+    /// Human label.
+    pub label: String,
+    /// Backend kind ("soft", "pkcs11").
+    pub backend: String,
+    /// Backend-specific locator.
+    pub backend_ref: String,
+}
+
+/// Metadata of an encrypted image stored in the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageMeta {
+    /// Hex SHA-256 of the image bytes.
+    pub sha256: String,
+    /// Hex key id of the firmware key.
+    pub key_id: String,
+    /// Family name (e.g. "stm32l4").
+    pub family: String,
+    /// Product id.
+    pub product_id: String,
+    /// Size in bytes.
+    pub size: i64,
+}
+
+/// A revoked station certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// Certificate serial (hex).
+    pub serial: String,
+    /// The identity the certificate carried.
+    pub identity: String,
+    /// Why it was revoked.
+    pub reason: String,
+    /// When (ms since epoch).
+    pub revoked_at: i64,
+    /// By whom.
+    pub revoked_by: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> Batch {
+        Batch {
+            id: "b".into(),
+            product_id: "46201002".into(),
+            image_sha256: String::new(),
+            key_id: String::new(),
+            quota: 2,
+            issued: 0,
+            allowed_sites: vec!["lyon".into()],
+            not_before: Some(100),
+            not_after: Some(200),
+            state: BatchState::Open,
+            created_at: 0,
+            created_by: String::new(),
+        }
+    }
+
+    #[test]
+    fn checks_in_order() {
+        let b = batch();
+        assert!(b.check(150, "lyon", "46201002").is_ok());
+        assert_eq!(b.check(99, "lyon", "46201002").unwrap_err().0, RefusalReason::BatchNotStarted);
+        assert_eq!(b.check(200, "lyon", "46201002").unwrap_err().0, RefusalReason::BatchExpired);
+        assert_eq!(b.check(150, "lyon", "45002001").unwrap_err().0, RefusalReason::ProductMismatch);
+        assert_eq!(b.check(150, "porto", "46201002").unwrap_err().0, RefusalReason::SiteNotAllowed);
+        let mut any = b.clone();
+        any.allowed_sites = vec![ANY_SITE.into()];
+        assert!(any.check(150, "porto", "46201002").is_ok());
+        let mut p = b;
+        p.state = BatchState::Paused;
+        assert_eq!(p.check(150, "lyon", "46201002").unwrap_err().0, RefusalReason::BatchPaused);
+    }
+}

@@ -1,0 +1,44 @@
+//! Schema migrations of the ledger, embedded at compile time from `broker/migrations/{sqlite,postgres}/` and
+//! applied with sqlx's migrator (checksummed; on PostgreSQL under an advisory lock, so brokers starting
+//! together do not race).
+
+use std::borrow::Cow;
+
+use sqlx::AnyPool;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+
+use super::Dialect;
+use super::error::LedgerError;
+
+const SQLITE: &[(i64, &str, &str)] = &[(1, "ledger", include_str!("../../migrations/sqlite/0001_ledger.sql"))];
+const POSTGRES: &[(i64, &str, &str)] = &[(1, "ledger", include_str!("../../migrations/postgres/0001_ledger.sql"))];
+
+fn migrator(dialect: Dialect) -> Migrator {
+    let set = match dialect {
+        Dialect::Sqlite => SQLITE,
+        Dialect::Postgres => POSTGRES,
+    };
+    let migrations = set
+        .iter()
+        .map(|&(v, d, sql)| Migration::new(v, Cow::Borrowed(d), MigrationType::Simple, Cow::Borrowed(sql), false))
+        .collect::<Vec<_>>();
+    Migrator { migrations: Cow::Owned(migrations), ignore_missing: false, locking: true, no_tx: false }
+}
+
+/// Applies every pending migration for `dialect`.
+pub(crate) async fn migrate(pool: &AnyPool, dialect: Dialect) -> Result<(), LedgerError> {
+    migrator(dialect).run(pool).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dialects_define_the_same_tables() {
+        let tables =
+            |sql: &str| sql.lines().filter(|l| l.starts_with("CREATE TABLE")).map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(tables(SQLITE[0].2), tables(POSTGRES[0].2));
+    }
+}

@@ -1,0 +1,250 @@
+//! Shared fixtures of the ledger integration tests: opening ledgers, seeding key/image/batch, building issue
+//! requests, raw SQL access for tampering, and the invariant checks run against both SQLite and PostgreSQL.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+pub mod pg;
+
+use std::sync::Arc;
+
+use flashgate_broker::ledger::{
+    Batch, BatchState, Dialect, IssueOutcome, IssueRecord, KeyRecord, Ledger, LedgerError, NewBatch, Precheck,
+    PrecheckRequest, RefusalReason,
+};
+use sqlx::Connection;
+use tokio::sync::Barrier;
+
+pub const PRODUCT: &str = "46201002";
+pub const SITE: &str = "lyon";
+
+/// A ledger on a fresh SQLite file in `dir`.
+pub async fn sqlite_ledger(dir: &tempfile::TempDir) -> (Ledger, String) {
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    (Ledger::open(&url).await.expect("open sqlite ledger"), url)
+}
+
+/// Deterministic fake licence bytes (132 bytes) that differ per (device, attempt), as a real HSM's would.
+pub fn licence_bytes(device: &str, attempt: u32) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut out = Vec::with_capacity(132);
+    let mut ctr = 0u32;
+    while out.len() < 132 {
+        let d = Sha256::new().chain_update(device).chain_update(attempt.to_be_bytes()).chain_update(ctr.to_be_bytes());
+        out.extend_from_slice(&d.finalize());
+        ctr += 1;
+    }
+    out.truncate(132);
+    out
+}
+
+pub fn device(i: usize) -> String {
+    format!("{i:032x}")
+}
+
+/// Adds key "k1" (if missing) and an image, then a batch.
+pub async fn seed(l: &Ledger, id: &str, quota: i64, sites: &[&str], window: (Option<i64>, Option<i64>)) -> Batch {
+    let key = KeyRecord {
+        key_id: "00112233445566778899aabbccddeeff".into(),
+        label: "k1".into(),
+        backend: "soft".into(),
+        backend_ref: "k1".into(),
+    };
+    match l.add_key(&key, "admin").await {
+        Ok(()) | Err(LedgerError::AlreadyExists { .. }) => {}
+        Err(e) => panic!("add key: {e}"),
+    }
+    let image = format!("image for {id}").into_bytes();
+    let meta = l.put_image(&key.key_id, "stm32l4", PRODUCT, &image, "admin").await.expect("put image");
+    l.create_batch(
+        &NewBatch {
+            id: id.into(),
+            product_id: PRODUCT.into(),
+            image_sha256: meta.sha256,
+            quota,
+            allowed_sites: sites.iter().map(|s| s.to_string()).collect(),
+            not_before: window.0,
+            not_after: window.1,
+        },
+        "admin",
+    )
+    .await
+    .expect("create batch")
+}
+
+pub fn issue_record(batch: &str, device: &str, attempt: u32) -> IssueRecord {
+    IssueRecord {
+        batch_id: batch.into(),
+        device_id: device.into(),
+        product_id: PRODUCT.into(),
+        licence: licence_bytes(device, attempt),
+        certificate: vec![0xC5; 136],
+        station: "station-1".into(),
+        site: SITE.into(),
+        actor: "station-1".into(),
+    }
+}
+
+pub fn precheck_request(batch: &str, device: &str) -> PrecheckRequest {
+    PrecheckRequest {
+        batch_id: batch.into(),
+        device_id: device.into(),
+        product_id: PRODUCT.into(),
+        station: "station-1".into(),
+        site: SITE.into(),
+        actor: "station-1".into(),
+    }
+}
+
+/// The full service flow: precheck, "HSM" computes a licence, commit.
+pub async fn request_licence(l: &Ledger, batch: &str, device: &str, attempt: u32) -> Result<IssueOutcome, LedgerError> {
+    match l.precheck(&precheck_request(batch, device)).await? {
+        Precheck::Existing(bytes) => Ok(IssueOutcome::Existing(bytes)),
+        Precheck::Proceed(_) => l.commit_issue(issue_record(batch, device, attempt)).await,
+    }
+}
+
+/// Runs raw SQL statements on the ledger database, as an attacker or a test with direct access would.
+pub async fn raw_sql(url: &str, statements: &[&str]) {
+    let mut conn = sqlx::AnyConnection::connect(url).await.expect("raw connection");
+    for s in statements {
+        sqlx::raw_sql(s).execute(&mut conn).await.unwrap_or_else(|e| panic!("raw SQL {s:?}: {e}"));
+    }
+    conn.close().await.ok();
+}
+
+pub async fn raw_count(url: &str, sql: &str) -> i64 {
+    use sqlx::Row;
+    let mut conn = sqlx::AnyConnection::connect(url).await.expect("raw connection");
+    let row = sqlx::query(sql).fetch_one(&mut conn).await.expect(sql);
+    let n: i64 = row.try_get(0).expect("count");
+    conn.close().await.ok();
+    n
+}
+
+/// Statements that make every audit insert fail.
+pub fn reject_audit_sql(d: Dialect) -> Vec<&'static str> {
+    match d {
+        Dialect::Sqlite => vec![
+            "CREATE TRIGGER audit_reject BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'audit store rejects inserts'); END",
+        ],
+        Dialect::Postgres => vec![
+            "CREATE FUNCTION audit_reject() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'audit store rejects inserts'; END $$",
+            "CREATE TRIGGER audit_reject BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION audit_reject()",
+        ],
+    }
+}
+
+pub fn allow_audit_sql(d: Dialect) -> Vec<&'static str> {
+    match d {
+        Dialect::Sqlite => vec!["DROP TRIGGER audit_reject"],
+        Dialect::Postgres => vec!["DROP TRIGGER audit_reject ON audit", "DROP FUNCTION audit_reject()"],
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Invariant checks shared by the SQLite and PostgreSQL test files.
+
+/// A retry returns the byte-identical licence and consumes nothing.
+pub async fn check_retry_identical(l: &Ledger) {
+    seed(l, "retry", 5, &[SITE], (None, None)).await;
+    let d = device(1);
+    let first = l.commit_issue(issue_record("retry", &d, 1)).await.unwrap();
+    assert!(matches!(first, IssueOutcome::Issued(_)));
+    assert_eq!(l.batch("retry").await.unwrap().issued, 1);
+    // The HSM computes fresh bytes on a retry; the ledger must return the stored ones.
+    let again = l.commit_issue(issue_record("retry", &d, 2)).await.unwrap();
+    assert_eq!(again, IssueOutcome::Existing(first.licence().to_vec()));
+    let via_precheck = request_licence(l, "retry", &d, 3).await.unwrap();
+    assert_eq!(via_precheck.licence(), first.licence());
+    assert_eq!(l.batch("retry").await.unwrap().issued, 1, "a retry consumed quota");
+    assert_eq!(l.licence("retry", &d).await.unwrap().unwrap(), first.licence());
+}
+
+/// 64 concurrent requesters on distinct devices against quota 8: exactly 8 issued, 56 refused.
+pub async fn check_quota_under_concurrency(ledgers: &[Ledger], batch: &str, requesters: usize, quota: i64) {
+    let barrier = Arc::new(Barrier::new(requesters));
+    let mut tasks = Vec::new();
+    for i in 0..requesters {
+        let l = ledgers[i % ledgers.len()].clone();
+        let (b, barrier) = (batch.to_owned(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            request_licence(&l, &b, &device(i), 1).await
+        }));
+    }
+    let (mut issued, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(IssueOutcome::Issued(_)) => issued += 1,
+            Ok(IssueOutcome::Existing(_)) => panic!("distinct devices cannot have existing licences"),
+            Err(e) => {
+                assert_eq!(e.refusal(), Some(RefusalReason::QuotaExhausted), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(issued, quota, "issued");
+    assert_eq!(refused, requesters as i64 - quota, "refused");
+    let b = ledgers[0].batch(batch).await.unwrap();
+    assert_eq!(b.issued, quota);
+    let s = ledgers[0].batch_status(batch).await.unwrap();
+    assert_eq!(s.remaining, 0);
+    ledgers[0].verify_audit().await.unwrap();
+}
+
+/// Concurrent requests for one device yield one licence.
+pub async fn check_same_device_concurrency(l: &Ledger) {
+    seed(l, "same", 100, &[SITE], (None, None)).await;
+    let d = device(7);
+    let barrier = Arc::new(Barrier::new(32));
+    let mut tasks = Vec::new();
+    for attempt in 0..32u32 {
+        let (l, d, barrier) = (l.clone(), d.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            l.commit_issue(issue_record("same", &d, attempt)).await
+        }));
+    }
+    let mut licences = std::collections::HashSet::new();
+    let mut issued = 0;
+    for t in tasks {
+        let o = t.await.unwrap().unwrap();
+        if matches!(o, IssueOutcome::Issued(_)) {
+            issued += 1;
+        }
+        licences.insert(o.into_licence());
+    }
+    assert_eq!(issued, 1);
+    assert_eq!(licences.len(), 1, "all callers must get the same bytes");
+    assert_eq!(l.batch("same").await.unwrap().issued, 1);
+}
+
+/// If the audit record cannot be written, no licence is issued (and nothing is consumed).
+pub async fn check_fail_closed(l: &Ledger, url: &str) {
+    seed(l, "closed-fail", 10, &[SITE], (None, None)).await;
+    let d = device(3);
+    raw_sql(url, &reject_audit_sql(l.dialect())).await;
+    // Several at once, so the group path and the one-by-one retry path both run.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let l = l.clone();
+        tasks.push(tokio::spawn(async move { l.commit_issue(issue_record("closed-fail", &device(100 + i), 1)).await }));
+    }
+    let single = l.commit_issue(issue_record("closed-fail", &d, 1)).await;
+    assert!(matches!(single, Err(LedgerError::Database { .. })), "{single:?}");
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert!(matches!(r, Err(LedgerError::Database { .. })), "{r:?}");
+    }
+    assert_eq!(l.licence("closed-fail", &d).await.unwrap(), None);
+    assert_eq!(l.batch("closed-fail").await.unwrap().issued, 0);
+    assert_eq!(raw_count(url, "SELECT COUNT(*) FROM licences WHERE batch_id = 'closed-fail'").await, 0);
+    // Admin changes fail closed too.
+    assert!(l.set_batch_state("closed-fail", BatchState::Paused, "admin").await.is_err());
+    assert_eq!(l.batch("closed-fail").await.unwrap().state, BatchState::Open);
+    raw_sql(url, &allow_audit_sql(l.dialect())).await;
+    // The same device's retry now succeeds and consumes exactly one unit.
+    let ok = l.commit_issue(issue_record("closed-fail", &d, 2)).await.unwrap();
+    assert!(matches!(ok, IssueOutcome::Issued(_)));
+    assert_eq!(l.batch("closed-fail").await.unwrap().issued, 1);
+    l.verify_audit().await.unwrap();
+}
