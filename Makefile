@@ -2,8 +2,10 @@
 
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests need: stm32flash (a real AN3155 client nobody here wrote).
-TEST_PACKAGES := stm32flash
+# Debian packages the tests need: stm32flash (a real AN3155 client nobody here wrote), softhsm2
+# (the PKCS#11 token the broker's HSM backend is tested against) and postgresql (a throwaway
+# cluster per test, started with initdb/pg_ctl on a loopback port, for the shared ledger).
+TEST_PACKAGES := stm32flash softhsm2 postgresql
 
 .PHONY: all build test deps fmt clippy unit fuzz-check bench demo clean
 
@@ -31,7 +33,8 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 unit:
-	FLASHGATE_REQUIRE_STM32FLASH=1 $(CARGO) test --workspace --all-targets
+	FLASHGATE_REQUIRE_STM32FLASH=1 FLASHGATE_REQUIRE_SOFTHSM=1 FLASHGATE_REQUIRE_POSTGRES=1 \
+		$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
 
 ## The fuzz targets (fuzz/, not a workspace member) must keep compiling; running them is in docs/testing.md.
