@@ -34,6 +34,7 @@ use flashgate_common::protocol::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::device::{Device, DeviceError};
 use crate::fault::{Direction, FaultInjector, FaultStats};
 use crate::link::Pacer;
 use crate::server::TargetHandle;
@@ -446,45 +447,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn readout_protect(&mut self) -> Result<Flow, Stop> {
-        let level2 = self.target.with_device(|d| d.rdp_level() == crate::device::RdpLevel::Level2);
-        if level2 {
-            return self.nack().await;
-        }
-        self.port.send(&[ACK]).await?;
-        self.port.pacer.wait_flash_idle();
-        let t = self.target.with_device(|d| d.readout_protect().map(|t| t + d.reset()));
-        match t {
-            Ok(t) => {
-                self.port.pacer.run_flash(t);
-                self.target.changed(Urgency::Now);
-                self.port.send_continued(&[ACK]).await?;
-                tracing::info!("Readout Protect: RDP level 1, chip reset");
-                Ok(Flow::Reset)
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "Readout Protect refused");
-                self.nack().await
-            }
-        }
+        self.readout_change("Readout Protect", "RDP level 1, chip reset", |d| d.readout_protect()).await
     }
 
     async fn readout_unprotect(&mut self) -> Result<Flow, Stop> {
+        self.readout_change("Readout Unprotect", "mass erase, RDP level 0, chip reset", |d| d.readout_unprotect()).await
+    }
+
+    /// Readout Protect / Unprotect share one shape (AN3155): NACK under RDP level 2; otherwise ACK,
+    /// do the change, reset the chip, and ACK again when done.
+    async fn readout_change(
+        &mut self,
+        command: &str,
+        done: &str,
+        change: impl FnOnce(&mut Device) -> Result<Duration, DeviceError>,
+    ) -> Result<Flow, Stop> {
         let level2 = self.target.with_device(|d| d.rdp_level() == crate::device::RdpLevel::Level2);
         if level2 {
             return self.nack().await;
         }
         self.port.send(&[ACK]).await?;
         self.port.pacer.wait_flash_idle();
-        match self.target.with_device(|d| d.readout_unprotect().map(|t| t + d.reset())) {
+        match self.target.with_device(|d| change(d).map(|t| t + d.reset())) {
             Ok(t) => {
                 self.port.pacer.run_flash(t);
                 self.target.changed(Urgency::Now);
                 self.port.send_continued(&[ACK]).await?;
-                tracing::info!("Readout Unprotect: mass erase, RDP level 0, chip reset");
+                tracing::info!("{command}: {done}");
                 Ok(Flow::Reset)
             }
             Err(e) => {
-                tracing::debug!(error = %e, "Readout Unprotect refused");
+                tracing::debug!(error = %e, "{command} refused");
                 self.nack().await
             }
         }
