@@ -286,7 +286,10 @@ async fn ledger_large_image_round_trips_in_chunks() {
     let (l, url) = sqlite_ledger(&dir).await;
     seed(&l, "img", 1, &[SITE], (None, None)).await;
     let big: Vec<u8> = (0..2_500_000u32).map(|i| (i % 251) as u8).collect();
-    let meta = l.put_image("00112233445566778899aabbccddeeff", "stm32h7", "45002001", &big, "admin").await.unwrap();
+    let meta = l
+        .put_image(&new_image("00112233445566778899aabbccddeeff", "stm32h7", "45002001"), &big, "admin")
+        .await
+        .unwrap();
     assert_eq!(
         raw_count(&url, &format!("SELECT COUNT(*) FROM image_chunks WHERE sha256 = '{}'", meta.sha256)).await,
         3

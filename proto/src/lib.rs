@@ -8,6 +8,7 @@ pub mod v1 {
     tonic::include_proto!("flashgate.v1");
 }
 
+pub mod errors;
 pub mod transport;
 
 /// Encoded `FileDescriptorSet` of every Flashgate proto, for gRPC server reflection.

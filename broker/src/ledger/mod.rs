@@ -32,8 +32,9 @@ use tokio::sync::{mpsc, oneshot};
 pub use audit::{AuditRecord, AuditSummary};
 pub use error::{AuditFault, LedgerError, RefusalReason};
 pub use model::{
-    ANY_SITE, Batch, BatchState, BatchStatus, ImageMeta, InstallOutcome, InstallReport, IssueOutcome, IssueRecord,
-    KeyRecord, NewBatch, Precheck, PrecheckRequest, RefusalRecord, Revocation, now_ms,
+    ANY_SITE, Batch, BatchState, BatchStatus, DeviceHistory, ImageMeta, InstallOutcome, InstallReport, InstallRow,
+    IssueOutcome, IssueRecord, KeyListing, KeyRecord, LicenceRow, NewBatch, NewImage, Precheck, PrecheckRequest,
+    RefusalRecord, Revocation, StationCertSeen, StationSummary, now_ms,
 };
 
 use audit::{AuditEvent, Head};
@@ -182,6 +183,39 @@ pub(crate) async fn load_batch(conn: &mut AnyConnection, id: &str) -> Result<Opt
         format!("SELECT {BATCH_COLUMNS} FROM batches b JOIN images i ON i.sha256 = b.image_sha256 WHERE b.id = $1");
     let row = sqlx::query(&sql).bind(id).fetch_optional(&mut *conn).await?;
     row.as_ref().map(batch_from_row).transpose()
+}
+
+const IMAGE_COLUMNS: &str =
+    "sha256, key_id, family, product_id, size, nonce, area_count, expected_crc, created_at, created_by";
+
+fn image_from_row(r: &sqlx::any::AnyRow) -> Result<ImageMeta, sqlx::Error> {
+    let nonce_hex: String = r.try_get(5)?;
+    let mut nonce = [0u8; 12];
+    // Images stored before schema v2 have no nonce (''): they keep all zeros and cannot be licensed.
+    if !nonce_hex.is_empty() {
+        hex::decode_to_slice(&nonce_hex, &mut nonce).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    }
+    let area_count: i64 = r.try_get(6)?;
+    let crc: Option<i64> = r.try_get(7)?;
+    Ok(ImageMeta {
+        sha256: r.try_get(0)?,
+        key_id: r.try_get(1)?,
+        family: r.try_get(2)?,
+        product_id: r.try_get(3)?,
+        size: r.try_get(4)?,
+        nonce,
+        area_count: u32::try_from(area_count).unwrap_or(0),
+        expected_crc: crc.and_then(|c| u32::try_from(c).ok()),
+        created_at: r.try_get(8)?,
+        created_by: r.try_get(9)?,
+    })
+}
+
+/// Reads one image's metadata.
+pub(crate) async fn load_image_meta(conn: &mut AnyConnection, sha256: &str) -> Result<Option<ImageMeta>, sqlx::Error> {
+    let sql = format!("SELECT {IMAGE_COLUMNS} FROM images WHERE sha256 = $1");
+    let row = sqlx::query(&sql).bind(sha256).fetch_optional(&mut *conn).await?;
+    row.as_ref().map(image_from_row).transpose()
 }
 
 /// `prefix` followed by `rows` groups of `cols` numbered placeholders: `($1, $2), ($3, $4)`.
@@ -436,15 +470,8 @@ impl Ledger {
     }
 
     /// Stores an encrypted image (chunked, shared by every broker on the ledger) under its SHA-256 with an
-    /// `image.added` audit record. Storing the same bytes again returns the existing metadata.
-    pub async fn put_image(
-        &self,
-        key_id: &str,
-        family: &str,
-        product_id: &str,
-        bytes: &[u8],
-        actor: &str,
-    ) -> Result<ImageMeta, LedgerError> {
+    /// `image.added` audit record. Storing the same bytes again returns the stored metadata.
+    pub async fn put_image(&self, img: &NewImage, bytes: &[u8], actor: &str) -> Result<ImageMeta, LedgerError> {
         const OP: &str = "store image";
         let sha = hex::encode(Sha256::digest(bytes));
         let size = i64::try_from(bytes.len()).map_err(|_| LedgerError::Invalid {
@@ -452,45 +479,37 @@ impl Ledger {
             value: bytes.len().to_string(),
             why: "too large",
         })?;
-        let meta = ImageMeta {
-            sha256: sha.clone(),
-            key_id: key_id.to_owned(),
-            family: family.to_owned(),
-            product_id: product_id.to_owned(),
-            size,
-        };
         let (mut tx, mut head) =
             begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
-        let exists = sqlx::query("SELECT 1 FROM images WHERE sha256 = $1")
-            .bind(&sha)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(LedgerError::db(OP))?;
-        if exists.is_some() {
+        if let Some(meta) = load_image_meta(&mut tx, &sha).await.map_err(LedgerError::db(OP))? {
+            tx.rollback().await.map_err(LedgerError::db(OP))?;
             return Ok(meta);
         }
         let key = sqlx::query("SELECT 1 FROM keys WHERE key_id = $1")
-            .bind(key_id)
+            .bind(&img.key_id)
             .fetch_optional(&mut *tx)
             .await
             .map_err(LedgerError::db(OP))?;
         if key.is_none() {
-            return Err(LedgerError::NotFound { what: "key", id: key_id.to_owned() });
+            return Err(LedgerError::NotFound { what: "key", id: img.key_id.clone() });
         }
         let chunks: Vec<&[u8]> = bytes.chunks(IMAGE_CHUNK).collect();
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO images (sha256, key_id, family, product_id, size, chunk_count, created_at, created_by) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO images (sha256, key_id, family, product_id, size, chunk_count, created_at, created_by, \
+             nonce, area_count, expected_crc) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&sha)
-        .bind(key_id)
-        .bind(family)
-        .bind(product_id)
+        .bind(&img.key_id)
+        .bind(&img.family)
+        .bind(&img.product_id)
         .bind(size)
         .bind(chunks.len() as i64)
         .bind(now)
         .bind(actor)
+        .bind(hex::encode(img.nonce))
+        .bind(i64::from(img.area_count))
+        .bind(img.expected_crc.map(i64::from))
         .execute(&mut *tx)
         .await
         .map_err(LedgerError::db(OP))?;
@@ -503,32 +522,211 @@ impl Ledger {
                 .await
                 .map_err(LedgerError::db(OP))?;
         }
-        let details = serde_json::json!({"key_id": key_id, "family": family, "product_id": product_id, "size": size});
+        let details = serde_json::json!({
+            "key_id": img.key_id, "family": img.family, "product_id": img.product_id, "size": size,
+            "area_count": img.area_count, "expected_crc": img.expected_crc,
+        });
         let ev = AuditEvent { actor, event: "image.added", subject: format!("image/{sha}"), details };
         audit::append(&mut tx, &mut head, now, ev).await.map_err(LedgerError::db(OP))?;
+        let meta = load_image_meta(&mut tx, &sha).await.map_err(LedgerError::db(OP))?;
         commit_write(tx, &head, OP).await?;
-        Ok(meta)
+        meta.ok_or_else(|| LedgerError::NotFound { what: "image", id: sha })
+    }
+
+    /// An image's metadata.
+    pub async fn image_meta(&self, sha256: &str) -> Result<ImageMeta, LedgerError> {
+        let mut conn = self.read_conn().await?;
+        load_image_meta(&mut conn, sha256)
+            .await
+            .map_err(LedgerError::db("read image metadata"))?
+            .ok_or_else(|| LedgerError::NotFound { what: "image", id: sha256.to_owned() })
+    }
+
+    /// Every image, oldest first.
+    pub async fn images(&self) -> Result<Vec<ImageMeta>, LedgerError> {
+        const OP: &str = "list images";
+        let mut conn = self.read_conn().await?;
+        let sql = format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY created_at, sha256");
+        let rows = sqlx::query(&sql).fetch_all(&mut *conn).await.map_err(LedgerError::db(OP))?;
+        rows.iter().map(image_from_row).collect::<Result<_, _>>().map_err(LedgerError::db(OP))
+    }
+
+    /// Chunk `idx` (of [`IMAGE_CHUNK`] bytes, the last one shorter) of a stored image.
+    pub async fn image_chunk(&self, sha256: &str, idx: i64) -> Result<Vec<u8>, LedgerError> {
+        const OP: &str = "read image chunk";
+        let mut conn = self.read_conn().await?;
+        let row = sqlx::query("SELECT bytes FROM image_chunks WHERE sha256 = $1 AND idx = $2")
+            .bind(sha256)
+            .bind(idx)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(LedgerError::db(OP))?
+            .ok_or_else(|| LedgerError::NotFound { what: "image chunk", id: format!("{sha256}#{idx}") })?;
+        row.try_get(0).map_err(LedgerError::db(OP))
+    }
+
+    /// Every firmware key recorded, oldest first.
+    pub async fn keys(&self) -> Result<Vec<KeyListing>, LedgerError> {
+        const OP: &str = "list keys";
+        let mut conn = self.read_conn().await?;
+        let rows = sqlx::query(
+            "SELECT key_id, label, backend, backend_ref, created_at, created_by FROM keys ORDER BY created_at, key_id",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(LedgerError::db(OP))?;
+        rows.iter()
+            .map(|r| {
+                Ok(KeyListing {
+                    key: KeyRecord {
+                        key_id: r.try_get(0)?,
+                        label: r.try_get(1)?,
+                        backend: r.try_get(2)?,
+                        backend_ref: r.try_get(3)?,
+                    },
+                    created_at: r.try_get(4)?,
+                    created_by: r.try_get(5)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(LedgerError::db(OP))
+    }
+
+    /// Licences and install reports of one device, oldest first.
+    pub async fn device_history(&self, device_id: &str) -> Result<DeviceHistory, LedgerError> {
+        const OP: &str = "read device history";
+        let mut conn = self.read_conn().await?;
+        let lic = sqlx::query(
+            "SELECT batch_id, station, site, issued_at, licence FROM licences WHERE device_id = $1 \
+             ORDER BY issued_at, batch_id",
+        )
+        .bind(device_id)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(LedgerError::db(OP))?;
+        let inst = sqlx::query(
+            "SELECT batch_id, station, result_id, status_code, message, flash_crc, attempt, reported_at \
+             FROM installs WHERE device_id = $1 ORDER BY reported_at, station, result_id",
+        )
+        .bind(device_id)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(LedgerError::db(OP))?;
+        let licences = lic
+            .iter()
+            .map(|r| {
+                Ok(LicenceRow {
+                    batch_id: r.try_get(0)?,
+                    station: r.try_get(1)?,
+                    site: r.try_get(2)?,
+                    issued_at: r.try_get(3)?,
+                    licence: r.try_get(4)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(LedgerError::db(OP))?;
+        let installs = inst
+            .iter()
+            .map(|r| {
+                let code: i64 = r.try_get(3)?;
+                let crc: Option<i64> = r.try_get(5)?;
+                let attempt: i64 = r.try_get(6)?;
+                Ok(InstallRow {
+                    batch_id: r.try_get(0)?,
+                    station: r.try_get(1)?,
+                    result_id: r.try_get(2)?,
+                    status_code: u16::try_from(code).unwrap_or(u16::MAX),
+                    message: r.try_get(4)?,
+                    flash_crc: crc.and_then(|c| u32::try_from(c).ok()),
+                    attempt: u32::try_from(attempt).unwrap_or(0),
+                    reported_at: r.try_get(7)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(LedgerError::db(OP))?;
+        Ok(DeviceHistory { licences, installs })
+    }
+
+    /// Records that `identity` (of `site`) connected with the certificate `serial` now. Bookkeeping for
+    /// [`Ledger::stations`] and revocation by identity; callers rate-limit it.
+    pub async fn note_station(&self, identity: &str, site: &str, serial: &str) -> Result<(), LedgerError> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO stations (identity, serial, site, first_seen, last_seen) VALUES ($1, $2, $3, $4, $4) \
+             ON CONFLICT (identity, serial) DO UPDATE SET last_seen = excluded.last_seen",
+        )
+        .bind(identity)
+        .bind(serial)
+        .bind(site)
+        .bind(now)
+        .execute(&self.inner.write)
+        .await
+        .map_err(LedgerError::db("record station"))?;
+        Ok(())
+    }
+
+    /// Every station seen (by certificate, licence or install report), by identity, with its counts.
+    pub async fn stations(&self) -> Result<Vec<StationSummary>, LedgerError> {
+        const OP: &str = "list stations";
+        let mut conn = self.read_conn().await?;
+        let mut map: std::collections::BTreeMap<String, StationSummary> = std::collections::BTreeMap::new();
+        let certs = sqlx::query(
+            "SELECT identity, site, serial, first_seen, last_seen FROM stations ORDER BY identity, first_seen",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(LedgerError::db(OP))?;
+        for r in &certs {
+            let identity: String = r.try_get(0).map_err(LedgerError::db(OP))?;
+            let s = map.entry(identity.clone()).or_insert_with(|| StationSummary { identity, ..Default::default() });
+            s.site = r.try_get(1).map_err(LedgerError::db(OP))?;
+            s.certificates.push(StationCertSeen {
+                serial: r.try_get(2).map_err(LedgerError::db(OP))?,
+                first_seen: r.try_get(3).map_err(LedgerError::db(OP))?,
+                last_seen: r.try_get(4).map_err(LedgerError::db(OP))?,
+            });
+        }
+        let lic = sqlx::query("SELECT station, site, COUNT(*) FROM licences GROUP BY station, site")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(LedgerError::db(OP))?;
+        for r in &lic {
+            let identity: String = r.try_get(0).map_err(LedgerError::db(OP))?;
+            let site: String = r.try_get(1).map_err(LedgerError::db(OP))?;
+            let s =
+                map.entry(identity.clone()).or_insert_with(|| StationSummary { identity, site, ..Default::default() });
+            s.licences += r.try_get::<i64, _>(2).map_err(LedgerError::db(OP))?;
+        }
+        let inst = sqlx::query(
+            "SELECT station, CAST(SUM(CASE WHEN status_code = 0 THEN 1 ELSE 0 END) AS BIGINT), \
+             CAST(SUM(CASE WHEN status_code <> 0 THEN 1 ELSE 0 END) AS BIGINT) FROM installs GROUP BY station",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(LedgerError::db(OP))?;
+        for r in &inst {
+            let identity: String = r.try_get(0).map_err(LedgerError::db(OP))?;
+            let s = map.entry(identity.clone()).or_insert_with(|| StationSummary { identity, ..Default::default() });
+            s.installs_ok += r.try_get::<i64, _>(1).map_err(LedgerError::db(OP))?;
+            s.installs_failed += r.try_get::<i64, _>(2).map_err(LedgerError::db(OP))?;
+        }
+        Ok(map.into_values().collect())
     }
 
     /// Reads an image back, checking its size and SHA-256.
     pub async fn image(&self, sha256: &str) -> Result<(ImageMeta, Vec<u8>), LedgerError> {
         const OP: &str = "read image";
         let mut conn = self.read_conn().await?;
-        let row = sqlx::query("SELECT key_id, family, product_id, size, chunk_count FROM images WHERE sha256 = $1")
-            .bind(sha256)
-            .fetch_optional(&mut *conn)
+        let meta = load_image_meta(&mut conn, sha256)
             .await
             .map_err(LedgerError::db(OP))?
             .ok_or_else(|| LedgerError::NotFound { what: "image", id: sha256.to_owned() })?;
-        let get = |i| row.try_get::<i64, _>(i).map_err(LedgerError::db(OP));
-        let meta = ImageMeta {
-            sha256: sha256.to_owned(),
-            key_id: row.try_get(0).map_err(LedgerError::db(OP))?,
-            family: row.try_get(1).map_err(LedgerError::db(OP))?,
-            product_id: row.try_get(2).map_err(LedgerError::db(OP))?,
-            size: get(3)?,
-        };
-        let chunk_count = get(4)?;
+        let row = sqlx::query("SELECT chunk_count FROM images WHERE sha256 = $1")
+            .bind(sha256)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(LedgerError::db(OP))?;
+        let chunk_count: i64 = row.try_get(0).map_err(LedgerError::db(OP))?;
         let rows = sqlx::query("SELECT idx, bytes FROM image_chunks WHERE sha256 = $1 ORDER BY idx")
             .bind(sha256)
             .fetch_all(&mut *conn)

@@ -301,6 +301,23 @@ pub struct KeyRecord {
     pub backend_ref: String,
 }
 
+/// An encrypted image to store, with what licensing it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewImage {
+    /// Hex key id of the firmware key the image is encrypted under.
+    pub key_id: String,
+    /// The 12-byte image nonce (profile §2: it travels with the key, every licence carries it).
+    pub nonce: [u8; 12],
+    /// Family name (e.g. "stm32l4").
+    pub family: String,
+    /// Product id (8 ASCII characters).
+    pub product_id: String,
+    /// Number of areas in the image.
+    pub area_count: u32,
+    /// CRC-32 of the whole internal flash after a successful install, when known (packed by the broker).
+    pub expected_crc: Option<u32>,
+}
+
 /// Metadata of an encrypted image stored in the ledger.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageMeta {
@@ -308,12 +325,106 @@ pub struct ImageMeta {
     pub sha256: String,
     /// Hex key id of the firmware key.
     pub key_id: String,
+    /// The image nonce (all zeros for images stored before schema v2, which cannot be licensed).
+    pub nonce: [u8; 12],
     /// Family name (e.g. "stm32l4").
     pub family: String,
     /// Product id.
     pub product_id: String,
     /// Size in bytes.
     pub size: i64,
+    /// Number of areas.
+    pub area_count: u32,
+    /// CRC-32 of the flash after install, when known.
+    pub expected_crc: Option<u32>,
+    /// When it was stored (ms since epoch).
+    pub created_at: i64,
+    /// By whom.
+    pub created_by: String,
+}
+
+/// A firmware key as listed by the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyListing {
+    /// The record.
+    pub key: KeyRecord,
+    /// When it was added (ms since epoch).
+    pub created_at: i64,
+    /// By whom.
+    pub created_by: String,
+}
+
+/// A licence of a device, as device history shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LicenceRow {
+    /// Batch id.
+    pub batch_id: String,
+    /// Station identity that obtained it.
+    pub station: String,
+    /// Station site.
+    pub site: String,
+    /// When (ms since epoch).
+    pub issued_at: i64,
+    /// The licence bytes.
+    pub licence: Vec<u8>,
+}
+
+/// An install report of a device, as device history shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallRow {
+    /// Batch id.
+    pub batch_id: String,
+    /// Reporting station identity.
+    pub station: String,
+    /// The station's result id.
+    pub result_id: String,
+    /// SFI status code (0 = installed).
+    pub status_code: u16,
+    /// Status in words.
+    pub message: String,
+    /// Flash CRC, if reported.
+    pub flash_crc: Option<u32>,
+    /// Attempt number.
+    pub attempt: u32,
+    /// When it was reported (ms since epoch).
+    pub reported_at: i64,
+}
+
+/// Everything the ledger knows about one device.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceHistory {
+    /// Licences, oldest first.
+    pub licences: Vec<LicenceRow>,
+    /// Install reports, oldest first.
+    pub installs: Vec<InstallRow>,
+}
+
+/// One certificate a station was seen with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StationCertSeen {
+    /// Serial (lowercase hex).
+    pub serial: String,
+    /// First seen (ms since epoch).
+    pub first_seen: i64,
+    /// Last seen (ms since epoch; refreshed at most once a minute per broker).
+    pub last_seen: i64,
+}
+
+/// A station as the ledger knows it: certificates seen, licences and install counts.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StationSummary {
+    /// Station identity URI.
+    pub identity: String,
+    /// Site.
+    pub site: String,
+    /// Certificates seen.
+    pub certificates: Vec<StationCertSeen>,
+    /// Licences obtained (new issues, not retries).
+    pub licences: i64,
+    /// Successful install reports.
+    pub installs_ok: i64,
+    /// Failed install reports.
+    pub installs_failed: i64,
 }
 
 /// A revoked station certificate.

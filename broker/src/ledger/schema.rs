@@ -10,8 +10,14 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use super::Dialect;
 use super::error::LedgerError;
 
-const SQLITE: &[(i64, &str, &str)] = &[(1, "ledger", include_str!("../../migrations/sqlite/0001_ledger.sql"))];
-const POSTGRES: &[(i64, &str, &str)] = &[(1, "ledger", include_str!("../../migrations/postgres/0001_ledger.sql"))];
+const SQLITE: &[(i64, &str, &str)] = &[
+    (1, "ledger", include_str!("../../migrations/sqlite/0001_ledger.sql")),
+    (2, "images stations", include_str!("../../migrations/sqlite/0002_images_stations.sql")),
+];
+const POSTGRES: &[(i64, &str, &str)] = &[
+    (1, "ledger", include_str!("../../migrations/postgres/0001_ledger.sql")),
+    (2, "images stations", include_str!("../../migrations/postgres/0002_images_stations.sql")),
+];
 
 fn migrator(dialect: Dialect) -> Migrator {
     let set = match dialect {
@@ -39,6 +45,10 @@ mod tests {
     fn dialects_define_the_same_tables() {
         let tables =
             |sql: &str| sql.lines().filter(|l| l.starts_with("CREATE TABLE")).map(str::to_owned).collect::<Vec<_>>();
-        assert_eq!(tables(SQLITE[0].2), tables(POSTGRES[0].2));
+        for (s, p) in SQLITE.iter().zip(POSTGRES) {
+            assert_eq!(tables(s.2), tables(p.2));
+            assert_eq!(s.0, p.0);
+        }
+        assert_eq!(SQLITE.len(), POSTGRES.len());
     }
 }

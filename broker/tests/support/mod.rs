@@ -7,8 +7,8 @@ pub mod pg;
 use std::sync::Arc;
 
 use flashgate_broker::ledger::{
-    Batch, BatchState, Dialect, IssueOutcome, IssueRecord, KeyRecord, Ledger, LedgerError, NewBatch, Precheck,
-    PrecheckRequest, RefusalReason,
+    Batch, BatchState, Dialect, IssueOutcome, IssueRecord, KeyRecord, Ledger, LedgerError, NewBatch, NewImage,
+    Precheck, PrecheckRequest, RefusalReason,
 };
 use sqlx::Connection;
 use tokio::sync::Barrier;
@@ -53,7 +53,7 @@ pub async fn seed(l: &Ledger, id: &str, quota: i64, sites: &[&str], window: (Opt
         Err(e) => panic!("add key: {e}"),
     }
     let image = format!("image for {id}").into_bytes();
-    let meta = l.put_image(&key.key_id, "stm32l4", PRODUCT, &image, "admin").await.expect("put image");
+    let meta = l.put_image(&new_image(&key.key_id, "stm32l4", PRODUCT), &image, "admin").await.expect("put image");
     l.create_batch(
         &NewBatch {
             id: id.into(),
@@ -68,6 +68,18 @@ pub async fn seed(l: &Ledger, id: &str, quota: i64, sites: &[&str], window: (Opt
     )
     .await
     .expect("create batch")
+}
+
+/// Image metadata for `put_image` (fixed nonce, one area, no expected CRC).
+pub fn new_image(key_id: &str, family: &str, product: &str) -> NewImage {
+    NewImage {
+        key_id: key_id.into(),
+        nonce: [7; 12],
+        family: family.into(),
+        product_id: product.into(),
+        area_count: 1,
+        expected_crc: None,
+    }
 }
 
 pub fn issue_record(batch: &str, device: &str, attempt: u32) -> IssueRecord {

@@ -1,0 +1,447 @@
+//! The broker's configuration: a TOML file (`deploy/config/broker.toml` is the commented example)
+//! overlaid with `FLASHGATE_*` environment variables, read through the `config` crate. Nested keys
+//! use a double underscore: `FLASHGATE_LEDGER__URL`, `FLASHGATE_LISTEN__GRPC`,
+//! `FLASHGATE_VENDOR__CA_KEYS` (comma-separated). Secrets never live in the file: the soft keystore
+//! passphrase comes from `FLASHGATE_KEYSTORE_PASSPHRASE` (or a `passphrase_file`), PKCS#11 PINs from
+//! the variable or file each member names; they are held in zeroizing strings and never logged.
+//!
+//! [`BrokerConfig::load_from`] takes the environment as an argument: the testable seam.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+/// The variable holding the soft keystore passphrase.
+pub const PASSPHRASE_ENV: &str = "FLASHGATE_KEYSTORE_PASSPHRASE";
+
+/// Configuration errors, each naming the file, key or variable at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an override could not be read or does not match the schema.
+    #[error("configuration {source_name}: {reason}")]
+    Load {
+        /// The file (or "environment").
+        source_name: String,
+        /// What is wrong, from the config crate (names the key).
+        reason: String,
+    },
+    /// A value is present but unusable.
+    #[error("configuration key {key} = {value:?}: {why}")]
+    Invalid {
+        /// The dotted key.
+        key: String,
+        /// The value.
+        value: String,
+        /// Why it is refused.
+        why: String,
+    },
+    /// A secret is missing.
+    #[error("secret {what} is not set: {how}")]
+    MissingSecret {
+        /// Which secret.
+        what: String,
+        /// How to provide it.
+        how: String,
+    },
+    /// A secret file could not be read.
+    #[error("cannot read secret file {path}: {source}")]
+    SecretFile {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e}")))
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// This broker's name (logs, HSM status, metrics).
+    pub name: String,
+    /// SPIFFE trust domain of every caller (e.g. `factory.test`).
+    pub trust_domain: String,
+    /// Listening addresses.
+    pub listen: ListenConfig,
+    /// The broker's certificate, key and the CA that signs callers.
+    pub tls: TlsConfig,
+    /// Trusted vendor CA keys for chip certificates.
+    pub vendor: VendorConfig,
+    /// The ledger database.
+    pub ledger: LedgerSection,
+    /// The HSM pool.
+    pub hsm: HsmSection,
+    /// Operational limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[listen]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// gRPC over mutual TLS, e.g. `0.0.0.0:7443` (port 0: ephemeral).
+    pub grpc: SocketAddr,
+    /// Prometheus `/metrics` over plain HTTP; absent or empty: disabled.
+    #[serde(default)]
+    pub metrics: Option<String>,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The broker's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, mode 0600).
+    pub key: PathBuf,
+    /// The CA certificate(s) that sign stations, admins and brokers (PEM).
+    pub ca: PathBuf,
+}
+
+/// `[vendor]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VendorConfig {
+    /// PEM `PUBLIC KEY` files of the trusted vendor CAs (at least one).
+    pub ca_keys: Vec<PathBuf>,
+}
+
+/// `[ledger]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerSection {
+    /// `sqlite:///path/ledger.db` or `postgres://user@host:port/db` (a password is better in `PGPASSWORD`).
+    pub url: String,
+    /// Most operations committed in one group transaction.
+    #[serde(default = "default_max_group")]
+    pub max_group: usize,
+    /// Writer queue depth.
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: usize,
+    /// PostgreSQL pool size.
+    #[serde(default = "default_pg_connections")]
+    pub pg_connections: u32,
+}
+
+fn default_max_group() -> usize {
+    256
+}
+fn default_queue_depth() -> usize {
+    4096
+}
+fn default_pg_connections() -> u32 {
+    8
+}
+
+/// `[hsm]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmSection {
+    /// Deadline of one HSM request, failovers included.
+    #[serde(default = "default_hsm_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Requests in flight before shedding (0: the sum of the members' capacities).
+    #[serde(default)]
+    pub max_in_flight: usize,
+    /// The pool members (at least one).
+    pub members: Vec<HsmMemberConfig>,
+}
+
+fn default_hsm_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// One `[[hsm.members]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum HsmMemberConfig {
+    /// The built-in encrypted keystore file.
+    Soft {
+        /// The keystore file (created on first start, mode 0600).
+        path: PathBuf,
+        /// A file holding the passphrase instead of `FLASHGATE_KEYSTORE_PASSPHRASE`.
+        #[serde(default)]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// A PKCS#11 token.
+    Pkcs11 {
+        /// The module (shared library).
+        module: PathBuf,
+        /// The token's label.
+        token_label: String,
+        /// Environment variable holding the user PIN.
+        #[serde(default)]
+        pin_env: Option<String>,
+        /// File holding the user PIN.
+        #[serde(default)]
+        pin_file: Option<PathBuf>,
+        /// Parallel sessions on this token.
+        #[serde(default = "default_sessions")]
+        sessions: usize,
+    },
+}
+
+fn default_sessions() -> usize {
+    4
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// How long in-flight requests may take to finish after a shutdown signal.
+    #[serde(default = "default_grace", deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+    /// How often revocations made by other brokers on the same ledger are picked up.
+    #[serde(default = "default_refresh", deserialize_with = "duration")]
+    pub revocation_refresh: Duration,
+    /// Largest gRPC message accepted (images are uploaded in one message), in MiB.
+    #[serde(default = "default_max_message_mib")]
+    pub max_message_mib: usize,
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_refresh() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_message_mib() -> usize {
+    64
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: default_grace(),
+            revocation_refresh: default_refresh(),
+            max_message_mib: default_max_message_mib(),
+        }
+    }
+}
+
+/// Top-level keys that may be overridden from the environment (`FLASHGATE_NAME`, …); every other
+/// override is nested (`FLASHGATE_SECTION__KEY`). Other `FLASHGATE_*` variables (`FLASHGATE_LOG`,
+/// `FLASHGATE_KEYSTORE_PASSPHRASE`) are not configuration keys.
+const TOP_LEVEL_ENV: [&str; 2] = ["FLASHGATE_NAME", "FLASHGATE_TRUST_DOMAIN"];
+
+impl BrokerConfig {
+    /// Loads `path` overlaid with the process environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_from(path, std::env::vars())
+    }
+
+    /// Loads `path` overlaid with the `FLASHGATE_*` entries of `env`, then validates.
+    pub fn load_from(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let overrides: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| {
+                k.starts_with("FLASHGATE_")
+                    && (k["FLASHGATE_".len()..].contains("__") || TOP_LEVEL_ENV.contains(&k.as_str()))
+            })
+            .collect();
+        let built = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml).required(true))
+            .add_source(
+                config::Environment::with_prefix("FLASHGATE")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("vendor.ca_keys")
+                    .try_parsing(true)
+                    .source(Some(overrides)),
+            )
+            .build()
+            .map_err(|e| ConfigError::Load { source_name: path.display().to_string(), reason: e.to_string() })?;
+        let cfg: BrokerConfig = built
+            .try_deserialize()
+            .map_err(|e| ConfigError::Load { source_name: path.display().to_string(), reason: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what the schema cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |key: &str, value: String, why: &str| Err(ConfigError::Invalid { key: key.into(), value, why: why.into() });
+        if flashgate_common::pki::Identity::broker(&self.trust_domain, &self.name).is_err() {
+            return invalid(
+                "name/trust_domain",
+                format!("{}/{}", self.name, self.trust_domain),
+                "not a valid broker identity (names: a-z 0-9 . - _)",
+            );
+        }
+        if self.vendor.ca_keys.is_empty() {
+            return invalid("vendor.ca_keys", String::new(), "at least one trusted vendor CA key is required");
+        }
+        if self.hsm.members.is_empty() {
+            return invalid("hsm.members", String::new(), "at least one HSM member is required");
+        }
+        if !(self.ledger.url.starts_with("sqlite:") || self.ledger.url.starts_with("postgres")) {
+            return invalid("ledger.url", self.ledger.url.clone(), "expected sqlite://PATH or postgres://…");
+        }
+        if self.limits.max_message_mib == 0 || self.limits.max_message_mib > 1024 {
+            return invalid("limits.max_message_mib", self.limits.max_message_mib.to_string(), "expected 1..=1024");
+        }
+        for (i, m) in self.hsm.members.iter().enumerate() {
+            if let HsmMemberConfig::Pkcs11 { pin_env, pin_file, sessions, .. } = m {
+                if pin_env.is_some() == pin_file.is_some() {
+                    return invalid(
+                        &format!("hsm.members[{i}]"),
+                        String::new(),
+                        "a pkcs11 member needs exactly one of pin_env or pin_file",
+                    );
+                }
+                if *sessions == 0 {
+                    return invalid(&format!("hsm.members[{i}].sessions"), "0".into(), "at least 1");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The metrics address, if enabled.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        match self.listen.metrics.as_deref().map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(s) => s.parse().map(Some).map_err(|e| ConfigError::Invalid {
+                key: "listen.metrics".into(),
+                value: s.into(),
+                why: format!("not a socket address: {e}"),
+            }),
+        }
+    }
+}
+
+/// Reads a secret from a file (trailing newline removed) or an environment variable.
+pub fn read_secret(
+    what: &str,
+    file: Option<&Path>,
+    env_var: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Zeroizing<String>, ConfigError> {
+    if let Some(path) = file {
+        let s = Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile { path: path.into(), source })?,
+        );
+        return Ok(Zeroizing::new(s.trim_end_matches(['\r', '\n']).to_owned()));
+    }
+    let var = env_var.unwrap_or(PASSPHRASE_ENV);
+    match env(var) {
+        Some(v) if !v.is_empty() => Ok(Zeroizing::new(v)),
+        _ => Err(ConfigError::MissingSecret { what: what.into(), how: format!("set {var} or configure a file") }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "broker-1"
+trust_domain = "factory.test"
+[listen]
+grpc = "127.0.0.1:0"
+[tls]
+cert = "b.pem"
+key = "b.key"
+ca = "ca.pem"
+[vendor]
+ca_keys = ["vendor.pub"]
+[ledger]
+url = "sqlite:///tmp/l.db"
+[hsm]
+timeout = "2s"
+[[hsm.members]]
+kind = "soft"
+path = "keys.fgks"
+"#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<BrokerConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("broker.toml");
+        std::fs::write(&p, text).unwrap();
+        BrokerConfig::load_from(&p, env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn good_file_loads_with_defaults() {
+        let c = load(GOOD, &[]).unwrap();
+        assert_eq!(c.hsm.timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.ledger.max_group, 256);
+        assert!(matches!(c.hsm.members[0], HsmMemberConfig::Soft { .. }));
+        assert_eq!(c.metrics_addr().unwrap(), None);
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys_and_ignores_other_variables() {
+        let c = load(
+            GOOD,
+            &[
+                ("FLASHGATE_LEDGER__URL", "postgres://fg@127.0.0.1:5432/fg"),
+                ("FLASHGATE_LISTEN__METRICS", "127.0.0.1:9464"),
+                ("FLASHGATE_NAME", "broker-2"),
+                ("FLASHGATE_VENDOR__CA_KEYS", "a.pub,b.pub"),
+                ("FLASHGATE_KEYSTORE_PASSPHRASE", "secret"),
+                ("FLASHGATE_LOG", "debug"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.ledger.url, "postgres://fg@127.0.0.1:5432/fg");
+        assert_eq!(c.name, "broker-2");
+        assert_eq!(c.vendor.ca_keys, vec![PathBuf::from("a.pub"), PathBuf::from("b.pub")]);
+        assert_eq!(c.metrics_addr().unwrap(), Some("127.0.0.1:9464".parse().unwrap()));
+    }
+
+    #[test]
+    fn negative_fixtures_name_the_key() {
+        let typo = GOOD.replace("[ledger]\nurl", "[ledger]\nulr");
+        let e = load(&typo, &[]).unwrap_err().to_string();
+        assert!(e.contains("ulr") || e.contains("url"), "{e}");
+
+        let no_members = GOOD.replace("[[hsm.members]]\nkind = \"soft\"\npath = \"keys.fgks\"\n", "members = []\n");
+        let e = load(&no_members, &[]).unwrap_err().to_string();
+        assert!(e.contains("hsm.members"), "{e}");
+
+        let bad_kind = GOOD.replace("kind = \"soft\"", "kind = \"tpm\"");
+        let e = load(&bad_kind, &[]).unwrap_err().to_string();
+        assert!(e.contains("tpm"), "{e}");
+
+        let bad_duration = GOOD.replace("timeout = \"2s\"", "timeout = \"soon\"");
+        let e = load(&bad_duration, &[]).unwrap_err().to_string();
+        assert!(e.contains("soon"), "{e}");
+
+        let e = load(GOOD, &[("FLASHGATE_LEDGER__URL", "mysql://x")]).unwrap_err().to_string();
+        assert!(e.contains("ledger.url") && e.contains("mysql"), "{e}");
+
+        let pin = GOOD.replace(
+            "kind = \"soft\"\npath = \"keys.fgks\"",
+            "kind = \"pkcs11\"\nmodule = \"/m.so\"\ntoken_label = \"t\"",
+        );
+        let e = load(&pin, &[]).unwrap_err().to_string();
+        assert!(e.contains("pin_env or pin_file"), "{e}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pin");
+        std::fs::write(&f, "1234\n").unwrap();
+        assert_eq!(read_secret("pin", Some(&f), None, &|_| None).unwrap().as_str(), "1234");
+        let env = |k: &str| (k == PASSPHRASE_ENV).then(|| "pw".to_string());
+        assert_eq!(read_secret("passphrase", None, None, &env).unwrap().as_str(), "pw");
+        let e = read_secret("pin", None, Some("FLASHGATE_PIN_X"), &|_| None).unwrap_err().to_string();
+        assert!(e.contains("FLASHGATE_PIN_X"), "{e}");
+    }
+}

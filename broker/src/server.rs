@@ -1,0 +1,319 @@
+//! Running a broker: [`start`] builds everything a [`BrokerConfig`] describes (ledger, HSM pool,
+//! vendor CA keys, revocation list, TLS, metrics exporter) and [`serve`] runs the gRPC services —
+//! `LicenceService`, `ImageService`, `AdminService`, gRPC health and server reflection — over mutual
+//! TLS until [`RunningBroker::shutdown`]. Shutdown is graceful: the listener closes, health turns
+//! NOT_SERVING, in-flight requests finish (bounded by `limits.shutdown_grace`), then the ledger's
+//! pools close; a licence whose commit was answered is durable, and no request is cut mid-write.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flashgate_common::cert::VendorCaPublicKey;
+use flashgate_proto::FILE_DESCRIPTOR_SET;
+use flashgate_proto::transport::{self, RevokedSerials, TlsFiles, TransportError};
+use flashgate_proto::v1::admin_service_server::AdminServiceServer;
+use flashgate_proto::v1::image_service_server::ImageServiceServer;
+use flashgate_proto::v1::licence_service_server::LicenceServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::{BrokerConfig, ConfigError, HsmMemberConfig, LimitsConfig, read_secret};
+use crate::hsm::{HsmBackend, HsmError, HsmPool, KdfParams, Pkcs11Config, Pkcs11Hsm, PoolConfig, SoftHsm};
+use crate::ledger::{Ledger, LedgerConfig, LedgerError};
+use crate::service::BrokerState;
+use crate::service::admin::Admin;
+use crate::service::image::Images;
+use crate::service::licence::Licences;
+
+/// Why a broker could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The ledger could not be opened.
+    #[error("ledger: {0}")]
+    Ledger(#[from] LedgerError),
+    /// An HSM member could not be opened.
+    #[error("HSM: {0}")]
+    Hsm(#[from] HsmError),
+    /// TLS setup or serving failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// A vendor CA key file is unreadable or not a P-256 public key.
+    #[error("vendor CA key {path}: {reason}")]
+    VendorKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The gRPC or metrics address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The Prometheus exporter could not start.
+    #[error("metrics exporter on {addr}: {reason}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The reflection service could not be built from the descriptor set.
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
+    /// The server task ended unexpectedly.
+    #[error("broker server task failed: {0}")]
+    Task(String),
+}
+
+/// Everything [`serve`] needs, already built (tests assemble their own pools and ledgers).
+pub struct ServeSpec {
+    /// Broker name.
+    pub name: String,
+    /// Trust domain of callers.
+    pub trust_domain: String,
+    /// Where to listen (port 0: ephemeral).
+    pub listen: SocketAddr,
+    /// Broker certificate, key and client CA.
+    pub tls: TlsFiles,
+    /// Trusted vendor CA keys.
+    pub vendor_keys: Vec<VendorCaPublicKey>,
+    /// The ledger.
+    pub ledger: Ledger,
+    /// The HSM pool.
+    pub pool: HsmPool,
+    /// Limits.
+    pub limits: LimitsConfig,
+}
+
+/// A broker serving on [`RunningBroker::addr`].
+pub struct RunningBroker {
+    addr: SocketAddr,
+    state: BrokerState,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServerError>>,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for RunningBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningBroker").field("addr", &self.addr).field("state", &self.state).finish_non_exhaustive()
+    }
+}
+
+impl RunningBroker {
+    /// The gRPC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `https://ADDR`, for clients.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// The shared service state (ledger, pool).
+    pub fn state(&self) -> &BrokerState {
+        &self.state
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to the grace period), closes the ledger.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.join().await
+    }
+
+    /// Waits for the server to stop (after a shutdown signal from elsewhere, or a failure).
+    pub async fn join(&mut self) -> Result<(), ServerError> {
+        let grace = self.grace;
+        let result = match tokio::time::timeout(grace + Duration::from_secs(1), &mut self.task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(ServerError::Task(e.to_string())),
+            Err(_) => {
+                tracing::warn!(?grace, "in-flight requests did not finish within the shutdown grace period");
+                self.task.abort();
+                Ok(())
+            }
+        };
+        self.state.ledger().close().await;
+        result
+    }
+
+    /// Resolves when `signal` does, then shuts down gracefully.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> Result<(), ServerError> {
+        signal.await;
+        tracing::info!("shutdown requested: finishing in-flight requests");
+        self.shutdown().await
+    }
+}
+
+fn load_vendor_keys(paths: &[PathBuf]) -> Result<Vec<VendorCaPublicKey>, ServerError> {
+    paths
+        .iter()
+        .map(|p| {
+            let pem = std::fs::read_to_string(p)
+                .map_err(|e| ServerError::VendorKey { path: p.clone(), reason: e.to_string() })?;
+            VendorCaPublicKey::from_pem(&pem)
+                .map_err(|e| ServerError::VendorKey { path: p.clone(), reason: e.to_string() })
+        })
+        .collect()
+}
+
+fn relative(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+}
+
+/// Opens the HSM members a configuration lists. `env` reads secrets (the process environment in production).
+pub fn open_hsm_members(
+    cfg: &BrokerConfig,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<Arc<dyn HsmBackend>>, ServerError> {
+    let mut members: Vec<Arc<dyn HsmBackend>> = Vec::new();
+    for m in &cfg.hsm.members {
+        match m {
+            HsmMemberConfig::Soft { path, passphrase_file } => {
+                let file = passphrase_file.as_ref().map(|f| relative(base, f));
+                let pass = read_secret("soft keystore passphrase", file.as_deref(), None, env)?;
+                let hsm = SoftHsm::open_or_create(&relative(base, path), &pass, KdfParams::default())?;
+                members.push(Arc::new(hsm));
+            }
+            HsmMemberConfig::Pkcs11 { module, token_label, pin_env, pin_file, sessions } => {
+                let file = pin_file.as_ref().map(|f| relative(base, f));
+                let pin =
+                    read_secret(&format!("PIN of token {token_label}"), file.as_deref(), pin_env.as_deref(), env)?;
+                let mut c = Pkcs11Config::new(module.clone(), token_label.clone(), pin);
+                c.sessions = *sessions;
+                members.push(Arc::new(Pkcs11Hsm::connect(c)?));
+            }
+        }
+    }
+    Ok(members)
+}
+
+/// Starts the broker a configuration file describes. Relative paths in the file are relative to
+/// `base` (the file's directory). Secrets are read through `env`.
+pub async fn start(
+    cfg: &BrokerConfig,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<RunningBroker, ServerError> {
+    if let Some(addr) = cfg.metrics_addr()? {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| ServerError::Metrics { addr, reason: e.to_string() })?;
+        tracing::info!(%addr, "Prometheus metrics at http://{addr}/metrics");
+    }
+    let mut lc = LedgerConfig::new(cfg.ledger.url.clone());
+    lc.max_group = cfg.ledger.max_group;
+    lc.queue_depth = cfg.ledger.queue_depth;
+    lc.pg_connections = cfg.ledger.pg_connections;
+    if let Some(path) = lc.url.strip_prefix("sqlite://")
+        && !path.starts_with('/')
+    {
+        lc.url = format!("sqlite://{}", base.join(path).display());
+    }
+    let ledger = Ledger::open_with(lc).await?;
+    let members = open_hsm_members(cfg, base, env)?;
+    let pool = HsmPool::new(
+        members,
+        PoolConfig {
+            timeout: cfg.hsm.timeout,
+            max_in_flight: (cfg.hsm.max_in_flight > 0).then_some(cfg.hsm.max_in_flight),
+            ..PoolConfig::default()
+        },
+    )?;
+    let vendor_keys = load_vendor_keys(&cfg.vendor.ca_keys.iter().map(|p| relative(base, p)).collect::<Vec<_>>())?;
+    let tls = TlsFiles::new(relative(base, &cfg.tls.cert), relative(base, &cfg.tls.key), relative(base, &cfg.tls.ca));
+    serve(ServeSpec {
+        name: cfg.name.clone(),
+        trust_domain: cfg.trust_domain.clone(),
+        listen: cfg.listen.grpc,
+        tls,
+        vendor_keys,
+        ledger,
+        pool,
+        limits: cfg.limits.clone(),
+    })
+    .await
+}
+
+/// Serves the broker's gRPC services over mutual TLS on `spec.listen`.
+pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
+    let revoked = Arc::new(RevokedSerials::default());
+    let state = BrokerState::new(
+        spec.name.clone(),
+        spec.trust_domain,
+        spec.ledger,
+        spec.pool,
+        spec.vendor_keys,
+        revoked.clone(),
+    );
+    let n = state.refresh_revocations().await?;
+    let tls = transport::server_config(&spec.tls, revoked)?;
+    let listener = TcpListener::bind(spec.listen)
+        .await
+        .map_err(|source| ServerError::Bind { addr: spec.listen.to_string(), source })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: spec.listen.to_string(), source })?;
+
+    let max = spec.limits.max_message_mib * 1024 * 1024;
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<LicenceServiceServer<Licences>>().await;
+    health.set_serving::<ImageServiceServer<Images>>().await;
+    health.set_serving::<AdminServiceServer<Admin>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let router = tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(LicenceServiceServer::new(Licences::new(state.clone())).max_decoding_message_size(max))
+        .add_service(ImageServiceServer::new(Images::new(state.clone())).max_decoding_message_size(max))
+        .add_service(AdminServiceServer::new(Admin::new(state.clone())).max_decoding_message_size(max));
+
+    // Revocations made by other brokers sharing the ledger.
+    let refresher = {
+        let state = state.clone();
+        let every = spec.limits.revocation_refresh.max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = state.refresh_revocations().await {
+                    tracing::warn!(error = %e, "could not refresh revocations from the ledger");
+                }
+            }
+        })
+    };
+
+    let (tx, rx) = oneshot::channel::<()>();
+    let name = spec.name;
+    tracing::info!(broker = %name, %addr, revoked = n, "broker serving");
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = rx.await;
+            health.set_not_serving::<LicenceServiceServer<Licences>>().await;
+            health.set_not_serving::<ImageServiceServer<Images>>().await;
+            health.set_not_serving::<AdminServiceServer<Admin>>().await;
+        };
+        let r = transport::serve(router, listener, tls, shutdown).await;
+        refresher.abort();
+        tracing::info!(broker = %name, "broker stopped");
+        r.map_err(ServerError::from)
+    });
+    Ok(RunningBroker { addr, state, shutdown: Some(tx), task, grace: spec.limits.shutdown_grace })
+}

@@ -1,0 +1,577 @@
+//! `AdminService`: what operators do — firmware keys (generated in or imported into the HSM pool),
+//! images (uploaded ciphertext, or plaintext packed inside the HSM under a fresh nonce and never
+//! stored), batches, device history, stations and revocation, the audit log and HSM status. Every
+//! RPC requires an admin identity; every change is audited by the ledger with that identity as actor.
+
+use std::pin::Pin;
+use std::str::FromStr;
+use std::time::Instant;
+
+use flashgate_common::family::Family;
+use flashgate_common::keyfile::fresh_nonce;
+use flashgate_common::licence::KeyId;
+use flashgate_common::sfi::{AreaType, FirmwareKey, ImageReader, PlainArea, ReaderOptions, expected_flash_crc};
+use flashgate_proto::transport::normalize_serial;
+use flashgate_proto::v1 as pb;
+use flashgate_proto::v1::admin_service_server::AdminService;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use zeroize::Zeroizing;
+
+use super::licence::observe;
+use super::status::{hsm_status, ledger_status};
+use super::{BrokerState, auth};
+use crate::ledger::{Batch, BatchState, BatchStatus, ImageMeta, KeyRecord, LedgerError, NewBatch, NewImage};
+
+/// The `AdminService` implementation.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    state: BrokerState,
+}
+
+impl Admin {
+    /// The service over `state`.
+    pub fn new(state: BrokerState) -> Self {
+        Self { state }
+    }
+}
+
+fn lst(e: LedgerError) -> Status {
+    ledger_status(e, "", "")
+}
+
+fn key_id_from_hex(s: &str) -> Result<KeyId, Status> {
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(s, &mut id)
+        .map_err(|_| Status::invalid_argument(format!("key id {s:?} is not 32 hex characters (16 bytes)")))?;
+    Ok(KeyId(id))
+}
+
+fn family_and_product(family: &str, product_id: &str) -> Result<(Family, String), Status> {
+    let fam = Family::from_str(family).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let own = String::from_utf8_lossy(&fam.profile().product_id).into_owned();
+    if !product_id.is_empty() && product_id != own {
+        return Err(Status::invalid_argument(format!(
+            "product id {product_id:?} is not the product id of family {fam} ({own:?})"
+        )));
+    }
+    Ok((fam, own))
+}
+
+fn image_summary(m: &ImageMeta) -> pb::ImageSummary {
+    pb::ImageSummary {
+        sha256: m.sha256.clone(),
+        key_id: m.key_id.clone(),
+        family: m.family.clone(),
+        product_id: m.product_id.clone(),
+        size: u64::try_from(m.size).unwrap_or(0),
+        area_count: m.area_count,
+        expected_flash_crc: m.expected_crc,
+        created_at_ms: m.created_at,
+        created_by: m.created_by.clone(),
+    }
+}
+
+fn state_to_pb(s: BatchState) -> i32 {
+    match s {
+        BatchState::Open => pb::BatchState::Open as i32,
+        BatchState::Paused => pb::BatchState::Paused as i32,
+        BatchState::Closed => pb::BatchState::Closed as i32,
+    }
+}
+
+fn batch_info(b: &Batch, counts: Option<&BatchStatus>) -> pb::BatchInfo {
+    pb::BatchInfo {
+        id: b.id.clone(),
+        product_id: b.product_id.clone(),
+        image_sha256: b.image_sha256.clone(),
+        key_id: b.key_id.clone(),
+        quota: b.quota,
+        issued: b.issued,
+        installed: counts.map_or(0, |c| c.installed),
+        failed: counts.map_or(0, |c| c.failed),
+        remaining: b.remaining(),
+        allowed_sites: b.allowed_sites.clone(),
+        not_before_ms: b.not_before,
+        not_after_ms: b.not_after,
+        state: state_to_pb(b.state),
+        created_at_ms: b.created_at,
+        created_by: b.created_by.clone(),
+    }
+}
+
+type AuditStream = Pin<Box<dyn Stream<Item = Result<pb::AuditRecord, Status>> + Send + 'static>>;
+
+impl Admin {
+    async fn record_key(&self, info: crate::hsm::KeyInfo, actor: &str) -> Result<pb::KeyInfo, Status> {
+        let rec = KeyRecord {
+            key_id: hex::encode(info.key_id.as_bytes()),
+            label: info.label.clone(),
+            backend: "pool".into(),
+            backend_ref: info.label,
+        };
+        self.state.ledger().add_key(&rec, actor).await.map_err(lst)?;
+        let listing = self.state.ledger().keys().await.map_err(lst)?.into_iter().find(|k| k.key.key_id == rec.key_id);
+        Ok(pb::KeyInfo {
+            key_id: rec.key_id,
+            label: rec.label,
+            backend: rec.backend,
+            created_at_ms: listing.as_ref().map_or(0, |l| l.created_at),
+            created_by: listing.map_or_else(|| actor.to_owned(), |l| l.created_by),
+        })
+    }
+
+    /// The key must be known to the ledger and held by every pool member.
+    async fn check_key(&self, key_id: &str) -> Result<KeyId, Status> {
+        let id = key_id_from_hex(key_id)?;
+        let known = self.state.ledger().keys().await.map_err(lst)?.iter().any(|k| k.key.key_id == key_id);
+        if !known {
+            return Err(Status::not_found(format!("key {key_id} is not recorded in the ledger")));
+        }
+        if !self.state.pool().has_key(id).await.map_err(hsm_status)? {
+            return Err(Status::failed_precondition(format!(
+                "key {key_id} is not held by every HSM of broker {} (see docs/key-ceremony.md)",
+                self.state.name()
+            )));
+        }
+        Ok(id)
+    }
+
+    async fn batch_with_counts(&self, id: &str) -> Result<pb::BatchInfo, Status> {
+        let s = self.state.ledger().batch_status(id).await.map_err(lst)?;
+        Ok(batch_info(&s.batch, Some(&s)))
+    }
+}
+
+macro_rules! rpc {
+    ($name:literal, $self:ident, $req:ident, |$caller:ident, $body:ident| $block:block) => {{
+        let started = Instant::now();
+        let span = tracing::info_span!("rpc", rpc = $name, admin = tracing::field::Empty);
+        let result = async {
+            let $caller = auth::admin(&$self.state, &$req)?;
+            tracing::Span::current().record("admin", $caller.uri.as_str());
+            let $body = $req.into_inner();
+            $block
+        }
+        .instrument(span)
+        .await;
+        observe($name, started, &result);
+        result.map(Response::new)
+    }};
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn generate_key(&self, req: Request<pb::GenerateKeyRequest>) -> Result<Response<pb::KeyInfo>, Status> {
+        rpc!("GenerateKey", self, req, |caller, body| {
+            let info = self.state.pool().generate_key(&body.label).await.map_err(hsm_status)?;
+            tracing::info!(key_id = %info.key_id, label = %info.label, "firmware key generated in the HSM");
+            self.record_key(info, &caller.uri).await
+        })
+    }
+
+    async fn import_key(&self, req: Request<pb::ImportKeyRequest>) -> Result<Response<pb::KeyInfo>, Status> {
+        rpc!("ImportKey", self, req, |caller, body| {
+            let bytes = Zeroizing::new(body.key);
+            let key: [u8; 16] = bytes.as_slice().try_into().map_err(|_| {
+                Status::invalid_argument(format!("a firmware key is 16 bytes (key.bin); got {} bytes", bytes.len()))
+            })?;
+            let key = FirmwareKey::new(key);
+            let info = if body.key_id.is_empty() {
+                self.state.pool().import_key(&body.label, key).await
+            } else {
+                self.state.pool().import_key_with_id(key_id_from_hex(&body.key_id)?, &body.label, key).await
+            }
+            .map_err(hsm_status)?;
+            tracing::info!(key_id = %info.key_id, label = %info.label, "firmware key imported into the HSM pool");
+            self.record_key(info, &caller.uri).await
+        })
+    }
+
+    async fn list_keys(&self, req: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
+        rpc!("ListKeys", self, req, |_caller, _body| {
+            let keys = self.state.ledger().keys().await.map_err(lst)?;
+            Ok(pb::ListKeysResponse {
+                keys: keys
+                    .into_iter()
+                    .map(|k| pb::KeyInfo {
+                        key_id: k.key.key_id,
+                        label: k.key.label,
+                        backend: k.key.backend,
+                        created_at_ms: k.created_at,
+                        created_by: k.created_by,
+                    })
+                    .collect(),
+            })
+        })
+    }
+
+    async fn upload_image(&self, req: Request<pb::UploadImageRequest>) -> Result<Response<pb::ImageSummary>, Status> {
+        rpc!("UploadImage", self, req, |caller, body| {
+            let (family, product_id) = family_and_product(&body.family, &body.product_id)?;
+            let nonce: [u8; 12] = body.nonce.as_slice().try_into().map_err(|_| {
+                Status::invalid_argument(format!("an image nonce is 12 bytes (nonce.bin); got {}", body.nonce.len()))
+            })?;
+            self.check_key(&body.key_id).await?;
+            // Check the structure against the family's memory map (the tags need the key: the device checks them).
+            let opts = ReaderOptions { file_len: Some(body.sfi.len() as u64), memory_map: Some(family.profile()) };
+            let mut reader = ImageReader::new(std::io::Cursor::new(body.sfi.as_slice()), opts)
+                .map_err(|e| Status::invalid_argument(format!("not a valid .sfi image for {family}: {e}")))?;
+            let mut areas = 0u32;
+            while reader
+                .next_area()
+                .map_err(|e| Status::invalid_argument(format!("not a valid .sfi image for {family}: {e}")))?
+                .is_some()
+            {
+                areas += 1;
+            }
+            let img = NewImage {
+                key_id: body.key_id.clone(),
+                nonce,
+                family: family.name().to_owned(),
+                product_id,
+                area_count: areas,
+                expected_crc: None,
+            };
+            let meta = self.state.ledger().put_image(&img, &body.sfi, &caller.uri).await.map_err(lst)?;
+            tracing::info!(image = %meta.sha256, size = meta.size, "image uploaded");
+            Ok(image_summary(&meta))
+        })
+    }
+
+    async fn pack_image(&self, req: Request<pb::PackImageRequest>) -> Result<Response<pb::ImageSummary>, Status> {
+        rpc!("PackImage", self, req, |caller, body| {
+            let (family, product_id) = family_and_product(&body.family, &body.product_id)?;
+            let key_id = self.check_key(&body.key_id).await?;
+            if body.areas.is_empty() {
+                return Err(Status::invalid_argument("no areas to pack"));
+            }
+            let mut areas = Vec::with_capacity(body.areas.len());
+            for (i, a) in body.areas.into_iter().enumerate() {
+                let t = match a.kind.as_bytes() {
+                    [b] => AreaType::from_byte(*b),
+                    _ => None,
+                }
+                .ok_or_else(|| Status::invalid_argument(format!("area {}: unknown kind {:?}", i + 1, a.kind)))?;
+                areas.push(PlainArea { area_type: t, address: a.address, data: a.data });
+            }
+            let crc = expected_flash_crc(family.profile(), &areas);
+            let area_count = areas.len() as u32;
+            let nonce = fresh_nonce();
+            let sfi = self.state.pool().encrypt_image(key_id, nonce, areas).await.map_err(hsm_status)?;
+            let img = NewImage {
+                key_id: body.key_id.clone(),
+                nonce: nonce.0,
+                family: family.name().to_owned(),
+                product_id,
+                area_count,
+                expected_crc: Some(crc),
+            };
+            let meta = self.state.ledger().put_image(&img, &sfi, &caller.uri).await.map_err(lst)?;
+            tracing::info!(image = %meta.sha256, size = meta.size, "image packed inside the HSM");
+            Ok(image_summary(&meta))
+        })
+    }
+
+    async fn list_images(
+        &self,
+        req: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        rpc!("ListImages", self, req, |_caller, _body| {
+            let images = self.state.ledger().images().await.map_err(lst)?;
+            Ok(pb::ListImagesResponse { images: images.iter().map(image_summary).collect() })
+        })
+    }
+
+    async fn create_batch(&self, req: Request<pb::CreateBatchRequest>) -> Result<Response<pb::BatchInfo>, Status> {
+        rpc!("CreateBatch", self, req, |caller, body| {
+            if body.id.is_empty() || body.id.len() > 64 || body.id.chars().any(|c| c.is_control() || c == '/') {
+                return Err(Status::invalid_argument(format!(
+                    "batch id {:?} must be 1..=64 characters without '/' or control characters",
+                    body.id
+                )));
+            }
+            if body.allowed_sites.is_empty() {
+                return Err(Status::invalid_argument("a batch needs at least one allowed site (or \"*\")"));
+            }
+            let b = self
+                .state
+                .ledger()
+                .create_batch(
+                    &NewBatch {
+                        id: body.id,
+                        product_id: body.product_id,
+                        image_sha256: body.image_sha256,
+                        quota: body.quota,
+                        allowed_sites: body.allowed_sites,
+                        not_before: body.not_before_ms,
+                        not_after: body.not_after_ms,
+                    },
+                    &caller.uri,
+                )
+                .await
+                .map_err(lst)?;
+            tracing::info!(batch = %b.id, quota = b.quota, "batch created");
+            Ok(batch_info(&b, None))
+        })
+    }
+
+    async fn set_batch_state(&self, req: Request<pb::SetBatchStateRequest>) -> Result<Response<pb::BatchInfo>, Status> {
+        rpc!("SetBatchState", self, req, |caller, body| {
+            let state = match pb::BatchState::try_from(body.state) {
+                Ok(pb::BatchState::Open) => BatchState::Open,
+                Ok(pb::BatchState::Paused) => BatchState::Paused,
+                Ok(pb::BatchState::Closed) => BatchState::Closed,
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "batch state {} is not open/paused/closed",
+                        body.state
+                    )));
+                }
+            };
+            self.state.ledger().set_batch_state(&body.id, state, &caller.uri).await.map_err(lst)?;
+            tracing::info!(batch = %body.id, state = state.as_str(), "batch state changed");
+            self.batch_with_counts(&body.id).await
+        })
+    }
+
+    async fn list_batches(
+        &self,
+        req: Request<pb::ListBatchesRequest>,
+    ) -> Result<Response<pb::ListBatchesResponse>, Status> {
+        rpc!("ListBatches", self, req, |_caller, _body| {
+            let mut out = Vec::new();
+            for b in self.state.ledger().batches().await.map_err(lst)? {
+                out.push(self.batch_with_counts(&b.id).await?);
+            }
+            Ok(pb::ListBatchesResponse { batches: out })
+        })
+    }
+
+    async fn batch_status(&self, req: Request<pb::BatchStatusRequest>) -> Result<Response<pb::BatchInfo>, Status> {
+        rpc!("BatchStatus", self, req, |_caller, body| { self.batch_with_counts(&body.id).await })
+    }
+
+    async fn device_history(
+        &self,
+        req: Request<pb::DeviceHistoryRequest>,
+    ) -> Result<Response<pb::DeviceHistoryResponse>, Status> {
+        rpc!("DeviceHistory", self, req, |_caller, body| {
+            let h = self.state.ledger().device_history(&body.device_id).await.map_err(lst)?;
+            Ok(pb::DeviceHistoryResponse {
+                device_id: body.device_id,
+                licences: h
+                    .licences
+                    .into_iter()
+                    .map(|l| pb::DeviceLicence {
+                        batch_id: l.batch_id,
+                        station: l.station,
+                        site: l.site,
+                        issued_at_ms: l.issued_at,
+                        licence: l.licence,
+                    })
+                    .collect(),
+                installs: h
+                    .installs
+                    .into_iter()
+                    .map(|i| pb::DeviceInstall {
+                        batch_id: i.batch_id,
+                        station: i.station,
+                        result_id: i.result_id,
+                        status_code: u32::from(i.status_code),
+                        message: i.message,
+                        flash_crc: i.flash_crc,
+                        attempt: i.attempt,
+                        reported_at_ms: i.reported_at,
+                    })
+                    .collect(),
+            })
+        })
+    }
+
+    async fn list_stations(
+        &self,
+        req: Request<pb::ListStationsRequest>,
+    ) -> Result<Response<pb::ListStationsResponse>, Status> {
+        rpc!("ListStations", self, req, |_caller, _body| {
+            let revs = self.state.ledger().revocations().await.map_err(lst)?;
+            let stations = self.state.ledger().stations().await.map_err(lst)?;
+            Ok(pb::ListStationsResponse {
+                stations: stations
+                    .into_iter()
+                    .map(|s| pb::StationInfo {
+                        last_seen_ms: s.certificates.iter().map(|c| c.last_seen).max().unwrap_or(0),
+                        certificates: s
+                            .certificates
+                            .iter()
+                            .map(|c| {
+                                let rev = revs.iter().find(|r| normalize_serial(&r.serial) == c.serial);
+                                pb::StationCert {
+                                    serial: c.serial.clone(),
+                                    first_seen_ms: c.first_seen,
+                                    last_seen_ms: c.last_seen,
+                                    revoked: rev.is_some(),
+                                    revoked_reason: rev.map(|r| r.reason.clone()).unwrap_or_default(),
+                                }
+                            })
+                            .collect(),
+                        identity: s.identity,
+                        site: s.site,
+                        licences: s.licences,
+                        installs_ok: s.installs_ok,
+                        installs_failed: s.installs_failed,
+                    })
+                    .collect(),
+            })
+        })
+    }
+
+    async fn revoke_station(
+        &self,
+        req: Request<pb::RevokeStationRequest>,
+    ) -> Result<Response<pb::RevokeStationResponse>, Status> {
+        rpc!("RevokeStation", self, req, |caller, body| {
+            if body.reason.trim().is_empty() {
+                return Err(Status::invalid_argument("a revocation needs a reason"));
+            }
+            let stations = self.state.ledger().stations().await.map_err(lst)?;
+            // (serial, identity) pairs to revoke.
+            let targets: Vec<(String, String)> = match (body.serial.is_empty(), body.identity.is_empty()) {
+                (false, true) => {
+                    let serial = normalize_serial(&body.serial);
+                    if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(Status::invalid_argument(format!("serial {:?} is not hex", body.serial)));
+                    }
+                    let identity = stations
+                        .iter()
+                        .find(|s| s.certificates.iter().any(|c| c.serial == serial))
+                        .map(|s| s.identity.clone())
+                        .unwrap_or_default();
+                    vec![(serial, identity)]
+                }
+                (true, false) => {
+                    let s = stations.iter().find(|s| s.identity == body.identity).ok_or_else(|| {
+                        Status::not_found(format!(
+                            "no certificate of {} has been seen; revoke by --serial instead",
+                            body.identity
+                        ))
+                    })?;
+                    s.certificates.iter().map(|c| (c.serial.clone(), s.identity.clone())).collect()
+                }
+                _ => return Err(Status::invalid_argument("give exactly one of serial or identity")),
+            };
+            let mut serials = Vec::new();
+            for (serial, identity) in targets {
+                let r = self
+                    .state
+                    .ledger()
+                    .revoke_station(&serial, &identity, &body.reason, &caller.uri)
+                    .await
+                    .map_err(lst)?;
+                self.state.revoked().revoke(&r.serial);
+                tracing::warn!(serial = %r.serial, identity = %r.identity, reason = %r.reason, "station certificate revoked");
+                serials.push(r.serial);
+            }
+            Ok(pb::RevokeStationResponse { serials })
+        })
+    }
+
+    type ExportAuditStream = AuditStream;
+
+    async fn export_audit(
+        &self,
+        req: Request<pb::ExportAuditRequest>,
+    ) -> Result<Response<Self::ExportAuditStream>, Status> {
+        rpc!("ExportAudit", self, req, |_caller, body| {
+            let (tx, rx) = mpsc::channel(64);
+            let ledger = self.state.ledger().clone();
+            tokio::spawn(async move {
+                let mut after = body.after_seq;
+                loop {
+                    let page = match ledger.audit_page(after, 500).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let _ = tx.send(Err(lst(e))).await;
+                            return;
+                        }
+                    };
+                    let Some(last) = page.last() else { return };
+                    after = last.seq;
+                    for r in page {
+                        let rec = pb::AuditRecord {
+                            seq: r.seq,
+                            at_ms: r.at,
+                            actor: r.actor,
+                            event: r.event,
+                            subject: r.subject,
+                            details_json: r.details,
+                            prev_hash: hex::encode(&r.prev_hash),
+                            hash: hex::encode(&r.hash),
+                        };
+                        if tx.send(Ok(rec)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            Ok(Box::pin(ReceiverStream::new(rx)) as AuditStream)
+        })
+    }
+
+    async fn verify_audit(
+        &self,
+        req: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        rpc!("VerifyAudit", self, req, |_caller, _body| {
+            match self.state.ledger().verify_audit().await {
+                Ok(s) => Ok(pb::VerifyAuditResponse {
+                    ok: true,
+                    records: s.records,
+                    head_seq: s.head_seq,
+                    head_hash: s.head_hash,
+                    broken_seq: 0,
+                    fault: String::new(),
+                }),
+                Err(LedgerError::AuditBroken { seq, why }) => {
+                    tracing::error!(seq, fault = %why, "audit chain verification failed");
+                    Ok(pb::VerifyAuditResponse {
+                        ok: false,
+                        records: 0,
+                        head_seq: 0,
+                        head_hash: String::new(),
+                        broken_seq: seq,
+                        fault: why.to_string(),
+                    })
+                }
+                Err(e) => Err(lst(e)),
+            }
+        })
+    }
+
+    async fn hsm_status(&self, req: Request<pb::HsmStatusRequest>) -> Result<Response<pb::HsmStatusResponse>, Status> {
+        rpc!("HsmStatus", self, req, |_caller, _body| {
+            let members = self
+                .state
+                .pool()
+                .status()
+                .into_iter()
+                .map(|m| pb::HsmMember {
+                    name: m.name,
+                    healthy: m.healthy,
+                    in_flight: u32::try_from(m.in_flight).unwrap_or(u32::MAX),
+                    capacity: u32::try_from(m.capacity).unwrap_or(u32::MAX),
+                    last_error: m.last_error.unwrap_or_default(),
+                    consecutive_failures: m.consecutive_failures,
+                    requests: m.requests,
+                    device_errors: m.device_errors,
+                    latency_mean_ms: m.latency_mean.as_secs_f64() * 1000.0,
+                    latency_max_ms: m.latency_max.as_secs_f64() * 1000.0,
+                })
+                .collect();
+            Ok(pb::HsmStatusResponse { broker: self.state.name().to_owned(), members })
+        })
+    }
+}
