@@ -150,7 +150,7 @@ pub struct HsmSection {
     /// Deadline of one HSM request, failovers included.
     #[serde(default = "default_hsm_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
-    /// Requests in flight before shedding (0: the sum of the members' capacities).
+    /// Requests admitted (running or waiting for a slot) before shedding (0: 64 × the members' capacities).
     #[serde(default)]
     pub max_in_flight: usize,
     /// The pool members (at least one).
@@ -431,6 +431,15 @@ path = "keys.fgks"
         );
         let e = load(&pin, &[]).unwrap_err().to_string();
         assert!(e.contains("pin_env or pin_file"), "{e}");
+    }
+
+    #[test]
+    fn the_commented_example_in_deploy_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/broker.toml");
+        let c = BrokerConfig::load_from(&p, std::iter::empty()).unwrap();
+        assert_eq!(c.name, "broker-1");
+        assert_eq!(c.hsm.members.len(), 1);
+        assert_eq!(c.metrics_addr().unwrap(), Some("127.0.0.1:9464".parse().unwrap()));
     }
 
     #[test]

@@ -222,7 +222,11 @@ async fn hsm_pool_reprobes_unhealthy_member_with_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hsm_pool_sheds_load_when_saturated() {
     let a = Double::new("a", 1, Duration::from_millis(300));
-    let cfg = PoolConfig { max_in_flight: None, ..config() };
+    // By default a pool admits QUEUE_FACTOR requests per slot (the rest wait for a slot).
+    let default = HsmPool::new(members(&[&a]), PoolConfig { max_in_flight: None, ..config() }).unwrap();
+    assert_eq!(default.capacity(), flashgate_broker::hsm::pool::QUEUE_FACTOR);
+    drop(default);
+    let cfg = PoolConfig { max_in_flight: Some(1), ..config() };
     let pool = Arc::new(HsmPool::new(members(&[&a]), cfg).unwrap());
     assert_eq!(pool.capacity(), 1);
     let (_, cert) = chip();

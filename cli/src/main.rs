@@ -1,7 +1,7 @@
 //! The `flashgate` command: one binary with a subcommand per role, in the style of Vault or Nomad.
 //! Each subcommand is a thin adapter from arguments to the libraries (`flashgate-common`,
-//! `flashgate-sim`, `flashgate-agent`); this crate owns argument parsing, terminal output and
-//! process exit codes only.
+//! `flashgate-sim`, `flashgate-agent`) or to a broker's gRPC API (`flashgate-proto`); this crate
+//! owns argument parsing, terminal output and process exit codes only.
 
 mod commands;
 mod output;
@@ -12,9 +12,14 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "flashgate", version, about, propagate_version = true)]
 struct Cli {
-    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `flashgate_sim=debug`.
-    #[arg(long, global = true, env = "FLASHGATE_LOG", default_value = "warn")]
-    log: String,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `flashgate_sim=debug`. Default: `info`
+    /// for the daemons (`broker`), `warn` for everything else.
+    #[arg(long, global = true, env = "FLASHGATE_LOG")]
+    log: Option<String>,
+
+    /// Log line format on stderr: `text` or `json` (one JSON object per event, for log shippers).
+    #[arg(long, global = true, env = "FLASHGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 
     #[command(subcommand)]
     command: Command,
@@ -40,6 +45,10 @@ enum Command {
     Pki(commands::pki::PkiArgs),
     /// Run the whole flow on this machine against simulated targets.
     Demo(commands::demo::DemoArgs),
+    /// Operate a broker: firmware keys, images, batches, devices, stations, audit, HSM status.
+    Admin(commands::admin::AdminArgs),
+    /// Run the licence broker (gRPC over mutual TLS) from a configuration file.
+    Broker(commands::broker::BrokerArgs),
     /// Measure throughput (used by `make bench`).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -47,7 +56,11 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    output::init_tracing(&cli.log);
+    let default_filter = match cli.command {
+        Command::Broker(_) => "info,sqlx=warn",
+        _ => "warn",
+    };
+    output::init_tracing(cli.log.as_deref().unwrap_or(default_filter), cli.log_format == "json");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -65,6 +78,8 @@ fn main() -> std::process::ExitCode {
             Command::Flash(args) => commands::lab::flash(args).await,
             Command::Pki(args) => commands::pki::run(args),
             Command::Demo(args) => commands::demo::run(args).await,
+            Command::Admin(args) => commands::admin::run(args).await,
+            Command::Broker(args) => commands::broker::run(args).await,
             Command::Bench(cmd) => commands::bench::run(cmd).await,
         }
     });
@@ -74,5 +89,17 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -1,14 +1,16 @@
-//! Terminal output shared by the subcommands: tracing setup, byte formatting, progress bars.
+//! Terminal output shared by the subcommands: tracing setup, byte formatting, progress bars,
+//! aligned text tables ([`Table`]) and timestamps in milliseconds since the epoch ([`ms_time`]).
 
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Install a tracing subscriber writing to stderr with the given filter.
-pub fn init_tracing(filter: &str) {
+/// Install a tracing subscriber writing to stderr with the given filter, as text or JSON lines.
+pub fn init_tracing(filter: &str, json: bool) {
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
 /// A byte progress bar (hidden when stderr is not a terminal).
@@ -35,4 +37,147 @@ pub fn human_bytes(n: u64) -> String {
         unit += 1;
     }
     if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}
+
+/// How a [`Table`] column is aligned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Align {
+    /// Padded on the right (text).
+    Left,
+    /// Padded on the left (numbers).
+    Right,
+}
+
+/// A plain text table: a header row and data rows, columns separated by two spaces and padded to
+/// the widest cell (counted in characters). Rows shorter than the header are padded with empty
+/// cells; trailing spaces are trimmed.
+#[derive(Debug, Clone)]
+pub struct Table {
+    headers: Vec<String>,
+    align: Vec<Align>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these column headers, every column left-aligned.
+    pub fn new<I, S>(headers: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let headers: Vec<String> = headers.into_iter().map(Into::into).collect();
+        let align = vec![Align::Left; headers.len()];
+        Table { headers, align, rows: Vec::new() }
+    }
+
+    /// Right-align these columns (0-based; out-of-range indices are ignored).
+    pub fn right(mut self, columns: &[usize]) -> Self {
+        for &c in columns {
+            if let Some(a) = self.align.get_mut(c) {
+                *a = Align::Right;
+            }
+        }
+        self
+    }
+
+    /// Append a row; cells beyond the header's width are kept and shown left-aligned.
+    pub fn row<I, S>(&mut self, cells: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.rows.push(cells.into_iter().map(Into::into).collect());
+    }
+
+    /// Whether the table has no data rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The table as text, one line per row (header first), each ending in a newline.
+    pub fn render(&self) -> String {
+        let columns = self.rows.iter().map(Vec::len).chain([self.headers.len()]).max().unwrap_or(0);
+        let mut widths = vec![0usize; columns];
+        for line in std::iter::once(&self.headers).chain(&self.rows) {
+            for (i, cell) in line.iter().enumerate() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for line in std::iter::once(&self.headers).chain(&self.rows) {
+            let mut text = String::new();
+            for (i, width) in widths.iter().enumerate() {
+                let cell = line.get(i).map(String::as_str).unwrap_or("");
+                let pad = width - cell.chars().count();
+                if i > 0 {
+                    text.push_str("  ");
+                }
+                match self.align.get(i).copied().unwrap_or(Align::Left) {
+                    Align::Left => {
+                        text.push_str(cell);
+                        text.extend(std::iter::repeat_n(' ', pad));
+                    }
+                    Align::Right => {
+                        text.extend(std::iter::repeat_n(' ', pad));
+                        text.push_str(cell);
+                    }
+                }
+            }
+            out.push_str(text.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+impl std::fmt::Display for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.render())
+    }
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC seconds (`2027-05-01T12:00:00Z`); `-` for 0
+/// (unset) and the raw number for times before the epoch.
+pub fn ms_time(ms: i64) -> String {
+    match u64::try_from(ms) {
+        Ok(0) => "-".to_string(),
+        Ok(ms) => humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string(),
+        Err(_) => ms.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let mut t = Table::new(["name", "count", "note"]).right(&[1, 7]);
+        t.row(["alpha", "1", "first"]);
+        t.row(["b", "12345", ""]);
+        t.row(["ünï", "7"]);
+        assert_eq!(
+            t.render(),
+            "name   count  note\n\
+             alpha      1  first\n\
+             b      12345\n\
+             ünï        7\n"
+        );
+        assert!(!t.is_empty());
+        assert_eq!(Table::new(["a", "b"]).render(), "a  b\n");
+    }
+
+    #[test]
+    fn extra_cells_get_their_own_column() {
+        let mut t = Table::new(["a"]);
+        t.row(["x", "extra"]);
+        assert_eq!(t.render(), "a\nx  extra\n");
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(ms_time(0), "-");
+        assert_eq!(ms_time(-5), "-5");
+        assert_eq!(ms_time(1_800_000_000_999), "2027-01-15T08:00:00Z");
+    }
 }

@@ -223,8 +223,8 @@ pub enum HsmError {
         /// How many members the pool has.
         members: usize,
     },
-    /// The pool is saturated: the request was shed instead of queued.
-    #[error("HSM pool overloaded: all {capacity} parallel slots busy, request shed")]
+    /// The pool is saturated (its admission limit is reached): the request was shed instead of queued.
+    #[error("HSM pool overloaded: {capacity} requests already admitted (running or queued), request shed")]
     Overloaded {
         /// The pool's total capacity.
         capacity: usize,

@@ -32,6 +32,9 @@ use super::{HsmBackend, HsmError, KeyInfo, random_key_id};
 /// "Not scheduled": far enough to never come, small enough to add to any `Instant`.
 const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// Default admission limit per unit of member capacity (see [`PoolConfig::max_in_flight`]).
+pub const QUEUE_FACTOR: usize = 64;
+
 /// Pool tuning.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -45,7 +48,9 @@ pub struct PoolConfig {
     pub probe_tick: Duration,
     /// How often a healthy member is health-checked (None: only on failures).
     pub health_interval: Option<Duration>,
-    /// Requests in flight before shedding; None: the sum of the members' capacities.
+    /// Requests admitted — running on a member or waiting for a free slot — before new ones are shed;
+    /// None: [`QUEUE_FACTOR`] × the sum of the members' capacities. At most the sum of the capacities run
+    /// at once; the others wait (asynchronously, within `timeout`) for a slot.
     pub max_in_flight: Option<usize>,
 }
 
@@ -120,6 +125,8 @@ struct Member {
 struct Inner {
     members: Vec<Member>,
     config: PoolConfig,
+    /// One permit per parallel slot of all members: requests beyond it wait here, not on blocking threads.
+    slots: tokio::sync::Semaphore,
 }
 
 /// The work a pool request does on one member.
@@ -311,6 +318,8 @@ impl Inner {
             };
             tried[idx] = true;
             attempts += 1;
+            // The semaphore is never closed; if it were, running unthrottled is still correct.
+            let _slot = self.slots.acquire().await.ok();
             match self.run_on(idx, req.clone()).await {
                 Ok(r) => {
                     let mut h = lock(&self.members[idx].health);
@@ -398,8 +407,9 @@ impl HsmPool {
                 }
             })
             .collect();
-        let limit = config.max_in_flight.unwrap_or_else(|| members.iter().map(|m| m.capacity).sum()).max(1);
-        let inner = Arc::new(Inner { members, config });
+        let slots: usize = members.iter().map(|m| m.capacity).sum();
+        let limit = config.max_in_flight.unwrap_or(slots * QUEUE_FACTOR).max(1);
+        let inner = Arc::new(Inner { members, config, slots: tokio::sync::Semaphore::new(slots.max(1)) });
         let stack = ServiceBuilder::new()
             .load_shed()
             .concurrency_limit(limit)
@@ -612,7 +622,7 @@ mod tests {
             backoff_max: Duration::from_secs(1),
             ..PoolConfig::default()
         };
-        let inner = Inner { members: Vec::new(), config };
+        let inner = Inner { members: Vec::new(), config, slots: tokio::sync::Semaphore::new(1) };
         let got: Vec<u128> = (1..=6).map(|f| inner.backoff(f).as_millis()).collect();
         assert_eq!(got, vec![100, 200, 400, 800, 1000, 1000]);
         assert_eq!(inner.backoff(u32::MAX), Duration::from_secs(1));

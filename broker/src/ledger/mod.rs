@@ -70,7 +70,7 @@ impl Dialect {
 }
 
 /// Removes a password from a URL before it appears in an error message.
-fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
             Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
@@ -466,6 +466,24 @@ impl Ledger {
         let details = serde_json::json!({"label": key.label, "backend": key.backend, "backend_ref": key.backend_ref});
         let ev = AuditEvent { actor, event: "key.added", subject: format!("key/{}", key.key_id), details };
         audit::append(&mut tx, &mut head, now, ev).await.map_err(LedgerError::db(OP))?;
+        commit_write(tx, &head, OP).await
+    }
+
+    /// Appends one audit record for a security event that changes no ledger table (e.g. a key already
+    /// recorded being imported into another broker's HSM).
+    pub async fn record_event(
+        &self,
+        actor: &str,
+        event: &'static str,
+        subject: String,
+        details: serde_json::Value,
+    ) -> Result<(), LedgerError> {
+        const OP: &str = "record audit event";
+        let (mut tx, mut head) =
+            begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
+        audit::append(&mut tx, &mut head, now_ms(), AuditEvent { actor, event, subject, details })
+            .await
+            .map_err(LedgerError::db(OP))?;
         commit_write(tx, &head, OP).await
     }
 

@@ -111,9 +111,23 @@ impl Admin {
             key_id: hex::encode(info.key_id.as_bytes()),
             label: info.label.clone(),
             backend: "pool".into(),
-            backend_ref: info.label,
+            backend_ref: self.state.name().to_owned(),
         };
-        self.state.ledger().add_key(&rec, actor).await.map_err(lst)?;
+        // On a ledger shared by several brokers the first broker of the key ceremony recorded this
+        // key id already (ImportKey with `key_id` exists for exactly that): the record stands.
+        match self.state.ledger().add_key(&rec, actor).await {
+            Ok(()) => {}
+            Err(LedgerError::AlreadyExists { .. }) => {
+                // Audit the import into this broker's pool (a security event of its own).
+                let details = serde_json::json!({"broker": self.state.name(), "label": rec.label});
+                self.state
+                    .ledger()
+                    .record_event(actor, "key.imported", format!("key/{}", rec.key_id), details)
+                    .await
+                    .map_err(lst)?;
+            }
+            Err(e) => return Err(lst(e)),
+        }
         let listing = self.state.ledger().keys().await.map_err(lst)?.into_iter().find(|k| k.key.key_id == rec.key_id);
         Ok(pb::KeyInfo {
             key_id: rec.key_id,

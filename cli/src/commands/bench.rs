@@ -1,7 +1,8 @@
 //! `flashgate bench`: throughput measurements recorded by `make bench` in BENCHMARKS.md.
 //! `bench sfi` compares `.sfi` pack and parse throughput with raw AES-128-GCM in the same run;
 //! `bench install` installs an image into a simulated target over loopback TCP at a modelled baud
-//! rate and compares the effective rate with the link's payload capacity.
+//! rate and compares the effective rate with the link's payload capacity; `bench licences` loads a
+//! running broker's licence service (see `bench_licences`).
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,9 @@ pub enum BenchCommand {
     Sfi(SfiBenchArgs),
     /// Install an image into a simulated target and measure link efficiency.
     Install(super::demo::InstallBenchArgs),
+    /// Load a running broker with concurrent virtual stations issuing licences; prints licences/s,
+    /// errors by reason and latency percentiles. Exits non-zero when more than 1% of requests fail.
+    Licences(super::bench_licences::LicenceBenchArgs),
 }
 
 /// Arguments of `flashgate bench sfi`.
@@ -39,6 +43,7 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Sfi(args) => sfi_bench(&args),
         BenchCommand::Install(args) => super::demo::install_bench(args).await,
+        BenchCommand::Licences(args) => super::bench_licences::run(args).await,
     }
 }
 

@@ -1,6 +1,10 @@
 //! One module per subcommand: argument definitions and the glue to the libraries.
 
+pub mod admin;
 pub mod bench;
+pub mod bench_licences;
+pub mod broker;
+pub mod client;
 pub mod demo;
 pub mod lab;
 pub mod pack;

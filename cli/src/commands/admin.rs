@@ -1,0 +1,1173 @@
+//! `flashgate admin`: the operator's client of the broker's `AdminService` (firmware keys, images,
+//! batches, device histories, stations, the audit chain, HSM pool status). Owns the argument
+//! definitions, local checks of argument values before anything is sent, request building
+//! (including packing firmware inputs into plaintext areas for `PackImage`), and the output: aligned
+//! tables for people, or with `--json` one JSON document built by hand from the prost messages.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{ArgGroup, Args, Subcommand};
+use flashgate_common::family::Family;
+use flashgate_common::{firmware, keyfile, sfi};
+use flashgate_proto::v1 as pb;
+use flashgate_proto::v1::admin_service_client::AdminServiceClient;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use super::client::{ConnectArgs, MAX_RESPONSE_BYTES, RpcResultExt};
+use crate::output::{Table, human_bytes, ms_time};
+
+/// `flashgate admin …`
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// How to reach the broker and as whom.
+    #[command(flatten)]
+    pub conn: ConnectArgs,
+    /// Print the response as JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// The `admin` subcommands, one or more per `AdminService` RPC.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Firmware keys held by the broker's HSMs.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Encrypted `.sfi` images stored by the broker.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Production batches: quota, image, allowed sites, validity window, state.
+    #[command(subcommand)]
+    Batch(BatchCommand),
+    /// Licences and install reports of one device.
+    Device(DeviceArgs),
+    /// Stations seen by the ledger, with their certificates and counts.
+    Stations,
+    /// Station certificates.
+    #[command(subcommand)]
+    Station(StationCommand),
+    /// The audit hash chain.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// State of the broker's HSM pool members.
+    Hsm,
+}
+
+/// `flashgate admin key …`
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Generate a new AES-128 firmware key inside the HSM.
+    Generate {
+        /// A label for people.
+        #[arg(long)]
+        label: String,
+    },
+    /// Import an ST-style key file (16 raw bytes) into every HSM of the pool.
+    Import {
+        /// A label for people.
+        #[arg(long)]
+        label: String,
+        /// The key file (exactly 16 raw bytes, e.g. key.bin from `flashgate pack --generate-key`).
+        #[arg(long, value_name = "KEY_BIN")]
+        key: PathBuf,
+        /// Key id to import under (32 hex digits), e.g. to match another broker; random when absent.
+        #[arg(long, value_name = "HEX", value_parser = parse_key_id)]
+        key_id: Option<String>,
+    },
+    /// List firmware keys.
+    List,
+}
+
+/// `flashgate admin image …`
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Store an image packed elsewhere (`flashgate pack`) under a key the broker holds.
+    Upload(UploadArgs),
+    /// Pack firmware inside the broker's HSM under a fresh nonce (the plaintext is not stored).
+    Pack(PackArgs),
+    /// List stored images.
+    List,
+}
+
+/// Arguments of `flashgate admin image upload`.
+#[derive(Debug, Args)]
+pub struct UploadArgs {
+    /// Key id the image is encrypted under (32 hex digits).
+    #[arg(long, value_name = "HEX", value_parser = parse_key_id)]
+    pub key_id: String,
+    /// The image nonce file it was packed with (exactly 12 raw bytes).
+    #[arg(long, value_name = "NONCE_BIN")]
+    pub nonce: PathBuf,
+    /// Target family: stm32l4, stm32h7, stm32l5 or stm32wl.
+    #[arg(long)]
+    pub family: Family,
+    /// Product id, 8 ASCII characters (default: the family's, e.g. 46201002 for stm32l4).
+    #[arg(long, value_parser = parse_product)]
+    pub product: Option<String>,
+    /// The `.sfi` file.
+    pub file: PathBuf,
+}
+
+/// Arguments of `flashgate admin image pack`.
+#[derive(Debug, Args)]
+pub struct PackArgs {
+    /// Key id to pack under (32 hex digits).
+    #[arg(long, value_name = "HEX", value_parser = parse_key_id)]
+    pub key_id: String,
+    /// Target family: stm32l4, stm32h7, stm32l5 or stm32wl.
+    #[arg(long)]
+    pub family: Family,
+    /// Product id, 8 ASCII characters (default: the family's, e.g. 46201002 for stm32l4).
+    #[arg(long, value_parser = parse_product)]
+    pub product: Option<String>,
+    /// Option bytes as CSV lines `id_or_name,value` (becomes the image's `C` area).
+    #[arg(long, value_name = "CSV")]
+    pub option_bytes: Option<PathBuf>,
+    /// Split areas larger than this (bytes; `0x…`, `K`, `M` accepted).
+    #[arg(long, default_value = "64K", value_parser = super::parse_size)]
+    pub max_area: u32,
+    /// Firmware inputs, as for `flashgate pack --firmware`: ELF, Intel HEX, or `file.bin@0xADDRESS`.
+    #[arg(required_unless_present = "option_bytes", value_name = "INPUT")]
+    pub inputs: Vec<String>,
+}
+
+/// `flashgate admin batch …`
+#[derive(Debug, Subcommand)]
+pub enum BatchCommand {
+    /// Create a batch.
+    Create(CreateBatchArgs),
+    /// Open a batch: stations may obtain licences.
+    Open {
+        /// Batch id.
+        id: String,
+    },
+    /// Pause a batch: licences are refused until it is opened again.
+    Pause {
+        /// Batch id.
+        id: String,
+    },
+    /// Close a batch for good.
+    Close {
+        /// Batch id.
+        id: String,
+    },
+    /// List batches.
+    List,
+    /// Issued, installed, failed and remaining counts of one batch.
+    Status {
+        /// Batch id.
+        id: String,
+    },
+}
+
+/// Arguments of `flashgate admin batch create`.
+#[derive(Debug, Args)]
+pub struct CreateBatchArgs {
+    /// Batch id.
+    pub id: String,
+    /// Product id, 8 ASCII characters.
+    #[arg(long, value_parser = parse_product)]
+    pub product: String,
+    /// SHA-256 of the image (64 hex digits, from `admin image list`).
+    #[arg(long, value_name = "SHA256", value_parser = parse_sha256)]
+    pub image: String,
+    /// How many devices may be licensed.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    pub quota: i64,
+    /// A site whose stations may obtain licences; repeatable; `*` allows every site.
+    #[arg(long = "site", value_name = "SITE", required = true)]
+    pub sites: Vec<String>,
+    /// Start of validity: RFC 3339 UTC (`2027-05-01T12:00:00Z`, `2027-05-01`) or ms since the epoch.
+    #[arg(long, value_name = "TIME", value_parser = parse_time_ms)]
+    pub not_before: Option<i64>,
+    /// End of validity, same forms as --not-before.
+    #[arg(long, value_name = "TIME", value_parser = parse_time_ms)]
+    pub not_after: Option<i64>,
+}
+
+/// Arguments of `flashgate admin device`.
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    /// Device id: hex(SHA-256(chip public key))[0..32], as in licences and reports.
+    #[arg(value_parser = parse_device_id)]
+    pub device_id: String,
+}
+
+/// `flashgate admin station …`
+#[derive(Debug, Subcommand)]
+pub enum StationCommand {
+    /// Revoke one certificate, or every certificate seen for a station identity.
+    Revoke(RevokeArgs),
+}
+
+/// Arguments of `flashgate admin station revoke`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("which").required(true).args(["serial", "identity"])))]
+pub struct RevokeArgs {
+    /// Certificate serial (hex, any case, `:` allowed).
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// Station identity URI (spiffe://TD/site/SITE/station/N): every certificate seen for it.
+    #[arg(long, value_name = "URI")]
+    pub identity: Option<String>,
+    /// Why (recorded in the audit chain).
+    #[arg(long)]
+    pub reason: String,
+}
+
+/// `flashgate admin audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Write audit records as JSON lines (one record per line), in sequence order.
+    Export {
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Only records with a sequence number greater than this.
+        #[arg(long, default_value_t = 0, value_name = "SEQ")]
+        after: i64,
+    },
+    /// Walk the whole hash chain; exits 1 naming the first broken record when it does not hold.
+    Verify,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument values
+// ---------------------------------------------------------------------------------------------
+
+/// A key id: exactly 32 hex digits (16 bytes), returned in lowercase.
+pub fn parse_key_id(s: &str) -> Result<String, String> {
+    parse_hex(s, 16, "key id")
+}
+
+/// A device id: exactly 32 hex digits, returned in lowercase.
+pub fn parse_device_id(s: &str) -> Result<String, String> {
+    parse_hex(s, 16, "device id")
+}
+
+/// An image hash: exactly 64 hex digits (SHA-256), returned in lowercase.
+pub fn parse_sha256(s: &str) -> Result<String, String> {
+    parse_hex(s, 32, "SHA-256")
+}
+
+fn parse_hex(s: &str, bytes: usize, what: &str) -> Result<String, String> {
+    let t = s.trim();
+    if t.len() != 2 * bytes || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("{what} {s:?}: expected exactly {} hex digits ({bytes} bytes)", 2 * bytes));
+    }
+    Ok(t.to_ascii_lowercase())
+}
+
+/// A product id: exactly 8 printable ASCII characters, e.g. `46201002`.
+pub fn parse_product(s: &str) -> Result<String, String> {
+    if s.len() != 8 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("product id {s:?}: expected exactly 8 printable ASCII characters, e.g. 46201002"));
+    }
+    Ok(s.to_string())
+}
+
+/// A point in time as milliseconds since the Unix epoch: either that number itself, or an RFC 3339
+/// UTC time (`2027-05-01T12:00:00Z`, fractions and a space instead of `T` accepted) or a date
+/// (`2027-05-01`, midnight UTC).
+pub fn parse_time_ms(s: &str) -> Result<i64, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse::<i64>().map_err(|e| format!("{s:?}: {e}"));
+    }
+    let full =
+        if t.len() == 10 && t.as_bytes().get(4) == Some(&b'-') { format!("{t}T00:00:00Z") } else { t.to_string() };
+    let time = humantime::parse_rfc3339_weak(&full).map_err(|e| {
+        format!("{s:?} is neither milliseconds since the Unix epoch nor an RFC 3339 UTC time like 2027-05-01T12:00:00Z ({e})")
+    })?;
+    let since = time.duration_since(UNIX_EPOCH).map_err(|_| format!("{s:?} is before 1970"))?;
+    i64::try_from(since.as_millis()).map_err(|_| format!("{s:?} is too far in the future"))
+}
+
+/// Check a validity window: when both ends are given, the end must come after the start.
+pub fn check_window(not_before: Option<i64>, not_after: Option<i64>) -> Result<(), String> {
+    match (not_before, not_after) {
+        (Some(nb), Some(na)) if na <= nb => {
+            Err(format!("--not-after {} ({na}) is not after --not-before {} ({nb})", ms_time(na), ms_time(nb)))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Lowercase short name of a batch state: `open`, `paused`, `closed`, `unspecified`, or the number.
+pub fn state_name(state: i32) -> String {
+    match pb::BatchState::try_from(state) {
+        Ok(pb::BatchState::Open) => "open".into(),
+        Ok(pb::BatchState::Paused) => "paused".into(),
+        Ok(pb::BatchState::Closed) => "closed".into(),
+        Ok(pb::BatchState::Unspecified) => "unspecified".into(),
+        Err(_) => format!("state {state}"),
+    }
+}
+
+fn opt_ms(ms: Option<i64>) -> String {
+    ms.map(ms_time).unwrap_or_else(|| "-".into())
+}
+
+fn product_or_default(product: Option<String>, family: Family) -> String {
+    product.unwrap_or_else(|| family.profile().product_id_str().to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running
+// ---------------------------------------------------------------------------------------------
+
+/// Run `flashgate admin …`.
+pub async fn run(args: AdminArgs) -> Result<()> {
+    // Check local inputs before connecting, so a typo costs no handshake.
+    let prepared = prepare(&args.command)?;
+    let channel = args.conn.channel().await?;
+    let mut client = AdminServiceClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES);
+    let json = args.json;
+    match args.command {
+        AdminCommand::Key(cmd) => key(&mut client, cmd, prepared, json).await,
+        AdminCommand::Image(cmd) => image(&mut client, cmd, prepared, json).await,
+        AdminCommand::Batch(cmd) => batch(&mut client, cmd, json).await,
+        AdminCommand::Device(a) => device(&mut client, &a.device_id, json).await,
+        AdminCommand::Stations => stations(&mut client, json).await,
+        AdminCommand::Station(StationCommand::Revoke(a)) => revoke(&mut client, a, json).await,
+        AdminCommand::Audit(AuditCommand::Export { out, after }) => audit_export(&mut client, out, after).await,
+        AdminCommand::Audit(AuditCommand::Verify) => audit_verify(&mut client, json).await,
+        AdminCommand::Hsm => hsm(&mut client, json).await,
+    }
+}
+
+/// Local work done before connecting: files read, firmware parsed.
+enum Prepared {
+    None,
+    /// The firmware key of `key import` (zeroized on drop).
+    Key(sfi::FirmwareKey),
+    /// The nonce and the image bytes of `image upload`.
+    Upload {
+        nonce: sfi::ImageNonce,
+        sfi: Vec<u8>,
+    },
+    /// The areas of `image pack`.
+    Pack(Vec<sfi::PlainArea>),
+}
+
+fn prepare(command: &AdminCommand) -> Result<Prepared> {
+    Ok(match command {
+        AdminCommand::Key(KeyCommand::Import { key, .. }) => Prepared::Key(read_key(key)?),
+        AdminCommand::Image(ImageCommand::Upload(a)) => {
+            let nonce = keyfile::read_nonce_file(&a.nonce)?;
+            let sfi = std::fs::read(&a.file).with_context(|| format!("reading image {}", a.file.display()))?;
+            Prepared::Upload { nonce, sfi }
+        }
+        AdminCommand::Image(ImageCommand::Pack(a)) => Prepared::Pack(pack_areas(a)?),
+        AdminCommand::Batch(BatchCommand::Create(a)) => {
+            check_window(a.not_before, a.not_after).map_err(|e| anyhow!(e))?;
+            Prepared::None
+        }
+        _ => Prepared::None,
+    })
+}
+
+/// Read a 16-byte firmware key file; any other size is refused naming the file and its size.
+fn read_key(path: &Path) -> Result<sfi::FirmwareKey> {
+    keyfile::read_key_file(path).with_context(|| format!("reading firmware key {}", path.display()))
+}
+
+/// Parse the firmware inputs exactly as `flashgate pack` does and lay them out for the family.
+fn pack_areas(a: &PackArgs) -> Result<Vec<sfi::PlainArea>> {
+    let profile = a.family.profile();
+    if a.max_area == 0 || a.max_area > sfi::MAX_AREA_SIZE {
+        bail!("--max-area {} must be between 1 and {} bytes", a.max_area, sfi::MAX_AREA_SIZE);
+    }
+    let mut segments = Vec::new();
+    for spec in &a.inputs {
+        segments.extend(firmware::load_input(spec).with_context(|| format!("reading firmware {spec}"))?);
+    }
+    let mut areas = firmware::layout(segments, profile, a.max_area)?;
+    if let Some(csv) = &a.option_bytes {
+        let text = std::fs::read_to_string(csv).with_context(|| format!("reading {}", csv.display()))?;
+        areas.push(
+            firmware::parse_option_bytes_csv(&text, profile)
+                .with_context(|| format!("option bytes {}", csv.display()))?,
+        );
+    }
+    if areas.is_empty() {
+        bail!("the inputs {:?} hold no bytes to pack", a.inputs);
+    }
+    Ok(areas)
+}
+
+/// The wire form of a plaintext area: kind `F`, `C`, … as a one-letter string.
+pub fn plain_area(area: sfi::PlainArea) -> pb::PlainArea {
+    pb::PlainArea { kind: char::from(area.area_type.as_byte()).to_string(), address: area.address, data: area.data }
+}
+
+type Client = AdminServiceClient<Channel>;
+
+async fn key(client: &mut Client, cmd: KeyCommand, prepared: Prepared, json: bool) -> Result<()> {
+    match cmd {
+        KeyCommand::Generate { label } => {
+            let k = client
+                .generate_key(pb::GenerateKeyRequest { label: label.clone() })
+                .await
+                .rpc(&format!("generating key {label:?}"))?;
+            if json {
+                println!("{}", key_json(&k));
+            } else {
+                print_keys(std::slice::from_ref(&k), false);
+            }
+        }
+        KeyCommand::Import { label, key, key_id } => {
+            let Prepared::Key(firmware_key) = prepared else {
+                bail!("internal: key file {} was not read", key.display());
+            };
+            let request = pb::ImportKeyRequest {
+                label: label.clone(),
+                key: firmware_key.as_bytes().to_vec(),
+                key_id: key_id.unwrap_or_default(),
+            };
+            let k = client.import_key(request).await.rpc(&format!("importing key {} as {label:?}", key.display()))?;
+            if json {
+                println!("{}", key_json(&k));
+            } else {
+                print_keys(std::slice::from_ref(&k), false);
+            }
+        }
+        KeyCommand::List => {
+            let r = client.list_keys(pb::ListKeysRequest {}).await.rpc("listing keys")?;
+            print_keys(&r.keys, json);
+        }
+    }
+    Ok(())
+}
+
+async fn image(client: &mut Client, cmd: ImageCommand, prepared: Prepared, json: bool) -> Result<()> {
+    match cmd {
+        ImageCommand::Upload(a) => {
+            let Prepared::Upload { nonce, sfi } = prepared else {
+                bail!("internal: image {} was not read", a.file.display());
+            };
+            let request = pb::UploadImageRequest {
+                key_id: a.key_id,
+                nonce: nonce.as_bytes().to_vec(),
+                family: a.family.name().to_string(),
+                product_id: product_or_default(a.product, a.family),
+                sfi,
+            };
+            let i = client.upload_image(request).await.rpc(&format!("uploading image {}", a.file.display()))?;
+            if json {
+                println!("{}", image_json(&i));
+            } else {
+                print_images(std::slice::from_ref(&i), false);
+            }
+        }
+        ImageCommand::Pack(a) => {
+            let Prepared::Pack(areas) = prepared else {
+                bail!("internal: firmware {:?} was not parsed", a.inputs);
+            };
+            let count = areas.len();
+            let request = pb::PackImageRequest {
+                key_id: a.key_id.clone(),
+                family: a.family.name().to_string(),
+                product_id: product_or_default(a.product, a.family),
+                areas: areas.into_iter().map(plain_area).collect(),
+            };
+            let i = client
+                .pack_image(request)
+                .await
+                .rpc(&format!("packing {count} areas under key {} for {}", a.key_id, a.family))?;
+            if json {
+                println!("{}", image_json(&i));
+            } else {
+                print_images(std::slice::from_ref(&i), false);
+            }
+        }
+        ImageCommand::List => {
+            let r = client.list_images(pb::ListImagesRequest {}).await.rpc("listing images")?;
+            print_images(&r.images, json);
+        }
+    }
+    Ok(())
+}
+
+async fn batch(client: &mut Client, cmd: BatchCommand, json: bool) -> Result<()> {
+    let set_state = |id: String, state: pb::BatchState| pb::SetBatchStateRequest { id, state: state as i32 };
+    let info = match cmd {
+        BatchCommand::Create(a) => {
+            let request = pb::CreateBatchRequest {
+                id: a.id.clone(),
+                product_id: a.product,
+                image_sha256: a.image,
+                quota: a.quota,
+                allowed_sites: a.sites,
+                not_before_ms: a.not_before,
+                not_after_ms: a.not_after,
+            };
+            client.create_batch(request).await.rpc(&format!("creating batch {}", a.id))?
+        }
+        BatchCommand::Open { id } => client
+            .set_batch_state(set_state(id.clone(), pb::BatchState::Open))
+            .await
+            .rpc(&format!("opening batch {id}"))?,
+        BatchCommand::Pause { id } => client
+            .set_batch_state(set_state(id.clone(), pb::BatchState::Paused))
+            .await
+            .rpc(&format!("pausing batch {id}"))?,
+        BatchCommand::Close { id } => client
+            .set_batch_state(set_state(id.clone(), pb::BatchState::Closed))
+            .await
+            .rpc(&format!("closing batch {id}"))?,
+        BatchCommand::List => {
+            let r = client.list_batches(pb::ListBatchesRequest {}).await.rpc("listing batches")?;
+            print_batches(&r.batches, json);
+            return Ok(());
+        }
+        BatchCommand::Status { id } => client
+            .batch_status(pb::BatchStatusRequest { id: id.clone() })
+            .await
+            .rpc(&format!("status of batch {id}"))?,
+    };
+    if json {
+        println!("{}", batch_json(&info));
+    } else {
+        print!("{}", batch_detail(&info));
+    }
+    Ok(())
+}
+
+async fn device(client: &mut Client, device_id: &str, json: bool) -> Result<()> {
+    let r = client
+        .device_history(pb::DeviceHistoryRequest { device_id: device_id.to_string() })
+        .await
+        .rpc(&format!("history of device {device_id}"))?;
+    if json {
+        println!("{}", device_json(&r));
+        return Ok(());
+    }
+    println!("device {}", r.device_id);
+    let mut licences = Table::new(["batch", "station", "site", "issued", "licence"]);
+    for l in &r.licences {
+        licences.row([
+            l.batch_id.clone(),
+            l.station.clone(),
+            l.site.clone(),
+            ms_time(l.issued_at_ms),
+            format!("{} B", l.licence.len()),
+        ]);
+    }
+    println!("\nlicences: {}", r.licences.len());
+    if !licences.is_empty() {
+        print!("{licences}");
+    }
+    let mut installs =
+        Table::new(["batch", "station", "result", "attempt", "status", "message", "flash crc", "reported"])
+            .right(&[3, 4]);
+    for i in &r.installs {
+        installs.row([
+            i.batch_id.clone(),
+            i.station.clone(),
+            i.result_id.clone(),
+            i.attempt.to_string(),
+            format!("0x{:04X}", i.status_code),
+            i.message.clone(),
+            i.flash_crc.map(|c| format!("0x{c:08X}")).unwrap_or_else(|| "-".into()),
+            ms_time(i.reported_at_ms),
+        ]);
+    }
+    println!("\ninstall reports: {}", r.installs.len());
+    if !installs.is_empty() {
+        print!("{installs}");
+    }
+    Ok(())
+}
+
+async fn stations(client: &mut Client, json: bool) -> Result<()> {
+    let r = client.list_stations(pb::ListStationsRequest {}).await.rpc("listing stations")?;
+    if json {
+        println!("{}", Value::Array(r.stations.iter().map(station_json).collect()));
+        return Ok(());
+    }
+    let mut t = Table::new(["identity", "site", "licences", "installs ok", "failed", "last seen", "certificates"])
+        .right(&[2, 3, 4]);
+    for s in &r.stations {
+        let certs: Vec<String> = s
+            .certificates
+            .iter()
+            .map(|c| if c.revoked { format!("{} (revoked: {})", c.serial, c.revoked_reason) } else { c.serial.clone() })
+            .collect();
+        t.row([
+            s.identity.clone(),
+            s.site.clone(),
+            s.licences.to_string(),
+            s.installs_ok.to_string(),
+            s.installs_failed.to_string(),
+            ms_time(s.last_seen_ms),
+            certs.join(", "),
+        ]);
+    }
+    print!("{t}");
+    Ok(())
+}
+
+async fn revoke(client: &mut Client, a: RevokeArgs, json: bool) -> Result<()> {
+    let target = match (&a.serial, &a.identity) {
+        (Some(s), _) => format!("serial {s}"),
+        (None, Some(i)) => format!("identity {i}"),
+        (None, None) => bail!("give --serial or --identity"),
+    };
+    let r = client
+        .revoke_station(pb::RevokeStationRequest {
+            serial: a.serial.unwrap_or_default(),
+            identity: a.identity.unwrap_or_default(),
+            reason: a.reason,
+        })
+        .await
+        .rpc(&format!("revoking {target}"))?;
+    if json {
+        println!("{}", json!({ "serials": r.serials }));
+    } else if r.serials.is_empty() {
+        println!("no certificate revoked for {target} (none seen by the ledger)");
+    } else {
+        println!("revoked {} certificate(s) for {target}:", r.serials.len());
+        for s in &r.serials {
+            println!("  {s}");
+        }
+    }
+    Ok(())
+}
+
+async fn audit_export(client: &mut Client, out: Option<PathBuf>, after: i64) -> Result<()> {
+    let mut stream =
+        client.export_audit(pb::ExportAuditRequest { after_seq: after }).await.rpc("exporting the audit log")?;
+    let (tmp, mut writer): (Option<PathBuf>, Box<dyn Write>) = match &out {
+        Some(path) => {
+            let mut name = path.as_os_str().to_owned();
+            name.push(".partial");
+            let tmp = PathBuf::from(name);
+            let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            (Some(tmp), Box::new(std::io::BufWriter::new(file)))
+        }
+        None => (None, Box::new(std::io::BufWriter::new(std::io::stdout().lock()))),
+    };
+    let target = out.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "standard output".into());
+    let (mut count, mut first, mut last) = (0u64, None, None);
+    loop {
+        let record = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(s) => {
+                let _ = writer.flush();
+                bail!(
+                    "exporting the audit log: stream broke after {count} records (last seq {}): {}",
+                    last.map(|s: i64| s.to_string()).unwrap_or_else(|| "-".into()),
+                    super::client::status_text(&s)
+                );
+            }
+        };
+        first.get_or_insert(record.seq);
+        last = Some(record.seq);
+        writeln!(writer, "{}", audit_json(&record)).with_context(|| format!("writing to {target}"))?;
+        count += 1;
+    }
+    writer.flush().with_context(|| format!("writing to {target}"))?;
+    drop(writer);
+    if let (Some(tmp), Some(path)) = (tmp, &out) {
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    }
+    match (first, last) {
+        (Some(a), Some(b)) => eprintln!("exported {count} audit records (seq {a}..={b}) to {target}"),
+        _ => eprintln!("no audit records after seq {after}"),
+    }
+    Ok(())
+}
+
+async fn audit_verify(client: &mut Client, json: bool) -> Result<()> {
+    let r = client.verify_audit(pb::VerifyAuditRequest {}).await.rpc("verifying the audit chain")?;
+    if json {
+        println!("{}", verify_json(&r));
+    } else if r.ok {
+        println!("audit chain ok: {} records, head seq {} hash {}", r.records, r.head_seq, r.head_hash);
+    }
+    if !r.ok {
+        bail!(
+            "audit chain broken at seq {}: {} ({} records checked, head seq {})",
+            r.broken_seq,
+            r.fault,
+            r.records,
+            r.head_seq
+        );
+    }
+    Ok(())
+}
+
+async fn hsm(client: &mut Client, json: bool) -> Result<()> {
+    let r = client.hsm_status(pb::HsmStatusRequest {}).await.rpc("reading HSM pool status")?;
+    if json {
+        println!("{}", hsm_json(&r));
+        return Ok(());
+    }
+    println!("broker {}", r.broker);
+    print!("{}", hsm_table(&r.members));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tables
+// ---------------------------------------------------------------------------------------------
+
+fn print_keys(keys: &[pb::KeyInfo], json: bool) {
+    if json {
+        println!("{}", Value::Array(keys.iter().map(key_json).collect()));
+        return;
+    }
+    let mut t = Table::new(["key id", "label", "backend", "created", "by"]);
+    for k in keys {
+        t.row([k.key_id.clone(), k.label.clone(), k.backend.clone(), ms_time(k.created_at_ms), k.created_by.clone()]);
+    }
+    print!("{t}");
+}
+
+fn print_images(images: &[pb::ImageSummary], json: bool) {
+    if json {
+        println!("{}", Value::Array(images.iter().map(image_json).collect()));
+        return;
+    }
+    print!("{}", images_table(images));
+}
+
+fn images_table(images: &[pb::ImageSummary]) -> Table {
+    let mut t = Table::new(["sha256", "key id", "family", "product", "size", "areas", "flash crc", "created", "by"])
+        .right(&[4, 5]);
+    for i in images {
+        t.row([
+            i.sha256.clone(),
+            i.key_id.clone(),
+            i.family.clone(),
+            i.product_id.clone(),
+            human_bytes(i.size),
+            i.area_count.to_string(),
+            i.expected_flash_crc.map(|c| format!("0x{c:08X}")).unwrap_or_else(|| "-".into()),
+            ms_time(i.created_at_ms),
+            i.created_by.clone(),
+        ]);
+    }
+    t
+}
+
+fn print_batches(batches: &[pb::BatchInfo], json: bool) {
+    if json {
+        println!("{}", Value::Array(batches.iter().map(batch_json).collect()));
+        return;
+    }
+    let mut t = Table::new([
+        "batch",
+        "state",
+        "product",
+        "quota",
+        "issued",
+        "installed",
+        "failed",
+        "remaining",
+        "sites",
+        "image",
+    ])
+    .right(&[3, 4, 5, 6, 7]);
+    for b in batches {
+        t.row([
+            b.id.clone(),
+            state_name(b.state),
+            b.product_id.clone(),
+            b.quota.to_string(),
+            b.issued.to_string(),
+            b.installed.to_string(),
+            b.failed.to_string(),
+            b.remaining.to_string(),
+            b.allowed_sites.join(","),
+            short_hash(&b.image_sha256),
+        ]);
+    }
+    print!("{t}");
+}
+
+/// One batch as `field  value` lines.
+fn batch_detail(b: &pb::BatchInfo) -> Table {
+    let mut t = Table::new(["batch", b.id.as_str()]);
+    let rows: [(&str, String); 14] = [
+        ("state", state_name(b.state)),
+        ("product", b.product_id.clone()),
+        ("image", b.image_sha256.clone()),
+        ("key id", b.key_id.clone()),
+        ("quota", b.quota.to_string()),
+        ("issued", b.issued.to_string()),
+        ("installed", b.installed.to_string()),
+        ("failed", b.failed.to_string()),
+        ("remaining", b.remaining.to_string()),
+        ("sites", b.allowed_sites.join(", ")),
+        ("not before", opt_ms(b.not_before_ms)),
+        ("not after", opt_ms(b.not_after_ms)),
+        ("created", ms_time(b.created_at_ms)),
+        ("created by", b.created_by.clone()),
+    ];
+    for (k, v) in rows {
+        t.row([k.to_string(), v]);
+    }
+    t
+}
+
+fn hsm_table(members: &[pb::HsmMember]) -> Table {
+    let mut t = Table::new([
+        "member",
+        "healthy",
+        "in flight",
+        "requests",
+        "device errors",
+        "failures",
+        "mean ms",
+        "max ms",
+        "last error",
+    ])
+    .right(&[2, 3, 4, 5, 6, 7]);
+    for m in members {
+        t.row([
+            m.name.clone(),
+            if m.healthy { "yes" } else { "NO" }.to_string(),
+            format!("{}/{}", m.in_flight, m.capacity),
+            m.requests.to_string(),
+            m.device_errors.to_string(),
+            m.consecutive_failures.to_string(),
+            format!("{:.2}", m.latency_mean_ms),
+            format!("{:.2}", m.latency_max_ms),
+            if m.last_error.is_empty() { "-".to_string() } else { m.last_error.clone() },
+        ]);
+    }
+    t
+}
+
+fn short_hash(h: &str) -> String {
+    if h.len() > 16 { format!("{}…", &h[..16]) } else { h.to_string() }
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON (prost messages do not derive Serialize)
+// ---------------------------------------------------------------------------------------------
+
+fn key_json(k: &pb::KeyInfo) -> Value {
+    json!({
+        "key_id": k.key_id,
+        "label": k.label,
+        "backend": k.backend,
+        "created_at_ms": k.created_at_ms,
+        "created_by": k.created_by,
+    })
+}
+
+fn image_json(i: &pb::ImageSummary) -> Value {
+    json!({
+        "sha256": i.sha256,
+        "key_id": i.key_id,
+        "family": i.family,
+        "product_id": i.product_id,
+        "size": i.size,
+        "area_count": i.area_count,
+        "expected_flash_crc": i.expected_flash_crc,
+        "created_at_ms": i.created_at_ms,
+        "created_by": i.created_by,
+    })
+}
+
+fn batch_json(b: &pb::BatchInfo) -> Value {
+    json!({
+        "id": b.id,
+        "product_id": b.product_id,
+        "image_sha256": b.image_sha256,
+        "key_id": b.key_id,
+        "quota": b.quota,
+        "issued": b.issued,
+        "installed": b.installed,
+        "failed": b.failed,
+        "remaining": b.remaining,
+        "allowed_sites": b.allowed_sites,
+        "not_before_ms": b.not_before_ms,
+        "not_after_ms": b.not_after_ms,
+        "state": state_name(b.state),
+        "created_at_ms": b.created_at_ms,
+        "created_by": b.created_by,
+    })
+}
+
+fn device_json(r: &pb::DeviceHistoryResponse) -> Value {
+    let licences: Vec<Value> = r
+        .licences
+        .iter()
+        .map(|l| {
+            json!({
+                "batch_id": l.batch_id,
+                "station": l.station,
+                "site": l.site,
+                "issued_at_ms": l.issued_at_ms,
+                "licence": hex::encode(&l.licence),
+            })
+        })
+        .collect();
+    let installs: Vec<Value> = r
+        .installs
+        .iter()
+        .map(|i| {
+            json!({
+                "batch_id": i.batch_id,
+                "station": i.station,
+                "result_id": i.result_id,
+                "status_code": i.status_code,
+                "message": i.message,
+                "flash_crc": i.flash_crc,
+                "attempt": i.attempt,
+                "reported_at_ms": i.reported_at_ms,
+            })
+        })
+        .collect();
+    json!({ "device_id": r.device_id, "licences": licences, "installs": installs })
+}
+
+fn station_json(s: &pb::StationInfo) -> Value {
+    let certs: Vec<Value> = s
+        .certificates
+        .iter()
+        .map(|c| {
+            json!({
+                "serial": c.serial,
+                "first_seen_ms": c.first_seen_ms,
+                "last_seen_ms": c.last_seen_ms,
+                "revoked": c.revoked,
+                "revoked_reason": c.revoked_reason,
+            })
+        })
+        .collect();
+    json!({
+        "identity": s.identity,
+        "site": s.site,
+        "certificates": certs,
+        "licences": s.licences,
+        "installs_ok": s.installs_ok,
+        "installs_failed": s.installs_failed,
+        "last_seen_ms": s.last_seen_ms,
+    })
+}
+
+/// One audit record as a JSON object; `details_json` is kept as the exact string that was hashed.
+pub fn audit_json(r: &pb::AuditRecord) -> Value {
+    json!({
+        "seq": r.seq,
+        "at_ms": r.at_ms,
+        "actor": r.actor,
+        "event": r.event,
+        "subject": r.subject,
+        "details_json": r.details_json,
+        "prev_hash": r.prev_hash,
+        "hash": r.hash,
+    })
+}
+
+fn verify_json(r: &pb::VerifyAuditResponse) -> Value {
+    json!({
+        "ok": r.ok,
+        "records": r.records,
+        "head_seq": r.head_seq,
+        "head_hash": r.head_hash,
+        "broken_seq": r.broken_seq,
+        "fault": r.fault,
+    })
+}
+
+fn hsm_json(r: &pb::HsmStatusResponse) -> Value {
+    let members: Vec<Value> = r
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.name,
+                "healthy": m.healthy,
+                "in_flight": m.in_flight,
+                "capacity": m.capacity,
+                "last_error": m.last_error,
+                "consecutive_failures": m.consecutive_failures,
+                "requests": m.requests,
+                "device_errors": m.device_errors,
+                "latency_mean_ms": m.latency_mean_ms,
+                "latency_max_ms": m.latency_max_ms,
+            })
+        })
+        .collect();
+    json!({ "broker": r.broker, "members": members })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        admin: AdminArgs,
+    }
+
+    fn words(line: &str) -> Vec<&str> {
+        line.split_whitespace().collect()
+    }
+
+    fn parse(args: &[&str]) -> Result<AdminArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("admin").chain(args.iter().copied())).map(|c| c.admin)
+    }
+
+    #[test]
+    fn times_parse_as_ms_or_rfc3339() {
+        assert_eq!(parse_time_ms("1800000000000"), Ok(1_800_000_000_000));
+        assert_eq!(parse_time_ms("2027-01-15T08:00:00Z"), Ok(1_800_000_000_000));
+        assert_eq!(parse_time_ms("2027-01-15T08:00:00.250Z"), Ok(1_800_000_000_250));
+        assert_eq!(parse_time_ms("2027-01-15 08:00:00"), Ok(1_800_000_000_000));
+        assert_eq!(parse_time_ms("2027-01-15"), Ok(1_800_000_000_000 - 8 * 3_600_000));
+        assert_eq!(parse_time_ms("0"), Ok(0));
+        for bad in ["tomorrow", "2027-13-01T00:00:00Z", "-5", "", "99999999999999999999"] {
+            let e = parse_time_ms(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn windows_must_be_ordered() {
+        assert!(check_window(None, None).is_ok());
+        assert!(check_window(Some(5), None).is_ok());
+        assert!(check_window(None, Some(5)).is_ok());
+        assert!(check_window(Some(1), Some(2)).is_ok());
+        let e = check_window(Some(1_800_000_000_000), Some(1_800_000_000_000)).unwrap_err();
+        assert!(e.contains("2027-01-15T08:00:00Z") && e.contains("is not after"), "{e}");
+    }
+
+    #[test]
+    fn hex_ids_and_products() {
+        assert_eq!(parse_key_id("00112233445566778899AABBCCDDEEFF"), Ok("00112233445566778899aabbccddeeff".into()));
+        assert!(parse_key_id("0011").unwrap_err().contains("32 hex digits"));
+        assert!(parse_key_id("zz112233445566778899aabbccddeeff").is_err());
+        assert_eq!(parse_sha256(&"Ab".repeat(32)), Ok("ab".repeat(32)));
+        assert!(parse_sha256("ab").is_err());
+        assert_eq!(parse_product("46201002"), Ok("46201002".into()));
+        assert!(parse_product("4620100").is_err());
+        assert!(parse_product("4620 002").is_err());
+    }
+
+    #[test]
+    fn states_have_short_names() {
+        assert_eq!(state_name(pb::BatchState::Open as i32), "open");
+        assert_eq!(state_name(pb::BatchState::Paused as i32), "paused");
+        assert_eq!(state_name(pb::BatchState::Closed as i32), "closed");
+        assert_eq!(state_name(42), "state 42");
+    }
+
+    #[test]
+    fn command_lines() {
+        let a = parse(&[
+            "--cert", "c.pem", "--key", "c.key", "--ca", "ca.pem", "key", "import", "--label", "l", "--key", "k.bin",
+        ])
+        .unwrap();
+        assert_eq!(a.conn.key.as_deref(), Some(Path::new("c.key")));
+        assert!(
+            matches!(a.command, AdminCommand::Key(KeyCommand::Import { ref key, .. }) if key == Path::new("k.bin"))
+        );
+
+        let image = "a".repeat(64);
+        let a = parse(&words(&format!(
+            "batch create b1 --product 46201002 --image {image} --quota 10 --site berlin --site austin \
+             --not-after 2027-01-15 --pki pki --json"
+        )))
+        .unwrap();
+        assert!(a.json);
+        assert_eq!(a.conn.pki.as_deref(), Some(Path::new("pki")));
+        let AdminCommand::Batch(BatchCommand::Create(c)) = a.command else { panic!("not batch create") };
+        assert_eq!(c.sites, ["berlin", "austin"]);
+        assert_eq!(c.not_after, Some(1_800_000_000_000 - 8 * 3_600_000));
+        assert_eq!(c.not_before, None);
+
+        assert!(parse(&["batch", "create", "b1", "--product", "46201002", "--image", "x", "--quota", "1"]).is_err());
+        assert!(parse(&["station", "revoke", "--reason", "lost"]).is_err());
+        assert!(parse(&["station", "revoke", "--serial", "4a", "--identity", "x", "--reason", "lost"]).is_err());
+        assert!(parse(&["station", "revoke", "--serial", "4a:0b", "--reason", "lost"]).is_ok());
+        assert!(parse(&["image", "pack", "--key-id", &"0".repeat(32), "--family", "stm32l4"]).is_err());
+        let a = parse(&["audit", "export", "--after", "7", "--out", "a.jsonl"]).unwrap();
+        assert!(matches!(a.command, AdminCommand::Audit(AuditCommand::Export { after: 7, .. })));
+    }
+
+    #[test]
+    fn pack_inputs_become_wire_areas() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("app.bin");
+        std::fs::write(&bin, [0xAAu8; 10]).unwrap();
+        let csv = dir.path().join("ob.csv");
+        std::fs::write(&csv, "RDP,0xBB\n").unwrap();
+        let a = PackArgs {
+            key_id: "0".repeat(32),
+            family: Family::Stm32L4,
+            product: None,
+            option_bytes: Some(csv),
+            max_area: 64 * 1024,
+            inputs: vec![format!("{}@0x08000000", bin.display())],
+        };
+        let areas: Vec<pb::PlainArea> = pack_areas(&a).unwrap().into_iter().map(plain_area).collect();
+        assert_eq!(areas.len(), 2);
+        assert_eq!((areas[0].kind.as_str(), areas[0].address, areas[0].data.len()), ("F", 0x0800_0000, 16));
+        assert_eq!(&areas[0].data[10..], &[0xFF; 6]);
+        assert_eq!((areas[1].kind.as_str(), areas[1].address), ("C", 0));
+        assert_eq!(product_or_default(a.product.clone(), a.family), "46201002");
+
+        let outside = PackArgs { inputs: vec![format!("{}@0x20000000", bin.display())], option_bytes: None, ..a };
+        assert!(pack_areas(&outside).is_err());
+    }
+
+    #[test]
+    fn wrong_key_sizes_name_file_and_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.bin");
+        std::fs::write(&path, [7u8; 15]).unwrap();
+        let e = format!("{:#}", read_key(&path).unwrap_err());
+        assert!(e.contains(&path.display().to_string()) && e.contains("15"), "{e}");
+        std::fs::write(&path, [7u8; 16]).unwrap();
+        assert_eq!(read_key(&path).unwrap().as_bytes(), &[7u8; 16]);
+    }
+
+    #[test]
+    fn tables_and_json_of_messages() {
+        let b = pb::BatchInfo {
+            id: "b1".into(),
+            product_id: "46201002".into(),
+            quota: 10,
+            issued: 3,
+            remaining: 7,
+            allowed_sites: vec!["berlin".into(), "austin".into()],
+            state: pb::BatchState::Paused as i32,
+            not_after_ms: Some(1_800_000_000_000),
+            ..Default::default()
+        };
+        let text = batch_detail(&b).render();
+        assert!(text.starts_with("batch       b1\nstate       paused\n"), "{text}");
+        assert!(text.contains("not after   2027-01-15T08:00:00Z\n") && text.contains("not before  -\n"), "{text}");
+        let j = batch_json(&b);
+        assert_eq!(j["state"], "paused");
+        assert_eq!(j["not_after_ms"], 1_800_000_000_000i64);
+        assert!(j["not_before_ms"].is_null());
+
+        let r = pb::AuditRecord { seq: 4, details_json: "{\"a\":1}".into(), ..Default::default() };
+        let line = audit_json(&r).to_string();
+        assert!(!line.contains('\n') && line.contains(r#""details_json":"{\"a\":1}""#), "{line}");
+
+        let m = pb::HsmMember { name: "soft-0".into(), healthy: true, in_flight: 2, capacity: 8, ..Default::default() };
+        let t = hsm_table(&[m]).render();
+        assert!(t.lines().nth(1).unwrap().starts_with("soft-0  yes"), "{t}");
+        assert!(t.contains("2/8"), "{t}");
+    }
+}

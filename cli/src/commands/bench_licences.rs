@@ -1,0 +1,852 @@
+//! `flashgate bench licences`: a load generator for the broker's licence service. Owns the bench's
+//! setup through `AdminService` (a fresh key, a tiny packed image, a batch open to the stations'
+//! sites), the simulated chips (P-256 key pairs with certificates signed by a test vendor CA,
+//! generated before the clock starts), the virtual stations (each its own mutual-TLS channel,
+//! looping `IssueLicence` with a fresh chip per request), the statistics (licences/s, errors by
+//! reason, latency percentiles) and a correctness check that sampled licences open for their chips
+//! and unlock the image. Exits non-zero when more than 1% of the measured requests failed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use flashgate_common::cert::{CERT_LEN, ChipKey, VendorCa};
+use flashgate_common::family::Family;
+use flashgate_common::licence::{LICENCE_LEN, Licence, open_licence};
+use flashgate_common::pki::{self, Identity};
+use flashgate_common::sfi::{self, ImageReader, ReaderOptions};
+use flashgate_proto::errors::Refusal;
+use flashgate_proto::transport::{self, TlsFiles};
+use flashgate_proto::v1 as pb;
+use flashgate_proto::v1::admin_service_client::AdminServiceClient;
+use flashgate_proto::v1::image_service_client::ImageServiceClient;
+use flashgate_proto::v1::licence_service_client::LicenceServiceClient;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde_json::json;
+use tonic::transport::Channel;
+
+use super::client::{self, DEFAULT_BROKER, RpcResultExt, status_text};
+
+/// Licences per second assumed when sizing the pre-generated chip pool without `--chips`.
+pub const ASSUMED_RATE: u64 = 3000;
+/// Largest chip pool generated without `--chips`; further chips are made during the run.
+pub const MAX_DEFAULT_CHIPS: u64 = 500_000;
+/// Size of the image the bench packs (one `F` area at the start of flash).
+pub const IMAGE_AREA_LEN: usize = 1024;
+/// Pause of a virtual station after a failed request, so a dead broker is not hammered.
+const ERROR_BACKOFF: Duration = Duration::from_millis(10);
+/// Largest share of failed requests a bench run may have and still succeed.
+pub const MAX_ERROR_RATE: f64 = 0.01;
+
+/// Arguments of `flashgate bench licences`.
+#[derive(Debug, Args)]
+pub struct LicenceBenchArgs {
+    /// Broker URL.
+    #[arg(long, env = "FLASHGATE_BROKER", default_value = DEFAULT_BROKER, value_name = "URL")]
+    pub broker: String,
+    /// PKI directory from `flashgate pki init` with an admin and station certificates.
+    #[arg(long, value_name = "DIR")]
+    pub pki: PathBuf,
+    /// Test vendor CA private key (PKCS#8 PEM, from `flashgate sim vendor-ca`) the broker trusts.
+    #[arg(long, value_name = "KEY_PEM")]
+    pub vendor_ca_key: PathBuf,
+    /// Concurrent virtual stations, each with its own TLS connection (certificates shared round-robin).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub stations: u32,
+    /// Measured duration, e.g. `30s`, `2m`.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Warm-up before measuring (discarded).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Use only station certificates of this site.
+    #[arg(long, value_name = "NAME")]
+    pub site: Option<String>,
+    /// Admin name in --pki used for the setup.
+    #[arg(long, default_value = "admin", value_name = "NAME")]
+    pub admin: String,
+    /// Name the broker certificate must carry (default: the host of --broker).
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Simulated chips to generate before the clock starts (default: 3000/s × (warmup + duration),
+    /// at most 500,000); chips needed beyond these are generated during the run, outside the latency.
+    #[arg(long)]
+    pub chips: Option<u64>,
+    /// Quota of the bench batch.
+    #[arg(long, default_value_t = 10_000_000, value_parser = clap::value_parser!(i64).range(1..))]
+    pub quota: i64,
+    /// Licences to open with their chip's key after the run (0 to skip the check).
+    #[arg(long, default_value_t = 100)]
+    pub verify: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics (pure)
+// ---------------------------------------------------------------------------------------------
+
+/// The nearest-rank `q`-quantile (0..=1) of ascending `sorted` values; 0 when empty.
+pub fn percentile(sorted: &[u32], q: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Latency figures in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Latency {
+    /// Median.
+    pub p50: u32,
+    /// 99th percentile.
+    pub p99: u32,
+    /// 99.9th percentile.
+    pub p999: u32,
+    /// Largest.
+    pub max: u32,
+    /// Arithmetic mean.
+    pub mean: f64,
+}
+
+impl Latency {
+    /// Sort `samples` (microseconds) and summarize them.
+    pub fn of(samples: &mut [u32]) -> Latency {
+        samples.sort_unstable();
+        let sum: u64 = samples.iter().map(|&v| u64::from(v)).sum();
+        Latency {
+            p50: percentile(samples, 0.50),
+            p99: percentile(samples, 0.99),
+            p999: percentile(samples, 0.999),
+            max: samples.last().copied().unwrap_or(0),
+            mean: if samples.is_empty() { 0.0 } else { sum as f64 / samples.len() as f64 },
+        }
+    }
+}
+
+/// Microseconds as `0.123 ms` / `12.3 ms` / `1.23 s`.
+pub fn fmt_us(us: u32) -> String {
+    let ms = f64::from(us) / 1000.0;
+    if ms < 1.0 {
+        format!("{ms:.3} ms")
+    } else if ms < 1000.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{:.2} s", ms / 1000.0)
+    }
+}
+
+/// The default chip pool: the assumed rate over warmup + duration, capped.
+pub fn default_chip_count(warmup: Duration, duration: Duration) -> u64 {
+    let secs = (warmup + duration).as_secs_f64();
+    ((ASSUMED_RATE as f64 * secs).ceil() as u64).clamp(1, MAX_DEFAULT_CHIPS)
+}
+
+/// What one virtual station measured.
+#[derive(Debug, Default)]
+struct StationStats {
+    ok: u64,
+    latencies_us: Vec<u32>,
+    errors: BTreeMap<String, u64>,
+    examples: BTreeMap<String, String>,
+    reissued: u64,
+    unmeasured: u64,
+    chips_generated: u64,
+    samples: Vec<Sample>,
+}
+
+impl StationStats {
+    fn error(&mut self, reason: String, example: String) {
+        *self.errors.entry(reason.clone()).or_default() += 1;
+        self.examples.entry(reason).or_insert(example);
+    }
+
+    fn merge(&mut self, other: StationStats) {
+        self.ok += other.ok;
+        self.latencies_us.extend(other.latencies_us);
+        for (reason, n) in other.errors {
+            *self.errors.entry(reason).or_default() += n;
+        }
+        for (reason, example) in other.examples {
+            self.examples.entry(reason).or_insert(example);
+        }
+        self.reissued += other.reissued;
+        self.unmeasured += other.unmeasured;
+        self.chips_generated += other.chips_generated;
+        self.samples.extend(other.samples);
+    }
+}
+
+/// The failure share of a run: errors / (ok + errors); 0 for no requests.
+pub fn error_rate(ok: u64, errors: u64) -> f64 {
+    let attempts = ok + errors;
+    if attempts == 0 { 0.0 } else { errors as f64 / attempts as f64 }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Simulated chips
+// ---------------------------------------------------------------------------------------------
+
+/// A simulated chip: its key pair and its vendor-signed certificate.
+#[derive(Clone)]
+struct Chip {
+    key: ChipKey,
+    cert: [u8; CERT_LEN],
+    device_id: String,
+}
+
+impl Chip {
+    fn generate(ca: &VendorCa, product: [u8; 8], rng: &mut StdRng) -> Chip {
+        let key = ChipKey::generate(rng);
+        let cert = ca.sign_certificate(product, key.public_xy());
+        Chip { device_id: cert.device_id().to_string(), cert: cert.to_bytes(), key }
+    }
+}
+
+/// A licence kept for the correctness check, with the chip it was issued for.
+#[derive(Debug)]
+struct Sample {
+    chip_key: ChipKey,
+    licence: Vec<u8>,
+}
+
+/// Chips generated before the clock starts, handed out once each.
+struct ChipPool {
+    chips: Vec<Chip>,
+    next: AtomicUsize,
+}
+
+impl ChipPool {
+    fn take(&self) -> Option<&Chip> {
+        self.chips.get(self.next.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Generate `count` chips on blocking threads, one per core.
+async fn pregenerate(ca: Arc<VendorCa>, product: [u8; 8], count: u64) -> Result<Vec<Chip>> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u64;
+    let threads = threads.clamp(1, count.max(1));
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let share = count / threads + u64::from(t < count % threads);
+        let ca = ca.clone();
+        handles.push(tokio::task::spawn_blocking(move || {
+            let mut rng = StdRng::from_entropy();
+            (0..share).map(|_| Chip::generate(&ca, product, &mut rng)).collect::<Vec<_>>()
+        }));
+    }
+    let mut chips = Vec::with_capacity(count as usize);
+    for h in handles {
+        chips.extend(h.await.context("chip generation thread failed")?);
+    }
+    Ok(chips)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stations
+// ---------------------------------------------------------------------------------------------
+
+/// One station certificate of the PKI directory.
+#[derive(Debug, Clone)]
+struct StationCert {
+    identity: Identity,
+    site: String,
+    files: TlsFiles,
+}
+
+/// Every station certificate in `DIR/stations` (of `site`, when given), sorted by file name.
+fn station_certs(dir: &Path, site: Option<&str>) -> Result<Vec<StationCert>> {
+    let stations_dir = dir.join("stations");
+    let entries = std::fs::read_dir(&stations_dir)
+        .with_context(|| format!("listing station certificates in {}", stations_dir.display()))?;
+    let mut pems: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pem"))
+        .collect();
+    pems.sort();
+    let ca = pki::ca_cert_path(dir);
+    let mut certs = Vec::new();
+    for pem in pems {
+        let info =
+            pki::read_cert_info(&pem).with_context(|| format!("reading station certificate {}", pem.display()))?;
+        let Identity::Station { site: cert_site, .. } = &info.identity else {
+            continue;
+        };
+        if site.is_some_and(|s| s != cert_site) {
+            continue;
+        }
+        certs.push(StationCert {
+            site: cert_site.clone(),
+            files: TlsFiles::new(&pem, pem.with_extension("key"), &ca),
+            identity: info.identity,
+        });
+    }
+    if certs.is_empty() {
+        bail!(
+            "no station certificates{} in {} (create some with `flashgate pki init --dir {} --site berlin --stations 4`)",
+            site.map(|s| format!(" of site {s:?}")).unwrap_or_default(),
+            stations_dir.display(),
+            dir.display()
+        );
+    }
+    Ok(certs)
+}
+
+/// The measured window.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    warmup_end: Instant,
+    end: Instant,
+}
+
+/// What every virtual station shares.
+struct Shared {
+    batch_id: String,
+    key_id: String,
+    product: [u8; 8],
+    ca: Arc<VendorCa>,
+    pool: ChipPool,
+    clock: Clock,
+    /// Keep every n-th success as a sample, up to `sample_max` per station.
+    sample_every: u64,
+    sample_max: usize,
+}
+
+/// Check a licence response against the chip and batch it was for.
+fn check_response(r: &pb::IssueLicenceResponse, chip: &Chip, key_id: &str) -> Result<(), String> {
+    if r.licence.len() != LICENCE_LEN {
+        return Err(format!("licence of {} bytes, expected {LICENCE_LEN}", r.licence.len()));
+    }
+    Licence::parse(&r.licence).map_err(|e| format!("unparseable licence: {e}"))?;
+    if r.device_id != chip.device_id {
+        return Err(format!("device id {:?}, expected {:?}", r.device_id, chip.device_id));
+    }
+    if !r.key_id.eq_ignore_ascii_case(key_id) {
+        return Err(format!("key id {:?}, expected {key_id:?}", r.key_id));
+    }
+    Ok(())
+}
+
+async fn station_loop(index: u32, channel: Channel, shared: Arc<Shared>) -> StationStats {
+    let mut client = LicenceServiceClient::new(channel);
+    let probe = pb::ProbeInfo { probe_id: format!("bench-{index}"), kind: "sim".into(), port: "bench".into() };
+    let mut stats = StationStats::default();
+    let clock = shared.clock;
+    while Instant::now() < clock.end {
+        let generated;
+        let chip = match shared.pool.take() {
+            Some(chip) => chip,
+            None => {
+                let (ca, product) = (shared.ca.clone(), shared.product);
+                let made =
+                    tokio::task::spawn_blocking(move || Chip::generate(&ca, product, &mut StdRng::from_entropy()));
+                match made.await {
+                    Ok(chip) => {
+                        stats.chips_generated += 1;
+                        generated = chip;
+                        &generated
+                    }
+                    Err(e) => {
+                        stats.error("CHIP_GENERATION".into(), e.to_string());
+                        break;
+                    }
+                }
+            }
+        };
+        let request = pb::IssueLicenceRequest {
+            batch_id: shared.batch_id.clone(),
+            chip_certificate: chip.cert.to_vec(),
+            probe: Some(probe.clone()),
+        };
+        let t0 = Instant::now();
+        let result = client.issue_licence(request).await;
+        let t1 = Instant::now();
+        let measured = t0 >= clock.warmup_end && t1 <= clock.end;
+        let failed = match (result, measured) {
+            (Ok(_), false) => {
+                stats.unmeasured += 1;
+                false
+            }
+            (Err(_), false) => {
+                stats.unmeasured += 1;
+                true
+            }
+            (Ok(response), true) => {
+                let r = response.into_inner();
+                match check_response(&r, chip, &shared.key_id) {
+                    Ok(()) => {
+                        stats.ok += 1;
+                        stats.latencies_us.push(u32::try_from((t1 - t0).as_micros()).unwrap_or(u32::MAX));
+                        stats.reissued += u64::from(r.reissued);
+                        if stats.samples.len() < shared.sample_max && stats.ok % shared.sample_every == 1 {
+                            stats.samples.push(Sample { chip_key: chip.key.clone(), licence: r.licence });
+                        }
+                        false
+                    }
+                    Err(e) => {
+                        stats.error("BAD_RESPONSE".into(), format!("device {}: {e}", chip.device_id));
+                        true
+                    }
+                }
+            }
+            (Err(status), true) => {
+                let reason =
+                    Refusal::from_status(&status).map(|r| r.reason).unwrap_or_else(|| format!("{:?}", status.code()));
+                stats.error(reason, status_text(&status));
+                true
+            }
+        };
+        if failed {
+            tokio::time::sleep(ERROR_BACKOFF).await;
+        }
+    }
+    stats
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup and verification
+// ---------------------------------------------------------------------------------------------
+
+/// What the setup created on the broker.
+struct Setup {
+    batch_id: String,
+    key_id: String,
+    image_sha256: String,
+    /// The plaintext of the image's single area.
+    plaintext: Vec<u8>,
+}
+
+/// The bench image's plaintext: a recognisable pattern.
+fn image_plaintext() -> Vec<u8> {
+    (0..IMAGE_AREA_LEN).map(|i| (i as u8).wrapping_mul(13).wrapping_add(7)).collect()
+}
+
+async fn setup(
+    admin: &mut AdminServiceClient<Channel>,
+    family: Family,
+    sites: Vec<String>,
+    quota: i64,
+) -> Result<Setup> {
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let label = format!("bench-{stamp}");
+    let key = admin
+        .generate_key(pb::GenerateKeyRequest { label: label.clone() })
+        .await
+        .rpc(&format!("bench setup: generating key {label:?}"))?;
+    let profile = family.profile();
+    let plaintext = image_plaintext();
+    let image = admin
+        .pack_image(pb::PackImageRequest {
+            key_id: key.key_id.clone(),
+            family: family.name().to_string(),
+            product_id: profile.product_id_str().to_string(),
+            areas: vec![pb::PlainArea { kind: "F".into(), address: profile.flash_base, data: plaintext.clone() }],
+        })
+        .await
+        .rpc(&format!("bench setup: packing a {IMAGE_AREA_LEN}-byte image under key {}", key.key_id))?;
+    let batch = admin
+        .create_batch(pb::CreateBatchRequest {
+            id: label.clone(),
+            product_id: profile.product_id_str().to_string(),
+            image_sha256: image.sha256.clone(),
+            quota,
+            allowed_sites: sites,
+            not_before_ms: None,
+            not_after_ms: None,
+        })
+        .await
+        .rpc(&format!("bench setup: creating batch {label}"))?;
+    if batch.state != pb::BatchState::Open as i32 {
+        admin
+            .set_batch_state(pb::SetBatchStateRequest { id: label.clone(), state: pb::BatchState::Open as i32 })
+            .await
+            .rpc(&format!("bench setup: opening batch {label}"))?;
+    }
+    Ok(Setup { batch_id: label, key_id: key.key_id, image_sha256: image.sha256, plaintext })
+}
+
+/// Fetch a whole image with `ImageService.GetImage`.
+async fn fetch_image(channel: Channel, sha256: &str) -> Result<Vec<u8>> {
+    let mut client = ImageServiceClient::new(channel);
+    let mut stream = client
+        .get_image(pb::GetImageRequest { image_sha256: sha256.to_string(), offset: 0 })
+        .await
+        .rpc(&format!("fetching image {sha256}"))?;
+    let mut size = None;
+    let mut bytes = Vec::new();
+    while let Some(item) =
+        stream.message().await.map_err(|s| anyhow!("fetching image {sha256}: {}", status_text(&s)))?
+    {
+        match item.item {
+            Some(pb::get_image_response::Item::Info(info)) => size = Some(info.size),
+            Some(pb::get_image_response::Item::Chunk(chunk)) => bytes.extend_from_slice(&chunk),
+            None => {}
+        }
+    }
+    match size {
+        Some(n) if n == bytes.len() as u64 => Ok(bytes),
+        Some(n) => bail!("fetching image {sha256}: got {} bytes, the image has {n}", bytes.len()),
+        None => bail!("fetching image {sha256}: no ImageInfo in the stream"),
+    }
+}
+
+/// Open every sample's licence with its chip key; when the image is known, check that the key and
+/// nonce recovered authenticate its header and decrypt its area to the plaintext packed.
+fn verify_samples(samples: &[Sample], product: &[u8; 8], image: Option<&[u8]>, plaintext: &[u8]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (i, s) in samples.iter().enumerate() {
+        let check = || -> Result<(), String> {
+            let licence = Licence::parse(&s.licence).map_err(|e| e.to_string())?;
+            let (key, nonce) = open_licence(&licence, &s.chip_key, product).map_err(|e| format!("open: {e}"))?;
+            let Some(image) = image else { return Ok(()) };
+            let opts = ReaderOptions { file_len: Some(image.len() as u64), memory_map: None };
+            let mut reader = ImageReader::new(std::io::Cursor::new(image), opts).map_err(|e| format!("image: {e}"))?;
+            sfi::verify_header(&key, &nonce, reader.header()).map_err(|e| format!("image header: {e}"))?;
+            let area = reader.next_area().map_err(|e| format!("image area: {e}"))?.ok_or("image has no area")?;
+            let plain = area.into_plaintext(&key, &nonce).map_err(|e| format!("image area: {e}"))?;
+            if plain != plaintext {
+                return Err("image area decrypts to other bytes than were packed".into());
+            }
+            Ok(())
+        };
+        if let Err(e) = check() {
+            failures.push(format!("sample {i}: {e}"));
+        }
+    }
+    failures
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running
+// ---------------------------------------------------------------------------------------------
+
+/// Run `flashgate bench licences`.
+pub async fn run(args: LicenceBenchArgs) -> Result<()> {
+    if args.duration.is_zero() {
+        bail!("--duration must be longer than 0");
+    }
+    let family = Family::Stm32L4;
+    let product = family.profile().product_id;
+    let server_name = args.server_name.as_deref();
+    let ca = Arc::new(
+        flashgate_sim::load_vendor_ca(&args.vendor_ca_key)
+            .with_context(|| format!("loading the vendor CA key {}", args.vendor_ca_key.display()))?,
+    );
+    let certs = station_certs(&args.pki, args.site.as_deref())?;
+    let stations = args.stations as usize;
+    let used: Vec<&StationCert> = certs.iter().take(stations).collect();
+    let sites: Vec<String> = used.iter().map(|c| c.site.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+
+    // Setup as the admin.
+    let admin_files = client::admin_files(&args.pki, &args.admin)?;
+    let admin_channel = client::channel(&args.broker, &admin_files, server_name).await?;
+    let mut admin = AdminServiceClient::new(admin_channel);
+    let setup = setup(&mut admin, family, sites.clone(), args.quota).await?;
+    eprintln!(
+        "bench batch {} (image {}, key {}) open to {}",
+        setup.batch_id,
+        setup.image_sha256,
+        setup.key_id,
+        sites.join(", ")
+    );
+
+    let outcome = measure(&args, &ca, product, &used, &setup).await;
+
+    // Best effort: leave no open bench batch behind.
+    if let Err(e) = admin
+        .set_batch_state(pb::SetBatchStateRequest { id: setup.batch_id.clone(), state: pb::BatchState::Closed as i32 })
+        .await
+        .rpc(&format!("closing bench batch {}", setup.batch_id))
+    {
+        eprintln!("warning: {e:#}");
+    }
+    outcome
+}
+
+async fn measure(
+    args: &LicenceBenchArgs,
+    ca: &Arc<VendorCa>,
+    product: [u8; 8],
+    used: &[&StationCert],
+    setup: &Setup,
+) -> Result<()> {
+    let server_name = args.server_name.as_deref();
+    // One TLS configuration per certificate, one connection per virtual station.
+    let mut configs = Vec::with_capacity(used.len());
+    for c in used {
+        let tls = transport::client_config(&c.files)
+            .with_context(|| format!("loading the TLS files of station {}", c.identity.to_uri()))?;
+        configs.push((tls, c));
+    }
+    let mut channels = Vec::with_capacity(args.stations as usize);
+    for i in 0..args.stations as usize {
+        let (tls, c) = &configs[i % configs.len()];
+        let ch = transport::connect(&args.broker, tls.clone(), server_name).await.with_context(|| {
+            format!("virtual station {i} ({}) connecting to broker {}", c.identity.to_uri(), args.broker)
+        })?;
+        channels.push(ch);
+    }
+    let image_channel = channels.first().cloned();
+
+    let chip_count = args.chips.unwrap_or_else(|| default_chip_count(args.warmup, args.duration));
+    eprintln!("generating {chip_count} simulated chips…");
+    let t = Instant::now();
+    let chips = pregenerate(ca.clone(), product, chip_count).await?;
+    eprintln!("generated {} chips in {:.1} s", chips.len(), t.elapsed().as_secs_f64());
+
+    let per_station = args.verify.div_ceil(args.stations as usize);
+    let start = Instant::now();
+    let clock = Clock { warmup_end: start + args.warmup, end: start + args.warmup + args.duration };
+    let shared = Arc::new(Shared {
+        batch_id: setup.batch_id.clone(),
+        key_id: setup.key_id.clone(),
+        product,
+        ca: ca.clone(),
+        pool: ChipPool { chips, next: AtomicUsize::new(0) },
+        clock,
+        sample_every: 50,
+        sample_max: per_station,
+    });
+    eprintln!(
+        "running {} virtual stations ({} certificates) for {} after {} warm-up…",
+        args.stations,
+        used.len(),
+        humantime::format_duration(args.duration),
+        humantime::format_duration(args.warmup)
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, ch) in channels.into_iter().enumerate() {
+        tasks.spawn(station_loop(i as u32, ch, shared.clone()));
+    }
+    let mut stats = StationStats::default();
+    while let Some(done) = tasks.join_next().await {
+        stats.merge(done.context("a virtual station task failed")?);
+    }
+    let pregenerated = shared.pool.chips.len() as u64;
+
+    // Correctness check on a sample, with the image when the broker serves it.
+    let samples: Vec<Sample> = stats.samples.drain(..).take(args.verify).collect();
+    let mut image_note = None;
+    let image = match (&image_channel, samples.is_empty()) {
+        (Some(ch), false) => match fetch_image(ch.clone(), &setup.image_sha256).await {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                image_note = Some(format!("image not checked: {e:#}"));
+                None
+            }
+        },
+        _ => None,
+    };
+    let failures = verify_samples(&samples, &product, image.as_deref(), &setup.plaintext);
+
+    let errors: u64 = stats.errors.values().sum();
+    let latency = Latency::of(&mut stats.latencies_us);
+    let rate = stats.ok as f64 / args.duration.as_secs_f64();
+    let err_rate = error_rate(stats.ok, errors);
+    if args.json {
+        let report = json!({
+            "broker": args.broker,
+            "batch_id": setup.batch_id,
+            "image_sha256": setup.image_sha256,
+            "key_id": setup.key_id,
+            "stations": args.stations,
+            "certificates": used.len(),
+            "duration_s": args.duration.as_secs_f64(),
+            "warmup_s": args.warmup.as_secs_f64(),
+            "licences": stats.ok,
+            "licences_per_s": rate,
+            "errors": stats.errors,
+            "error_count": errors,
+            "error_rate": err_rate,
+            "error_examples": stats.examples,
+            "latency_us": {
+                "p50": latency.p50, "p99": latency.p99, "p999": latency.p999, "max": latency.max, "mean": latency.mean,
+            },
+            "reissued": stats.reissued,
+            "unmeasured_requests": stats.unmeasured,
+            "chips_pregenerated": pregenerated,
+            "chips_generated_during_run": stats.chips_generated,
+            "verified": samples.len() - failures.len(),
+            "verify_failures": failures,
+            "image_checked": image.is_some(),
+        });
+        println!("{report}");
+    } else {
+        print!("{}", report_text(args, used.len(), &stats, rate, errors, &latency));
+        let image_part = if image.is_some() { " and unlock the image" } else { "" };
+        if samples.is_empty() {
+            println!("verified      - (no licence sampled)");
+        } else {
+            println!(
+                "verified      {} of {} sampled licences open for their chips{image_part}",
+                samples.len() - failures.len(),
+                samples.len()
+            );
+        }
+        if let Some(note) = &image_note {
+            println!("              ({note})");
+        }
+        for f in &failures {
+            println!("  FAILED {f}");
+        }
+    }
+    if stats.chips_generated > 0 {
+        eprintln!(
+            "note: the {pregenerated} pre-generated chips ran out; {} more were generated during the run \
+             (outside the latency, but on the same CPUs): raise --chips",
+            stats.chips_generated
+        );
+    }
+    if stats.ok + errors == 0 {
+        bail!("no request completed within the measured window");
+    }
+    if err_rate > MAX_ERROR_RATE {
+        bail!(
+            "{errors} of {} requests failed ({:.2}%, more than {:.0}% allowed)",
+            stats.ok + errors,
+            100.0 * err_rate,
+            100.0 * MAX_ERROR_RATE
+        );
+    }
+    if !failures.is_empty() {
+        bail!("{} of {} sampled licences failed the check: {}", failures.len(), samples.len(), failures[0]);
+    }
+    Ok(())
+}
+
+fn report_text(
+    args: &LicenceBenchArgs,
+    certificates: usize,
+    stats: &StationStats,
+    rate: f64,
+    errors: u64,
+    latency: &Latency,
+) -> String {
+    let mut out = format!(
+        "licence bench: {} virtual stations ({certificates} certificates), {} measured after {} warm-up\n",
+        args.stations,
+        humantime::format_duration(args.duration),
+        humantime::format_duration(args.warmup)
+    );
+    out += &format!("licences/s    {rate:.1}\n");
+    out += &format!("total         {}\n", stats.ok);
+    out += &format!("errors        {errors} ({:.2}%)\n", 100.0 * error_rate(stats.ok, errors));
+    if !stats.errors.is_empty() {
+        let mut t = crate::output::Table::new(["  reason", "count", "example"]).right(&[1]);
+        for (reason, n) in &stats.errors {
+            t.row([format!("  {reason}"), n.to_string(), stats.examples.get(reason).cloned().unwrap_or_default()]);
+        }
+        out += &t.render();
+    }
+    if stats.ok == 0 {
+        out += "latency       - (no licence issued)\n";
+    } else {
+        out += &format!(
+            "latency       p50 {}  p99 {}  p99.9 {}  max {}  mean {} (successful requests)\n",
+            fmt_us(latency.p50),
+            fmt_us(latency.p99),
+            fmt_us(latency.p999),
+            fmt_us(latency.max),
+            fmt_us(latency.mean.round() as u32)
+        );
+    }
+    if stats.reissued > 0 {
+        out += &format!("reissued      {} (fresh chips should never be reissued)\n", stats.reissued);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<u32> = (1..=1000).collect();
+        assert_eq!(percentile(&v, 0.5), 500);
+        assert_eq!(percentile(&v, 0.99), 990);
+        assert_eq!(percentile(&v, 0.999), 999);
+        assert_eq!(percentile(&v, 1.0), 1000);
+        assert_eq!(percentile(&v, 0.0), 1);
+        assert_eq!(percentile(&[], 0.5), 0);
+        assert_eq!(percentile(&[7], 0.999), 7);
+        let mut w = vec![30, 10, 20, 40];
+        let l = Latency::of(&mut w);
+        assert_eq!(w, [10, 20, 30, 40]);
+        assert_eq!((l.p50, l.p99, l.p999, l.max), (20, 40, 40, 40));
+        assert!((l.mean - 25.0).abs() < 1e-9);
+        assert_eq!(Latency::of(&mut []), Latency::default());
+    }
+
+    #[test]
+    fn rates_and_formats() {
+        assert_eq!(error_rate(0, 0), 0.0);
+        assert!((error_rate(99, 1) - 0.01).abs() < 1e-12);
+        assert!(error_rate(98, 2) > MAX_ERROR_RATE);
+        assert!(error_rate(990, 10) <= MAX_ERROR_RATE);
+        assert_eq!(fmt_us(250), "0.250 ms");
+        assert_eq!(fmt_us(12_345), "12.3 ms");
+        assert_eq!(fmt_us(2_500_000), "2.50 s");
+        assert_eq!(default_chip_count(Duration::from_secs(2), Duration::from_secs(30)), 96_000);
+        assert_eq!(default_chip_count(Duration::ZERO, Duration::from_secs(3600)), MAX_DEFAULT_CHIPS);
+    }
+
+    #[test]
+    fn stats_merge() {
+        let mut a = StationStats { ok: 2, latencies_us: vec![1, 2], ..Default::default() };
+        a.error("QUOTA_EXHAUSTED".into(), "first".into());
+        let mut b = StationStats { ok: 1, latencies_us: vec![3], ..Default::default() };
+        b.error("QUOTA_EXHAUSTED".into(), "second".into());
+        b.error("Unavailable".into(), "down".into());
+        a.merge(b);
+        assert_eq!(a.ok, 3);
+        assert_eq!(a.latencies_us, [1, 2, 3]);
+        assert_eq!(json!(a.errors), json!({"QUOTA_EXHAUSTED": 2, "Unavailable": 1}));
+        assert_eq!(a.examples["QUOTA_EXHAUSTED"], "first");
+    }
+
+    #[test]
+    fn responses_and_samples_are_checked() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let ca = VendorCa::generate(&mut rng);
+        let product = *b"46201002";
+        let chip = Chip::generate(&ca, product, &mut rng);
+        let key = sfi::FirmwareKey::new([9; 16]);
+        let nonce = sfi::ImageNonce([4; 12]);
+        let key_id = flashgate_common::licence::KeyId([1; 16]);
+        let issuer = flashgate_common::licence::SoftIssuer::new(key_id, key.clone(), nonce);
+        let cert = flashgate_common::cert::ChipCertificate::parse(&chip.cert).unwrap();
+        let licence = issuer.issue(&cert, &mut rng).unwrap().to_bytes().to_vec();
+        let response = pb::IssueLicenceResponse {
+            licence: licence.clone(),
+            key_id: key_id.to_string(),
+            device_id: chip.device_id.clone(),
+            ..Default::default()
+        };
+        assert_eq!(check_response(&response, &chip, &key_id.to_string()), Ok(()));
+        let wrong = pb::IssueLicenceResponse { device_id: "00".into(), ..response.clone() };
+        assert!(check_response(&wrong, &chip, &key_id.to_string()).unwrap_err().contains("device id"));
+        let short = pb::IssueLicenceResponse { licence: vec![0; 10], ..response };
+        assert!(check_response(&short, &chip, &key_id.to_string()).unwrap_err().contains("10 bytes"));
+
+        let plaintext = image_plaintext();
+        let area = sfi::PlainArea { area_type: sfi::AreaType::Firmware, address: 0x0800_0000, data: plaintext.clone() };
+        let mut image = Vec::new();
+        sfi::write_image(&key, &nonce, &[area], &mut image).unwrap();
+        let good = Sample { chip_key: chip.key.clone(), licence: licence.clone() };
+        assert!(verify_samples(std::slice::from_ref(&good), &product, Some(&image), &plaintext).is_empty());
+        assert!(verify_samples(std::slice::from_ref(&good), &product, None, &plaintext).is_empty());
+        let other = Chip::generate(&ca, product, &mut rng);
+        let bad = Sample { chip_key: other.key, licence };
+        let failures = verify_samples(&[good, bad], &product, Some(&image), &plaintext);
+        assert_eq!(failures.len(), 1);
+        assert!(failures[0].starts_with("sample 1: open"), "{failures:?}");
+    }
+}

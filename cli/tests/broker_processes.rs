@@ -1,0 +1,265 @@
+//! Two `flashgate broker` processes sharing one PostgreSQL ledger, driven as an operator would: a
+//! development PKI from `flashgate pki init`, the same firmware key imported into both brokers' soft
+//! keystores under one key id with `flashgate admin key import`, an image packed and a batch of quota
+//! 8 created through one broker, then 64 concurrent licence requests (distinct chips) split across the
+//! two processes. Exactly 8 licences exist afterwards, whichever broker is asked; a retry through the
+//! other broker returns the same bytes. Also `broker --check` on the commented example's shape and
+//! graceful stop on SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../broker/tests/support/pg.rs"]
+mod pg;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use flashgate_common::cert::{ChipKey, VendorCa};
+use flashgate_proto::errors::Refusal;
+use flashgate_proto::transport::{TlsFiles, client_config, connect};
+use flashgate_proto::v1::IssueLicenceRequest;
+use flashgate_proto::v1::licence_service_client::LicenceServiceClient;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flashgate");
+const PASSPHRASE: &str = "correct horse battery staple";
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env("FLASHGATE_KEYSTORE_PASSPHRASE", PASSPHRASE)
+        .output()
+        .expect("run flashgate")
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = run(dir, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "flashgate {args:?} failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A `flashgate broker` child; SIGTERM on drop.
+struct BrokerProcess {
+    child: Child,
+    url: String,
+}
+
+impl BrokerProcess {
+    fn start(dir: &Path, config: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["--log", "info", "broker", "--config"])
+            .arg(config)
+            .current_dir(dir)
+            .env("FLASHGATE_KEYSTORE_PASSPHRASE", PASSPHRASE)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn broker");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines.next().expect("broker printed nothing").unwrap();
+        let addr = line
+            .split(" serving gRPC on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line from broker: {line}"))
+            .to_owned();
+        // Keep draining stdout so the broker never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        BrokerProcess { child, url: format!("https://{addr}") }
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, name: &str, ledger_url: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"name = "{name}"
+trust_domain = "factory.test"
+[listen]
+grpc = "127.0.0.1:0"
+[tls]
+cert = "pki/brokers/{name}.pem"
+key = "pki/brokers/{name}.key"
+ca = "pki/ca.pem"
+[vendor]
+ca_keys = ["vendor/vendor-ca.pub"]
+[ledger]
+url = "{ledger_url}"
+[hsm]
+timeout = "10s"
+[[hsm.members]]
+kind = "soft"
+path = "{name}.fgks"
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn admin(dir: &Path, url: &str, args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["admin", "--broker", url, "--pki", "pki", "--name", "ops", "--json"];
+    full.extend_from_slice(args);
+    let out = ok(dir, &full);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("admin {args:?} printed no JSON ({e}): {out}"))
+}
+
+#[test]
+fn two_broker_processes_on_one_postgres_never_exceed_a_shared_quota() {
+    let Some(cluster) = pg::PgCluster::start() else { return };
+    let ledger_url = cluster.create_db("two_brokers");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ok(
+        dir,
+        &[
+            "pki",
+            "init",
+            "--dir",
+            "pki",
+            "--trust-domain",
+            "factory.test",
+            "--site",
+            "berlin",
+            "--site",
+            "austin",
+            "--stations",
+            "2",
+            "--admin",
+            "ops",
+            "--broker",
+            "broker-1",
+            "--broker",
+            "broker-2",
+            "--broker-ip",
+            "127.0.0.1",
+        ],
+    );
+    ok(dir, &["sim", "vendor-ca", "--out", "vendor"]);
+    let c1 = write_config(dir, "broker-1", &ledger_url);
+    let c2 = write_config(dir, "broker-2", &ledger_url);
+    let check = ok(dir, &["broker", "--config", c1.to_str().unwrap(), "--check"]);
+    assert!(check.contains("configuration OK"), "{check}");
+
+    let b1 = BrokerProcess::start(dir, &c1);
+    let b2 = BrokerProcess::start(dir, &c2);
+
+    // The key ceremony from key files: one key.bin into both keystores under one key id.
+    std::fs::write(dir.join("key.bin"), rand::random::<[u8; 16]>()).unwrap();
+    let k1 = admin(dir, &b1.url, &["key", "import", "--label", "fw-1", "--key", "key.bin"]);
+    let key_id = k1["key_id"].as_str().unwrap().to_owned();
+    let k2 = admin(dir, &b2.url, &["key", "import", "--label", "fw-1", "--key", "key.bin", "--key-id", &key_id]);
+    assert_eq!(k2["key_id"], k1["key_id"]);
+
+    std::fs::write(dir.join("fw.bin"), vec![0x5Au8; 4096]).unwrap();
+    let img = admin(
+        dir,
+        &b1.url,
+        &["image", "pack", "--key-id", &key_id, "--family", "stm32l4", "--product", "46201002", "fw.bin@0x08000000"],
+    );
+    let sha = img["sha256"].as_str().unwrap().to_owned();
+    admin(
+        dir,
+        &b2.url,
+        &["batch", "create", "lot-7", "--product", "46201002", "--image", &sha, "--quota", "8", "--site", "berlin"],
+    );
+
+    // 64 distinct chips, requests alternating between the two broker processes.
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let vendor = flashgate_sim::load_vendor_ca(&dir.join("vendor/vendor-ca.key")).unwrap();
+    let (issued, refused, retry_same) = rt.block_on(async {
+        let station = flashgate_common::pki::Identity::station("factory.test", "berlin", 1).unwrap();
+        let tls = client_config(&TlsFiles::for_identity(&dir.join("pki"), &station)).unwrap();
+        let clients = [
+            LicenceServiceClient::new(connect(&b1.url, tls.clone(), None).await.unwrap()),
+            LicenceServiceClient::new(connect(&b2.url, tls.clone(), None).await.unwrap()),
+        ];
+        let certs: Vec<Vec<u8>> = (0..64).map(|_| chip_cert(&vendor)).collect();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, cert) in certs.iter().cloned().enumerate() {
+            let mut c = clients[i % 2].clone();
+            tasks.spawn(async move {
+                let r = c
+                    .issue_licence(IssueLicenceRequest {
+                        batch_id: "lot-7".into(),
+                        chip_certificate: cert.clone(),
+                        probe: None,
+                    })
+                    .await;
+                (cert, r)
+            });
+        }
+        let (mut issued, mut refused) = (Vec::new(), 0);
+        while let Some(j) = tasks.join_next().await {
+            match j.unwrap() {
+                (cert, Ok(resp)) => issued.push((cert, resp.into_inner().licence)),
+                (_, Err(status)) => {
+                    let r = Refusal::from_status(&status).unwrap_or_else(|| panic!("not a refusal: {status:?}"));
+                    assert_eq!(r.reason, "QUOTA_EXHAUSTED", "{status:?}");
+                    refused += 1;
+                }
+            }
+        }
+        // A retry through the other broker returns the same licence and consumes nothing.
+        let (cert, licence) = issued[0].clone();
+        let mut again = 0;
+        for c in &clients {
+            let r = c
+                .clone()
+                .issue_licence(IssueLicenceRequest {
+                    batch_id: "lot-7".into(),
+                    chip_certificate: cert.clone(),
+                    probe: None,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(r.reissued);
+            if r.licence == licence {
+                again += 1;
+            }
+        }
+        (issued.len(), refused, again)
+    });
+    assert_eq!(issued, 8, "exactly the quota is issued across both brokers");
+    assert_eq!(refused, 56);
+    assert_eq!(retry_same, 2);
+
+    for b in [&b1, &b2] {
+        let status = admin(dir, &b.url, &["batch", "status", "lot-7"]);
+        assert_eq!(status["issued"].as_i64(), Some(8), "{status}");
+        assert_eq!(status["remaining"].as_i64(), Some(0), "{status}");
+    }
+    let verify = admin(dir, &b2.url, &["audit", "verify"]);
+    assert_eq!(verify["ok"], serde_json::Value::Bool(true), "{verify}");
+
+    assert!(b1.stop().success(), "broker-1 exits 0 on SIGTERM");
+    assert!(b2.stop().success(), "broker-2 exits 0 on SIGTERM");
+}
+
+fn chip_cert(vendor: &VendorCa) -> Vec<u8> {
+    let chip = ChipKey::generate(&mut rand::rngs::OsRng);
+    vendor.sign_certificate(*b"46201002", chip.public_xy()).to_bytes().to_vec()
+}
