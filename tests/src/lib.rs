@@ -1,4 +1,16 @@
-//! Cross-crate scenarios live in `tests/tests/`; this library holds shared test fixtures.
+//! Cross-crate scenarios live in `tests/tests/`; this library holds shared test fixtures:
+//!
+//! - [`broker`]: a development PKI, a test vendor CA and chips, brokers started in-process on
+//!   127.0.0.1 ephemeral ports with a chosen HSM pool and ledger, mutual-TLS station and admin
+//!   clients, and seeding a key, an image and a batch through `AdminService`.
+//! - [`hsm`]: HSM backends for fault scenarios (a member that can be "unplugged" or slowed down).
+//! - [`softhsm`]: the process-wide SoftHSM2 fixture (own `SOFTHSM2_CONF`, tokens by label).
+//! - [`pg`]: a throwaway PostgreSQL cluster (shared with the broker's ledger tests).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod broker;
+pub mod hsm;
+pub mod softhsm;
 
 /// A throwaway PostgreSQL cluster (initdb + pg_ctl in a temp dir), shared with the broker's ledger tests.
 #[path = "../../broker/tests/support/pg.rs"]
