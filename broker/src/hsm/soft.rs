@@ -21,7 +21,7 @@ use std::sync::{Mutex, RwLock};
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use flashgate_common::cert::ChipCertificate;
-use flashgate_common::licence::{KeyId, Licence, issue_with_ephemeral};
+use flashgate_common::licence::{KeyId, Licence, issue_with_os_ephemeral};
 use flashgate_common::sfi::{FirmwareKey, ImageNonce, PlainArea, image_to_vec};
 use rand::RngCore;
 use rand::rngs::OsRng;
@@ -363,9 +363,8 @@ impl HsmBackend for SoftHsm {
 
     fn issue_licence(&self, key_id: &KeyId, cert: &ChipCertificate, nonce: &ImageNonce) -> Result<Licence, HsmError> {
         self.with_key(key_id, |key| {
-            // A fresh ephemeral key per licence, zeroized when dropped.
-            let eph = p256::SecretKey::random(&mut OsRng);
-            issue_with_ephemeral(&eph, cert, key_id, key, nonce).map_err(|e| licence_error(cert, e))
+            // A fresh ephemeral key per licence (ring; destroyed inside the ECDH).
+            issue_with_os_ephemeral(cert, key_id, key, nonce).map_err(|e| licence_error(cert, e))
         })
     }
 

@@ -175,6 +175,7 @@ impl Licences {
             image_size: u64::try_from(image.size).unwrap_or(0),
             family: image.family,
             product_id: image.product_id,
+            expected_flash_crc: image.expected_crc,
         })
     }
 

@@ -1,0 +1,353 @@
+//! The agent's configuration: `agent.toml` (commented example in `deploy/config/agent.toml`) overlaid
+//! with `FLASHGATE_*` environment variables through the `config` crate — nested keys with a double
+//! underscore (`FLASHGATE_BROKER__ENDPOINTS=https://a:7443,https://b:7443`, `FLASHGATE_RUN__MAX_PARALLEL`).
+//! [`AgentConfig::load_from`] takes the environment as an argument (the testable seam).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::bootloader::ClientConfig;
+
+/// Configuration errors, naming the file or key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an override does not load or match the schema.
+    #[error("configuration {source_name}: {reason}")]
+    Load {
+        /// The file.
+        source_name: String,
+        /// What is wrong (names the key).
+        reason: String,
+    },
+    /// A value is present but unusable.
+    #[error("configuration key {key} = {value:?}: {why}")]
+    Invalid {
+        /// Dotted key.
+        key: String,
+        /// The value.
+        value: String,
+        /// Why.
+        why: String,
+    },
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e}")))
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Broker endpoints.
+    pub broker: BrokerSection,
+    /// The station certificate.
+    pub tls: TlsSection,
+    /// Journal and image cache.
+    pub state: StateSection,
+    /// Probes.
+    #[serde(default)]
+    pub probes: ProbesSection,
+    /// Run behaviour.
+    #[serde(default)]
+    pub run: RunSection,
+    /// Bootloader link settings.
+    #[serde(default)]
+    pub bootloader: BootloaderSection,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `[broker]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSection {
+    /// `https://host:port` of every broker, tried in order with failover.
+    pub endpoints: Vec<String>,
+    /// TLS server name to verify instead of each endpoint's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// Station certificate (PEM) with its SPIFFE identity.
+    pub cert: PathBuf,
+    /// Its key (PEM, 0600).
+    pub key: PathBuf,
+    /// The CA that signs brokers.
+    pub ca: PathBuf,
+}
+
+/// `[state]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSection {
+    /// Directory of the journal (`journal/`) and the image cache (`images/`).
+    pub dir: PathBuf,
+}
+
+/// One configured probe.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticProbe {
+    /// Stable id (default: derived from the target).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// `serial:/dev/ttyUSB0?baud=115200`, `tcp://host:port`.
+    pub target: String,
+}
+
+/// `[probes]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbesSection {
+    /// Probes given by address.
+    #[serde(default, rename = "static")]
+    pub fixed: Vec<StaticProbe>,
+    /// Discover USB-serial probes (profile §7 identities).
+    #[serde(default = "yes")]
+    pub usb_scan: bool,
+    /// Re-scan interval.
+    #[serde(default = "default_scan", deserialize_with = "duration")]
+    pub scan_interval: Duration,
+    /// Baud rate for discovered USB-serial probes.
+    #[serde(default = "default_baud")]
+    pub usb_baud: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_scan() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_baud() -> u32 {
+    115_200
+}
+
+impl Default for ProbesSection {
+    fn default() -> Self {
+        Self { fixed: Vec::new(), usb_scan: true, scan_interval: default_scan(), usb_baud: default_baud() }
+    }
+}
+
+/// `[run]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// Installs in flight at once.
+    #[serde(default = "default_parallel")]
+    pub max_parallel: usize,
+    /// Attempts per device.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Wait between looks for a responding bootloader.
+    #[serde(default = "default_poll", deserialize_with = "duration")]
+    pub poll_interval: Duration,
+}
+
+fn default_parallel() -> usize {
+    16
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_poll() -> Duration {
+    Duration::from_millis(250)
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        Self { max_parallel: default_parallel(), max_attempts: default_attempts(), poll_interval: default_poll() }
+    }
+}
+
+/// `[bootloader]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootloaderSection {
+    /// Wait for an ACK after a frame.
+    #[serde(default = "default_ack", deserialize_with = "duration")]
+    pub ack_timeout: Duration,
+    /// Resends of a command after a transient failure.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Wait for INSTALL's answer.
+    #[serde(default = "default_install", deserialize_with = "duration")]
+    pub install_timeout: Duration,
+}
+
+fn default_ack() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_install() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for BootloaderSection {
+    fn default() -> Self {
+        Self { ack_timeout: default_ack(), retries: default_retries(), install_timeout: default_install() }
+    }
+}
+
+impl BootloaderSection {
+    /// The host client's settings (the line baud is set per probe).
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig {
+            ack_timeout: self.ack_timeout,
+            retries: self.retries,
+            install_timeout: self.install_timeout,
+            ..ClientConfig::default()
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Prometheus `/metrics` address; absent or empty: disabled.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+impl AgentConfig {
+    /// Loads `path` overlaid with the process environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_from(path, std::env::vars())
+    }
+
+    /// Loads `path` overlaid with the nested `FLASHGATE_*__*` entries of `env`, resolves relative paths
+    /// against the file's directory, and validates.
+    pub fn load_from(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let overrides: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("FLASHGATE_") && k["FLASHGATE_".len()..].contains("__"))
+            .collect();
+        let load = |e: config::ConfigError| ConfigError::Load {
+            source_name: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        let mut cfg: AgentConfig = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml).required(true))
+            .add_source(
+                config::Environment::with_prefix("FLASHGATE")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("broker.endpoints")
+                    .try_parsing(true)
+                    .source(Some(overrides)),
+            )
+            .build()
+            .map_err(load)?
+            .try_deserialize()
+            .map_err(load)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.tls.cert, &mut cfg.tls.key, &mut cfg.tls.ca, &mut cfg.state.dir] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what the schema cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |key: &str, value: String, why: &str| Err(ConfigError::Invalid { key: key.into(), value, why: why.into() });
+        if self.broker.endpoints.is_empty() {
+            return invalid("broker.endpoints", String::new(), "at least one broker endpoint is required");
+        }
+        if let Some(e) = self.broker.endpoints.iter().find(|e| !e.starts_with("https://")) {
+            return invalid("broker.endpoints", e.clone(), "endpoints are https://host:port (mutual TLS)");
+        }
+        for (i, p) in self.probes.fixed.iter().enumerate() {
+            if let Err(e) = p.target.parse::<crate::bootloader::TargetAddr>() {
+                return invalid(&format!("probes.static[{i}].target"), p.target.clone(), &e.to_string());
+            }
+        }
+        if self.run.max_parallel == 0 {
+            return invalid("run.max_parallel", "0".into(), "at least 1");
+        }
+        if self.run.max_attempts == 0 {
+            return invalid("run.max_attempts", "0".into(), "at least 1");
+        }
+        Ok(())
+    }
+
+    /// The journal directory.
+    pub fn journal_dir(&self) -> PathBuf {
+        self.state.dir.join("journal")
+    }
+
+    /// The image cache directory.
+    pub fn image_dir(&self) -> PathBuf {
+        self.state.dir.join("images")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<AgentConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        std::fs::write(&p, text).unwrap();
+        AgentConfig::load_from(&p, env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    const GOOD: &str = r#"
+[broker]
+endpoints = ["https://127.0.0.1:7443"]
+[tls]
+cert = "s.pem"
+key = "s.key"
+ca = "ca.pem"
+[state]
+dir = "state"
+[[probes.static]]
+id = "fixture-1"
+target = "tcp://127.0.0.1:7001"
+"#;
+
+    #[test]
+    fn loads_with_defaults_and_overrides() {
+        let c =
+            load(GOOD, &[("FLASHGATE_BROKER__ENDPOINTS", "https://a:1,https://b:2"), ("FLASHGATE_LOG", "x")]).unwrap();
+        assert_eq!(c.broker.endpoints, vec!["https://a:1", "https://b:2"]);
+        assert_eq!(c.run.max_parallel, 16);
+        assert!(c.state.dir.is_absolute());
+        assert_eq!(c.probes.fixed[0].id.as_deref(), Some("fixture-1"));
+    }
+
+    #[test]
+    fn negative_fixtures_name_the_key() {
+        let e = load(&GOOD.replace("tcp://127.0.0.1:7001", "usb://x"), &[]).unwrap_err().to_string();
+        assert!(e.contains("probes.static[0].target"), "{e}");
+        let e = load(&GOOD.replace("https://127.0.0.1:7443", "http://x:1"), &[]).unwrap_err().to_string();
+        assert!(e.contains("broker.endpoints"), "{e}");
+        let e = load(&format!("{GOOD}\n[run]\nmax_paralel = 3\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("max_paralel"), "{e}");
+    }
+
+    #[test]
+    fn the_commented_example_in_deploy_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/agent.toml");
+        AgentConfig::load_from(&p, std::iter::empty()).unwrap();
+    }
+}

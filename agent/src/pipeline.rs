@@ -1,0 +1,350 @@
+//! The install pipeline for one device on one probe: connect and sync, Get ID and family check,
+//! GET_CERTIFICATE, IssueLicence (bounded retries; a retry gets the same licence), the encrypted image
+//! from the local cache (fetched from the broker, SHA-256 checked), SET_LICENCE, header, areas in
+//! chunks of at most 1024 bytes, INSTALL, the CRC check, then the result into the journal (fsync) and
+//! on to the broker through the reporter. Device status codes become plain messages; a failed device
+//! may be retried with the same licence, consuming no quota.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flashgate_common::cert::ChipCertificate;
+use flashgate_common::family::Family;
+use flashgate_common::protocol::SfiStatus;
+use flashgate_proto::v1::{IssueLicenceRequest, ProbeInfo as PbProbe};
+use tracing::Instrument;
+
+use crate::bootloader::{
+    Bootloader, BootloaderError, ClientConfig, InstallStage, MemoryImage, Progress, TargetAddr, connect,
+};
+use crate::broker_client::{BrokerClient, BrokerError, ReporterHandle};
+use crate::images::ImageCache;
+use crate::journal::{DeviceResult, Journal};
+
+pub use crate::journal::HOST_FAILURE;
+
+/// A probe's target, as the pipeline needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeTarget {
+    /// Stable probe id.
+    pub id: String,
+    /// Probe kind (`usb-serial`, `serial`, `tcp`, `sim`).
+    pub kind: String,
+    /// Where the target is reached.
+    pub addr: TargetAddr,
+}
+
+impl ProbeTarget {
+    fn to_pb(&self) -> PbProbe {
+        PbProbe { probe_id: self.id.clone(), kind: self.kind.clone(), port: self.addr.to_string() }
+    }
+}
+
+/// What the pipeline shares across devices.
+#[derive(Clone)]
+pub struct PipelineContext {
+    /// The broker(s).
+    pub broker: BrokerClient,
+    /// Encrypted images on disk.
+    pub images: Arc<ImageCache>,
+    /// The local result journal.
+    pub journal: Arc<Journal>,
+    /// Sends journal entries to the broker.
+    pub reporter: Arc<ReporterHandle>,
+    /// Bootloader timeouts and retries.
+    pub bootloader: ClientConfig,
+}
+
+impl std::fmt::Debug for PipelineContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipelineContext").finish_non_exhaustive()
+    }
+}
+
+/// A progress event of one probe, for the operator's display.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StageEvent {
+    /// Talking to the bootloader (sync, Get ID, certificate).
+    Identify,
+    /// Asking the broker for the licence.
+    Licence {
+        /// The device.
+        device_id: String,
+    },
+    /// Fetching the encrypted image.
+    Image,
+    /// Installing: bytes sent of total.
+    Install {
+        /// The stage.
+        stage: InstallStage,
+        /// Ciphertext bytes acknowledged.
+        done: u64,
+        /// Total ciphertext bytes.
+        total: u64,
+    },
+}
+
+/// The outcome of one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceOutcome {
+    /// Installed and verified (INSTALL's CRC matched when the broker knew it).
+    Installed {
+        /// The device.
+        device_id: String,
+        /// INSTALL's CRC, when its answer arrived.
+        crc: Option<u32>,
+    },
+    /// The broker refused the licence (quota exhausted, batch paused, …); nothing was written to the device.
+    Refused {
+        /// The device.
+        device_id: String,
+        /// The stable refusal reason, e.g. `QUOTA_EXHAUSTED`.
+        reason: String,
+        /// The broker's message.
+        message: String,
+    },
+    /// The install failed (device status or host-side failure); the device holds no plaintext.
+    Failed {
+        /// The device, when its certificate was read.
+        device_id: Option<String>,
+        /// SFI status code, or [`HOST_FAILURE`].
+        status_code: u16,
+        /// What went wrong, in words.
+        message: String,
+    },
+}
+
+impl DeviceOutcome {
+    /// The device id, when known.
+    pub fn device_id(&self) -> Option<&str> {
+        match self {
+            Self::Installed { device_id, .. } | Self::Refused { device_id, .. } => Some(device_id),
+            Self::Failed { device_id, .. } => device_id.as_deref(),
+        }
+    }
+}
+
+/// A bootloader error in words, with the SFI status code when the device answered one.
+pub fn describe_bootloader_error(e: &BootloaderError) -> (u16, String) {
+    match e.device_status() {
+        Some(s) => (s.code(), format!("device refused: {} (status {:#06x})", s.message(), s.code())),
+        None => (HOST_FAILURE, e.to_string()),
+    }
+}
+
+/// The device identity read from a target before installing: its family and certificate.
+#[derive(Debug, Clone)]
+pub struct Identified {
+    /// Family from Get ID.
+    pub family: Family,
+    /// The raw 136-byte certificate.
+    pub certificate: Vec<u8>,
+    /// `hex(SHA-256(chip_pub))[0..32]`.
+    pub device_id: String,
+}
+
+/// Connects to a target and syncs; returns the bootloader session.
+pub async fn open(
+    addr: &TargetAddr,
+    cfg: &ClientConfig,
+) -> Result<Bootloader<Box<dyn crate::bootloader::Transport>>, BootloaderError> {
+    let io = connect(addr).await?;
+    let mut bl = Bootloader::new(io, cfg.clone());
+    bl.sync().await?;
+    Ok(bl)
+}
+
+/// Get ID, family check and GET_CERTIFICATE.
+pub async fn identify<T: crate::bootloader::Transport>(bl: &mut Bootloader<T>) -> Result<Identified, (u16, String)> {
+    let pid = bl.get_id().await.map_err(|e| describe_bootloader_error(&e))?;
+    let family = Family::from_pid(pid)
+        .ok_or_else(|| (HOST_FAILURE, format!("Get ID answered PID {pid:#05x}, which is no family of the profile")))?;
+    let raw = bl.get_certificate().await.map_err(|e| describe_bootloader_error(&e))?;
+    let cert = ChipCertificate::parse(&raw)
+        .map_err(|e| (HOST_FAILURE, format!("the chip certificate does not parse: {e}")))?;
+    if Family::from_product_id(&cert.product_id) != Some(family) {
+        return Err((
+            HOST_FAILURE,
+            format!("Get ID says {family} but the chip certificate names product {}", cert.product_id_str()),
+        ));
+    }
+    Ok(Identified { family, certificate: raw.to_vec(), device_id: cert.device_id().to_string() })
+}
+
+/// Runs the pipeline for the device on `target` for `batch_id` (attempt number `attempt` for this device
+/// on this station), journals the result and hands it to the reporter. `events` receives progress.
+pub async fn install_device(
+    ctx: &PipelineContext,
+    target: &ProbeTarget,
+    batch_id: &str,
+    attempt: u32,
+    events: &(dyn Fn(StageEvent) + Send + Sync),
+) -> DeviceOutcome {
+    let span = tracing::info_span!("device", probe = %target.id, batch = %batch_id, device = tracing::field::Empty);
+    async {
+        let started = Instant::now();
+        let mut timings: Vec<(String, u64)> = Vec::new();
+        let outcome = run(ctx, target, batch_id, events, &mut timings).await;
+        timings.push(("total".into(), started.elapsed().as_micros() as u64));
+        record(ctx, target, batch_id, attempt, &outcome, timings).await;
+        outcome
+    }
+    .instrument(span)
+    .await
+}
+
+fn lap(timings: &mut Vec<(String, u64)>, stage: &str, since: &mut Instant) {
+    timings.push((stage.to_owned(), since.elapsed().as_micros() as u64));
+    *since = Instant::now();
+}
+
+async fn run(
+    ctx: &PipelineContext,
+    target: &ProbeTarget,
+    batch_id: &str,
+    events: &(dyn Fn(StageEvent) + Send + Sync),
+    timings: &mut Vec<(String, u64)>,
+) -> DeviceOutcome {
+    let failed = |device_id: Option<String>, (status_code, message): (u16, String)| DeviceOutcome::Failed {
+        device_id,
+        status_code,
+        message,
+    };
+    let mut t = Instant::now();
+    events(StageEvent::Identify);
+    let mut bl = match open(&target.addr, &ctx.bootloader).await {
+        Ok(bl) => bl,
+        Err(e) => return failed(None, describe_bootloader_error(&e)),
+    };
+    let id = match identify(&mut bl).await {
+        Ok(id) => id,
+        Err(e) => return failed(None, e),
+    };
+    tracing::Span::current().record("device", id.device_id.as_str());
+    lap(timings, "identify", &mut t);
+
+    events(StageEvent::Licence { device_id: id.device_id.clone() });
+    let req = IssueLicenceRequest {
+        batch_id: batch_id.to_owned(),
+        chip_certificate: id.certificate.clone(),
+        probe: Some(target.to_pb()),
+    };
+    let lic = match ctx.broker.issue_licence(req).await {
+        Ok(r) => r,
+        Err(BrokerError::Refused { refusal, .. }) => {
+            return DeviceOutcome::Refused {
+                device_id: id.device_id,
+                reason: refusal.reason,
+                message: refusal.message,
+            };
+        }
+        Err(e) => return failed(Some(id.device_id), (HOST_FAILURE, format!("no licence: {e}"))),
+    };
+    lap(timings, "licence", &mut t);
+    if lic.family != id.family.name() {
+        return failed(
+            Some(id.device_id),
+            (HOST_FAILURE, format!("the chip is {} but batch {batch_id}'s image is for {}", id.family, lic.family)),
+        );
+    }
+    let licence: [u8; 132] = match lic.licence.as_slice().try_into() {
+        Ok(l) => l,
+        Err(_) => {
+            return failed(
+                Some(id.device_id),
+                (HOST_FAILURE, format!("the broker sent a {}-byte licence (expected 132)", lic.licence.len())),
+            );
+        }
+    };
+
+    events(StageEvent::Image);
+    let path = match ctx.broker.fetch_image(&ctx.images, &lic.image_sha256).await {
+        Ok(p) => p,
+        Err(e) => return failed(Some(id.device_id), (HOST_FAILURE, format!("image {}: {e}", lic.image_sha256))),
+    };
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(b) => b,
+        Err(e) => return failed(Some(id.device_id), (HOST_FAILURE, format!("reading {}: {e}", path.display()))),
+    };
+    let mut image = match MemoryImage::from_bytes(&bytes, Some(id.family.profile())) {
+        Ok(i) => i,
+        Err(e) => return failed(Some(id.device_id), (HOST_FAILURE, format!("image {}: {e}", lic.image_sha256))),
+    };
+    drop(bytes);
+    lap(timings, "image", &mut t);
+
+    let total = image.areas().map(|a| a.ciphertext.len() as u64).sum::<u64>();
+    let mut progress = |p: &Progress| events(StageEvent::Install { stage: p.stage, done: p.done, total });
+    let report = match bl.install_image(&mut image, &licence, &mut progress).await {
+        Ok(r) => r,
+        Err(e) => return failed(Some(id.device_id), describe_bootloader_error(&e)),
+    };
+    lap(timings, "install", &mut t);
+    if let (Some(want), Some(got)) = (lic.expected_flash_crc, report.crc)
+        && want != got
+    {
+        return failed(
+            Some(id.device_id),
+            (HOST_FAILURE, format!("flash CRC {got:#010x} after INSTALL differs from the image's {want:#010x}")),
+        );
+    }
+    DeviceOutcome::Installed { device_id: id.device_id, crc: report.crc }
+}
+
+/// Journals the outcome (fsync) and wakes the reporter. Refusals are journalled as already reported:
+/// the broker recorded them itself.
+async fn record(
+    ctx: &PipelineContext,
+    target: &ProbeTarget,
+    batch_id: &str,
+    attempt: u32,
+    outcome: &DeviceOutcome,
+    timings: Vec<(String, u64)>,
+) {
+    let (status_code, message, flash_crc) = match outcome {
+        DeviceOutcome::Installed { crc, .. } => (SfiStatus::Ok.code(), "installed".to_owned(), *crc),
+        DeviceOutcome::Refused { reason, message, .. } => {
+            (HOST_FAILURE, format!("refused ({reason}): {message}"), None)
+        }
+        DeviceOutcome::Failed { status_code, message, .. } => (*status_code, message.clone(), None),
+    };
+    let Some(device_id) = outcome.device_id() else {
+        // Nothing identified the device: there is nothing to count against a batch.
+        tracing::warn!(probe = %target.id, %message, "device failed before it was identified");
+        return;
+    };
+    let result = DeviceResult {
+        batch_id: batch_id.to_owned(),
+        device_id: device_id.to_owned(),
+        status_code,
+        message,
+        flash_crc,
+        attempt,
+        probe_id: target.id.clone(),
+        probe_kind: target.kind.clone(),
+        probe_port: target.addr.to_string(),
+        timings,
+        finished_at_ms: now_ms(),
+    };
+    match ctx.journal.append_async(result).await {
+        Ok(entry) => {
+            if matches!(outcome, DeviceOutcome::Refused { .. }) {
+                if let Err(e) = ctx.journal.mark_reported(entry.seq) {
+                    tracing::warn!(error = %e, "could not mark a refusal as reported");
+                }
+            } else {
+                ctx.reporter.notify();
+            }
+        }
+        Err(e) => tracing::error!(error = %e, device = device_id, "could not journal the device result"),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// How long to wait between attempts to find a responding bootloader on a probe.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);

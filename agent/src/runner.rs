@@ -1,0 +1,255 @@
+//! Running a batch on every probe of the station at once: one task per probe, one device per probe at
+//! a time, at most `max_parallel` installs in flight. Each probe waits for a responding bootloader,
+//! identifies the device, and installs it unless this run already handled it; a failed install is
+//! retried (same licence, no quota) up to `max_attempts`. The run ends when every probe is done
+//! ([`RunMode::OncePerProbe`]), when the batch is exhausted or closed, or when the operator stops it —
+//! devices already being installed always finish first.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::pipeline::{DeviceOutcome, PipelineContext, ProbeTarget, StageEvent, identify, install_device, open};
+
+/// When a probe's run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    /// Each probe handles one device, then stops (fixtures with one target each, demos, tests).
+    OncePerProbe,
+    /// Each probe keeps installing new devices (boards swapped by the operator) until the batch is
+    /// exhausted or closed, or the run is stopped.
+    UntilExhausted,
+}
+
+/// Options of a run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The batch to install.
+    pub batch_id: String,
+    /// When to stop.
+    pub mode: RunMode,
+    /// Installs in flight at once (across probes).
+    pub max_parallel: usize,
+    /// Attempts per device (failed installs are retried with the same licence).
+    pub max_attempts: u32,
+    /// Wait between looks for a responding bootloader.
+    pub poll_interval: Duration,
+}
+
+impl RunOptions {
+    /// Defaults for `batch_id`: until exhausted, 64 in parallel, 3 attempts, 250 ms polling.
+    pub fn new(batch_id: impl Into<String>) -> Self {
+        Self {
+            batch_id: batch_id.into(),
+            mode: RunMode::UntilExhausted,
+            max_parallel: 64,
+            max_attempts: 3,
+            poll_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+/// What the operator's display is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEvent {
+    /// The probe is waiting for a device.
+    Waiting {
+        /// Probe id.
+        probe: String,
+    },
+    /// Progress on the probe's current device.
+    Stage {
+        /// Probe id.
+        probe: String,
+        /// Attempt number.
+        attempt: u32,
+        /// The stage.
+        event: StageEvent,
+    },
+    /// A device is done (after its last attempt).
+    Finished {
+        /// Probe id.
+        probe: String,
+        /// Attempts used.
+        attempts: u32,
+        /// The outcome.
+        outcome: DeviceOutcome,
+    },
+    /// The probe has stopped.
+    ProbeDone {
+        /// Probe id.
+        probe: String,
+    },
+}
+
+/// One device's final outcome in a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// Probe id.
+    pub probe: String,
+    /// Attempts used.
+    pub attempts: u32,
+    /// Outcome.
+    pub outcome: DeviceOutcome,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Every device, in completion order.
+    pub devices: Vec<DeviceRecord>,
+    /// Why the run ended early, if it did (e.g. `QUOTA_EXHAUSTED`).
+    pub stopped_by: Option<String>,
+}
+
+impl RunSummary {
+    /// Devices installed.
+    pub fn installed(&self) -> usize {
+        self.devices.iter().filter(|d| matches!(d.outcome, DeviceOutcome::Installed { .. })).count()
+    }
+    /// Devices refused a licence.
+    pub fn refused(&self) -> usize {
+        self.devices.iter().filter(|d| matches!(d.outcome, DeviceOutcome::Refused { .. })).count()
+    }
+    /// Devices that failed.
+    pub fn failed(&self) -> usize {
+        self.devices.iter().filter(|d| matches!(d.outcome, DeviceOutcome::Failed { .. })).count()
+    }
+}
+
+/// Refusals after which no device of this batch can get a licence in this run.
+fn ends_batch(reason: &str) -> bool {
+    matches!(reason, "QUOTA_EXHAUSTED" | "BATCH_CLOSED" | "BATCH_EXPIRED" | "UNKNOWN_BATCH" | "SITE_NOT_ALLOWED")
+}
+
+struct Shared {
+    ctx: PipelineContext,
+    opts: RunOptions,
+    slots: Semaphore,
+    exhausted: AtomicBool,
+    stopped_by: std::sync::Mutex<Option<String>>,
+    events: mpsc::UnboundedSender<RunEvent>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// Stopped by the operator, or (until-exhausted runs) the batch can issue nothing more. A
+    /// once-per-probe run still visits every probe so each device gets its own answer.
+    fn done(&self) -> bool {
+        *self.stop.borrow() || (self.opts.mode == RunMode::UntilExhausted && self.exhausted.load(Ordering::Acquire))
+    }
+
+    fn emit(&self, e: RunEvent) {
+        let _ = self.events.send(e);
+    }
+}
+
+/// Runs `opts.batch_id` on every probe until the run ends (see [`RunMode`]); `stop` set to true ends it
+/// after in-flight devices finish. Events go to `events` (the receiver may be dropped).
+pub async fn run_batch(
+    ctx: PipelineContext,
+    probes: Vec<ProbeTarget>,
+    opts: RunOptions,
+    events: mpsc::UnboundedSender<RunEvent>,
+    stop: watch::Receiver<bool>,
+) -> RunSummary {
+    let shared = Arc::new(Shared {
+        ctx,
+        slots: Semaphore::new(opts.max_parallel.max(1)),
+        opts,
+        exhausted: AtomicBool::new(false),
+        stopped_by: std::sync::Mutex::new(None),
+        events,
+        stop,
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in probes {
+        tasks.spawn(probe_loop(shared.clone(), p));
+    }
+    let mut summary = RunSummary::default();
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(mut devices) => summary.devices.append(&mut devices),
+            Err(e) => tracing::error!(error = %e, "probe task failed"),
+        }
+    }
+    summary.stopped_by = shared.stopped_by.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    summary
+}
+
+async fn sleep_or_stop(shared: &Shared, d: Duration) {
+    let mut stop = shared.stop.clone();
+    tokio::select! {
+        () = tokio::time::sleep(d) => {}
+        _ = stop.wait_for(|s| *s) => {}
+    }
+}
+
+async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget) -> Vec<DeviceRecord> {
+    let mut records = Vec::new();
+    let mut handled: HashSet<String> = HashSet::new();
+    let mut waiting_announced = false;
+    while !shared.done() {
+        if !waiting_announced {
+            shared.emit(RunEvent::Waiting { probe: probe.id.clone() });
+            waiting_announced = true;
+        }
+        // A responding bootloader with a device this run has not handled yet?
+        let device = match open(&probe.addr, &shared.ctx.bootloader).await {
+            Ok(mut bl) => identify(&mut bl).await.ok().map(|id| id.device_id),
+            Err(_) => None,
+        };
+        let Some(device) = device else {
+            sleep_or_stop(&shared, shared.opts.poll_interval).await;
+            continue;
+        };
+        if handled.contains(&device) {
+            if shared.opts.mode == RunMode::OncePerProbe {
+                break;
+            }
+            sleep_or_stop(&shared, shared.opts.poll_interval).await;
+            continue;
+        }
+        let Ok(_slot) = shared.slots.acquire().await else { break };
+        if shared.done() {
+            break;
+        }
+        let mut attempt = 0;
+        let outcome = loop {
+            attempt += 1;
+            let s2 = shared.clone();
+            let pid = probe.id.clone();
+            let emit = move |event: StageEvent| s2.emit(RunEvent::Stage { probe: pid.clone(), attempt, event });
+            let outcome = install_device(&shared.ctx, &probe, &shared.opts.batch_id, attempt, &emit).await;
+            match &outcome {
+                DeviceOutcome::Failed { message, .. }
+                    if attempt < shared.opts.max_attempts && !*shared.stop.borrow() =>
+                {
+                    tracing::warn!(probe = %probe.id, attempt, %message, "install failed; retrying with the same licence");
+                    sleep_or_stop(&shared, shared.opts.poll_interval).await;
+                }
+                _ => break outcome,
+            }
+        };
+        if let DeviceOutcome::Refused { reason, .. } = &outcome
+            && ends_batch(reason)
+        {
+            if !shared.exhausted.swap(true, Ordering::AcqRel) {
+                tracing::info!(reason = %reason, "batch can issue no more licences: finishing in-flight devices");
+            }
+            shared.stopped_by.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| reason.clone());
+        }
+        handled.insert(outcome.device_id().unwrap_or(&device).to_owned());
+        shared.emit(RunEvent::Finished { probe: probe.id.clone(), attempts: attempt, outcome: outcome.clone() });
+        records.push(DeviceRecord { probe: probe.id.clone(), attempts: attempt, outcome });
+        waiting_announced = false;
+        if shared.opts.mode == RunMode::OncePerProbe {
+            break;
+        }
+    }
+    shared.emit(RunEvent::ProbeDone { probe: probe.id.clone() });
+    records
+}
