@@ -288,6 +288,22 @@ impl AgentConfig {
         Ok(())
     }
 
+    /// Probe discovery settings: the configured probes plus USB discovery.
+    pub fn probe_settings(&self) -> crate::probe::ProbeSettings {
+        crate::probe::ProbeSettings {
+            probes: self
+                .probes
+                .fixed
+                .iter()
+                .map(|p| crate::probe::ProbeConfig { id: p.id.clone(), target: p.target.clone() })
+                .collect(),
+            usb_scan: self.probes.usb_scan,
+            usb_baud: self.probes.usb_baud,
+            scan_interval: self.probes.scan_interval,
+            ..crate::probe::ProbeSettings::default()
+        }
+    }
+
     /// The journal directory.
     pub fn journal_dir(&self) -> PathBuf {
         self.state.dir.join("journal")

@@ -47,6 +47,9 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     /// Operate a broker: firmware keys, images, batches, devices, stations, audit, HSM status.
     Admin(commands::admin::AdminArgs),
+    /// The station agent: install batches on the probes of this station.
+    #[command(subcommand)]
+    Agent(commands::agent::AgentCommand),
     /// Run the licence broker (gRPC over mutual TLS) from a configuration file.
     Broker(commands::broker::BrokerArgs),
     /// Measure throughput (used by `make bench`).
@@ -80,6 +83,7 @@ fn main() -> std::process::ExitCode {
             Command::Demo(args) => commands::demo::run(args).await,
             Command::Admin(args) => commands::admin::run(args).await,
             Command::Broker(args) => commands::broker::run(args).await,
+            Command::Agent(cmd) => commands::agent::run(cmd).await,
             Command::Bench(cmd) => commands::bench::run(cmd).await,
         }
     });

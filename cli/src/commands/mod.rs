@@ -1,6 +1,8 @@
 //! One module per subcommand: argument definitions and the glue to the libraries.
 
 pub mod admin;
+pub mod agent;
+pub mod agent_ui;
 pub mod bench;
 pub mod bench_licences;
 pub mod broker;

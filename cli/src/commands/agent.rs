@@ -1,0 +1,235 @@
+//! `flashgate agent`: the station side. `agent run --config agent.toml --batch ID` installs a batch on
+//! every probe until it is exhausted or the operator stops it (Ctrl-C finishes in-flight devices first;
+//! a second Ctrl-C quits at once), with progress bars and a summary table; `agent probes` lists the
+//! probes found; `agent journal` shows the local result history. The work lives in `flashgate_agent`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use flashgate_agent::broker_client::{BrokerClient, Reporter};
+use flashgate_agent::config::AgentConfig;
+use flashgate_agent::images::ImageCache;
+use flashgate_agent::journal::{EntryState, Journal};
+use flashgate_agent::pipeline::{PipelineContext, ProbeTarget};
+use flashgate_agent::probe::{ProbeEndpoint, ProbeInfo, discover_report, format_probes, probes_json};
+use flashgate_agent::runner::{RunMode, RunOptions, run_batch};
+use flashgate_proto::transport::{TlsFiles, client_config};
+use tokio::sync::{mpsc, watch};
+
+use super::agent_ui;
+use crate::output::{Table, ms_time};
+
+/// `flashgate agent …`.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Install a batch on every probe of this station.
+    Run(RunArgs),
+    /// List the probes this station would use (configured and discovered on USB).
+    Probes(ConfigArgs),
+    /// Show the local journal of device results.
+    Journal(JournalArgs),
+}
+
+/// The configuration file.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// The agent configuration (see deploy/config/agent.toml); `FLASHGATE_*` variables override it.
+    #[arg(long, short, env = "FLASHGATE_AGENT_CONFIG")]
+    pub config: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `agent run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// The batch to install.
+    #[arg(long)]
+    pub batch: String,
+    /// Each probe installs one device, then the run ends (fixtures with one target each).
+    #[arg(long)]
+    pub once: bool,
+    /// Extra probe targets (`tcp://host:port`, `serial:/dev/ttyUSB0?baud=115200`), added to the configured ones.
+    #[arg(long = "probe", value_name = "TARGET")]
+    pub probes: Vec<String>,
+}
+
+/// Arguments of `agent journal`.
+#[derive(Debug, Args)]
+pub struct JournalArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// Only results not yet acknowledged by the broker.
+    #[arg(long)]
+    pub pending: bool,
+}
+
+/// Runs `flashgate agent …`.
+pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
+    match cmd {
+        AgentCommand::Run(a) => run_cmd(a).await,
+        AgentCommand::Probes(a) => probes_cmd(a),
+        AgentCommand::Journal(a) => journal_cmd(a),
+    }
+}
+
+fn probe_targets(found: &[ProbeInfo]) -> Vec<ProbeTarget> {
+    let mut out = Vec::new();
+    for p in found.iter().filter(|p| p.is_connectable()) {
+        match p.endpoint() {
+            Ok(ProbeEndpoint::Target(addr)) => {
+                out.push(ProbeTarget { id: p.id.clone(), kind: p.kind.to_string(), addr })
+            }
+            Ok(ProbeEndpoint::Sim(n)) => {
+                eprintln!("warning: probe {}: sim:{n} targets exist only inside `flashgate demo`; skipped", p.id);
+            }
+            Err(e) => eprintln!("warning: probe {}: {e}; skipped", p.id),
+        }
+    }
+    out
+}
+
+async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
+    let cfg = AgentConfig::load(&a.common.config)?;
+    let tls = client_config(&TlsFiles::new(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.ca))
+        .context("loading the station certificate")?;
+    let broker = BrokerClient::new(cfg.broker.endpoints.clone(), tls, cfg.broker.server_name.clone())?;
+    let journal = Arc::new(Journal::open(&cfg.journal_dir())?);
+    let images = Arc::new(ImageCache::new(cfg.image_dir())?);
+    let pending = journal.unreported_count();
+    if pending > 0 {
+        eprintln!("{pending} device result(s) from earlier runs not yet reported: sending them now");
+    }
+    let reporter = Arc::new(Reporter::spawn(journal.clone(), broker.clone()));
+
+    let mut settings = cfg.probe_settings();
+    for t in &a.probes {
+        settings.probes.push(flashgate_agent::probe::ProbeConfig { id: None, target: t.clone() });
+    }
+    let found = discover_report(&settings)?;
+    for w in &found.warnings {
+        eprintln!("warning: {w}");
+    }
+    let probes = probe_targets(&found.probes);
+    if probes.is_empty() {
+        bail!(
+            "no usable probe: configure [[probes.static]] in {} or plug in a USB-serial probe",
+            a.common.config.display()
+        );
+    }
+    eprintln!("batch {}: {} probe(s), broker {}", a.batch, probes.len(), broker.current_endpoint());
+
+    let mut bl = cfg.bootloader.client_config();
+    bl.line_baud = None;
+    let ctx = PipelineContext { broker, images, journal: journal.clone(), reporter: reporter.clone(), bootloader: bl };
+    let opts = RunOptions {
+        batch_id: a.batch.clone(),
+        mode: if a.once { RunMode::OncePerProbe } else { RunMode::UntilExhausted },
+        max_parallel: cfg.run.max_parallel,
+        max_attempts: cfg.run.max_attempts,
+        poll_interval: cfg.run.poll_interval,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("stopping: finishing the devices in flight (Ctrl-C again to quit now)");
+            let _ = stop_tx.send(true);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let ui = tokio::spawn(agent_ui::display(ev_rx, station_label(&cfg), None));
+    let summary = run_batch(ctx, probes, opts, ev_tx, stop_rx).await;
+    let _ = ui.await;
+
+    let left = reporter.flush(Duration::from_secs(30)).await;
+    println!("{}", agent_ui::summary_table(&[(station_label(&cfg), &summary)]));
+    println!(
+        "{} installed, {} refused, {} failed{}",
+        summary.installed(),
+        summary.refused(),
+        summary.failed(),
+        summary.stopped_by.as_deref().map(|r| format!("; stopped: {r}")).unwrap_or_default()
+    );
+    if left > 0 {
+        eprintln!(
+            "warning: {left} result(s) not yet acknowledged by the broker; they stay in {} and are sent on the next run",
+            cfg.journal_dir().display()
+        );
+    }
+    if summary.failed() > 0 {
+        bail!("{} device(s) failed (see the table above and `flashgate agent journal --pending`)", summary.failed());
+    }
+    Ok(())
+}
+
+fn station_label(cfg: &AgentConfig) -> String {
+    flashgate_common::pki::read_cert_info(&cfg.tls.cert)
+        .map(|i| match i.identity {
+            flashgate_common::pki::Identity::Station { site, station, .. } => format!("{site}/{station}"),
+            other => other.to_uri(),
+        })
+        .unwrap_or_else(|_| "station".into())
+}
+
+fn probes_cmd(a: ConfigArgs) -> anyhow::Result<()> {
+    let cfg = AgentConfig::load(&a.config)?;
+    let found = discover_report(&cfg.probe_settings())?;
+    if a.json {
+        println!("{}", serde_json::json!({"probes": probes_json(&found.probes), "warnings": found.warnings}));
+    } else {
+        print!("{}", format_probes(&found.probes));
+        for w in &found.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+    Ok(())
+}
+
+fn journal_cmd(a: JournalArgs) -> anyhow::Result<()> {
+    let cfg = AgentConfig::load(&a.common.config)?;
+    let entries = Journal::read_entries(&cfg.journal_dir())?;
+    let entries: Vec<_> = entries.into_iter().filter(|(_, st)| !a.pending || st.is_pending()).collect();
+    if a.common.json {
+        let rows: Vec<_> = entries
+            .iter()
+            .map(|(e, st)| {
+                serde_json::json!({
+                    "seq": e.seq, "result_id": e.result_id, "state": st.to_string(),
+                    "batch_id": e.result.batch_id, "device_id": e.result.device_id,
+                    "status_code": e.result.status_code, "message": e.result.message,
+                    "flash_crc": e.result.flash_crc, "attempt": e.result.attempt, "probe": e.result.probe_id,
+                    "finished_at_ms": e.result.finished_at_ms,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    let mut t = Table::new(["seq", "finished", "batch", "device", "probe", "status", "message", "broker"]);
+    for (e, st) in &entries {
+        t.row([
+            e.seq.to_string(),
+            ms_time(e.result.finished_at_ms),
+            e.result.batch_id.clone(),
+            e.result.device_id.clone(),
+            e.result.probe_id.clone(),
+            format!("{:#06x}", e.result.status_code),
+            e.result.message.clone(),
+            match st {
+                EntryState::Unreported => "pending".to_owned(),
+                other => other.to_string(),
+            },
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
