@@ -338,19 +338,20 @@ fn stm32flash_through_flashgate_sim_pty() {
     sim.stop();
 }
 
-/// The README's first command, at full speed: every device installs and every refusal holds.
+/// The README's first command, at full speed: a broker, two stations, a batch quota smaller than the
+/// devices; the quota holds, every installed device is verified, the audit chain verifies.
 #[test]
 fn demo_runs_to_its_table() {
     let tmp = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
-        .args(["demo", "--devices", "3", "--speed", "0"])
-        .env("TMPDIR", tmp.path())
+        .args(["demo", "--devices", "5", "--quota", "3", "--speed", "0", "--dir"])
+        .arg(tmp.path().join("demo"))
         .output()
         .expect("run flashgate demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("3 of 3 devices installed and verified"), "{stdout}");
-    assert!(stdout.contains("a licence for another chip: refused by the device: licence invalid"), "{stdout}");
-    assert!(stdout.contains("area 2 tampered: refused by the device: area not authentic"), "{stdout}");
-    assert!(stdout.contains("all erased (no plaintext)"), "{stdout}");
+    assert!(stdout.contains("3 installed and verified, 2 refused for \"quota exhausted\", 0 failed"), "{stdout}");
+    assert!(stdout.contains("ledger: batch demo-lot-1 issued 3 of 3, 3 installed reports, 0 remaining"), "{stdout}");
+    assert!(stdout.contains("audit chain verified"), "{stdout}");
+    assert!(tmp.path().join("demo/ledger.db").exists());
 }

@@ -131,7 +131,9 @@ pub async fn display(mut events: mpsc::UnboundedReceiver<RunEvent>, label: Strin
 pub fn summary_table(rows: &[(String, &RunSummary)]) -> String {
     let mut t = Table::new(["station", "probe", "device", "attempts", "result"]);
     for (station, s) in rows {
-        for d in &s.devices {
+        let mut devices: Vec<_> = s.devices.iter().collect();
+        devices.sort_by(|a, b| a.probe.cmp(&b.probe));
+        for d in devices {
             t.row([
                 station.clone(),
                 d.probe.clone(),

@@ -18,7 +18,7 @@ pub enum BenchCommand {
     /// `.sfi` pack and parse throughput against raw AES-128-GCM.
     Sfi(SfiBenchArgs),
     /// Install an image into a simulated target and measure link efficiency.
-    Install(super::demo::InstallBenchArgs),
+    Install(super::bench_install::InstallBenchArgs),
     /// Load a running broker with concurrent virtual stations issuing licences; prints licences/s,
     /// errors by reason and latency percentiles. Exits non-zero when more than 1% of requests fail.
     Licences(super::bench_licences::LicenceBenchArgs),
@@ -42,7 +42,7 @@ pub struct SfiBenchArgs {
 pub async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Sfi(args) => sfi_bench(&args),
-        BenchCommand::Install(args) => super::demo::install_bench(args).await,
+        BenchCommand::Install(args) => super::bench_install::install_bench(args).await,
         BenchCommand::Licences(args) => super::bench_licences::run(args).await,
     }
 }

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod agent;
 pub mod agent_ui;
 pub mod bench;
+pub mod bench_install;
 pub mod bench_licences;
 pub mod broker;
 pub mod client;
