@@ -2,13 +2,15 @@
 # Licence-service benchmark: starts a real `flashgate broker` (soft HSM or SoftHSM2, SQLite ledger) in a
 # temporary directory with a development PKI and a test vendor CA, drives it with
 # `flashgate bench licences` (virtual stations over mutual TLS), prints the figures as Markdown and stops
-# the broker. Usage: scripts/bench-licences.sh soft|softhsm2 STATIONS DURATION
+# the broker. Usage: scripts/bench-licences.sh soft|softhsm2 STATIONS DURATION [RATE]
+# (RATE: open loop at RATE requests/s in total; absent or 0: closed loop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(pwd)/target/release/flashgate
 kind=${1:-soft}
 stations=${2:-64}
 duration=${3:-30s}
+rate=${4:-0}
 work=$(mktemp -d)
 broker_pid=""
 cleanup() {
@@ -67,4 +69,5 @@ addr=$(sed -n 's/.* serving gRPC on \([^ ]*\).*/\1/p' broker.out | head -1)
 [ -n "$addr" ] || { echo "broker did not start:"; cat broker.err; exit 1; }
 
 "$bin" bench licences --broker "https://$addr" --pki pki --admin ops --site berlin \
-  --vendor-ca-key vendor/vendor-ca.key --stations "$stations" --duration "$duration"
+  --vendor-ca-key vendor/vendor-ca.key --stations "$stations" --duration "$duration" --rate "$rate" \
+  --chips 150000

@@ -30,6 +30,59 @@ trap 'rm -f "$tmp"' EXIT
   echo "Target: ≥ 90% of the link's payload capacity (baud / 11 bytes per second)."
   echo
   "$bin" bench install --family stm32l4 --size 256K --baud 115200 --speed 1
+  echo
+  echo "## Licence service"
+  echo
+  echo "A real \`flashgate broker\` process on loopback (mutual TLS 1.3, SQLite ledger with group commit,"
+  echo "\`synchronous=FULL\`) driven by \`flashgate bench licences\`: virtual stations, each its own mTLS connection,"
+  echo "a fresh simulated chip (vendor-signed certificate) per request, every licence checked and a sample"
+  echo "opened and used to decrypt the image. Client and broker share this machine's $(nproc) cores."
+  echo "A licence costs one ECDSA-P256 verify, one P-256 key generation and one ECDH; the same-run OpenSSL"
+  echo "reference for those operations:"
+  echo
+  echo '```'
+  echo "$ openssl speed -seconds 3 ecdhp256 ecdsap256"
+  openssl speed -seconds 3 ecdhp256 ecdsap256 2>/dev/null | grep -E '^ *(sign|op|256 bits|[0-9]+ bits)' | tail -4
+  echo '```'
+  echo
+  echo "### Soft HSM + SQLite, 64 stations, closed loop"
+  echo
+  echo "Command: \`scripts/bench-licences.sh soft 64 30s\` (each station sends its next request when the previous"
+  echo "one is answered: this measures capacity; latency is then queueing, mean ≈ stations / throughput)."
+  echo "Target: ≥ 2,000 licences/s."
+  echo
+  echo '```'
+  scripts/bench-licences.sh soft 64 30s 2>/dev/null
+  echo '```'
+  echo
+  echo "### Soft HSM + SQLite, 64 stations, open loop at 2,000 licences/s"
+  echo
+  echo "Command: \`scripts/bench-licences.sh soft 64 30s 2000\` (the 64 stations together send 2,000 requests/s on a"
+  echo "fixed schedule; latency from each request's scheduled time). Target: p99 ≤ 20 ms at 2,000/s."
+  echo
+  echo '```'
+  scripts/bench-licences.sh soft 64 30s 2000 2>/dev/null
+  echo '```'
+  echo
+  echo "### SoftHSM2 (PKCS#11, 4 sessions) + SQLite, 64 stations, closed loop"
+  echo
+  echo "Command: \`scripts/bench-licences.sh softhsm2 64 30s\`. Target: ≥ 1,000 licences/s."
+  echo
+  echo '```'
+  scripts/bench-licences.sh softhsm2 64 30s 2>/dev/null
+  echo '```'
+  echo
+  echo "## Agent"
+  echo
+  echo "### 64 simulated targets on one agent, no link delays"
+  echo
+  echo "Command: \`scripts/bench-agent.sh 64 0 64\`: a broker process, a \`flashgate sim --targets 64 --speed 0\` process"
+  echo "and one \`flashgate agent run --once --stats\` installing a 64 KiB image on all 64 targets at once through"
+  echo "64 probes; the agent reports its own wall time, CPU time per device and peak resident memory."
+  echo
+  echo '```'
+  scripts/bench-agent.sh 64 0 64
+  echo '```'
 } >"$tmp"
 mv "$tmp" "$out"
 trap - EXIT

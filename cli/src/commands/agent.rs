@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// Each probe installs one device, then the run ends (fixtures with one target each).
     #[arg(long)]
     pub once: bool,
+    /// Print this process's resource use at the end (wall time, CPU time per device, peak memory).
+    #[arg(long)]
+    pub stats: bool,
     /// Extra probe targets (`tcp://host:port`, `serial:/dev/ttyUSB0?baud=115200`), added to the configured ones.
     #[arg(long = "probe", value_name = "TARGET")]
     pub probes: Vec<String>,
@@ -135,6 +138,7 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         max_attempts: cfg.run.max_attempts,
         poll_interval: cfg.run.poll_interval,
     };
+    let started = std::time::Instant::now();
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
@@ -151,6 +155,9 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     let _ = ui.await;
 
     let left = reporter.flush(Duration::from_secs(30)).await;
+    if a.stats {
+        print_stats(started.elapsed(), summary.devices.len());
+    }
     println!("{}", agent_ui::summary_table(&[(station_label(&cfg), &summary)]));
     println!(
         "{} installed, {} refused, {} failed{}",
@@ -169,6 +176,24 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         bail!("{} device(s) failed (see the table above and `flashgate agent journal --pending`)", summary.failed());
     }
     Ok(())
+}
+
+/// Wall time, CPU time (user + system) per device and peak resident memory of this process.
+fn print_stats(wall: Duration, devices: usize) {
+    use nix::sys::resource::{UsageWho, getrusage};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let tv = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            let cpu = tv(u.user_time()) + tv(u.system_time());
+            println!(
+                "agent stats: {devices} devices, wall {:.2} s, CPU {cpu:.2} s ({:.1} ms per device), peak RSS {:.1} MiB",
+                wall.as_secs_f64(),
+                1000.0 * cpu / devices.max(1) as f64,
+                u.max_rss() as f64 / 1024.0
+            );
+        }
+        Err(e) => eprintln!("warning: getrusage failed: {e}"),
+    }
 }
 
 fn station_label(cfg: &AgentConfig) -> String {

@@ -83,6 +83,11 @@ pub struct LicenceBenchArgs {
     /// Licences to open with their chip's key after the run (0 to skip the check).
     #[arg(long, default_value_t = 100)]
     pub verify: usize,
+    /// Open loop: the stations together send this many requests per second on a fixed schedule, and
+    /// latency is measured from each request's scheduled time (no coordinated omission). 0: closed
+    /// loop, each station sends its next request when the previous one is answered.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -302,8 +307,11 @@ fn station_certs(dir: &Path, site: Option<&str>) -> Result<Vec<StationCert>> {
 /// The measured window.
 #[derive(Debug, Clone, Copy)]
 struct Clock {
+    start: Instant,
     warmup_end: Instant,
     end: Instant,
+    /// Open loop: the interval between one station's requests.
+    interval: Option<Duration>,
 }
 
 /// What every virtual station shares.
@@ -317,6 +325,8 @@ struct Shared {
     /// Keep every n-th success as a sample, up to `sample_max` per station.
     sample_every: u64,
     sample_max: usize,
+    /// Number of virtual stations (open-loop phase offsets).
+    stations: u32,
 }
 
 /// Check a licence response against the chip and batch it was for.
@@ -339,6 +349,9 @@ async fn station_loop(index: u32, channel: Channel, shared: Arc<Shared>) -> Stat
     let probe = pb::ProbeInfo { probe_id: format!("bench-{index}"), kind: "sim".into(), port: "bench".into() };
     let mut stats = StationStats::default();
     let clock = shared.clock;
+    // Open loop: station i starts at i/stations of an interval and then keeps its schedule.
+    let mut scheduled =
+        clock.interval.map(|iv| clock.start + iv.mul_f64(f64::from(index) / f64::from(shared.stations)));
     while Instant::now() < clock.end {
         let generated;
         let chip = match shared.pool.take() {
@@ -365,7 +378,17 @@ async fn station_loop(index: u32, channel: Channel, shared: Arc<Shared>) -> Stat
             chip_certificate: chip.cert.to_vec(),
             probe: Some(probe.clone()),
         };
-        let t0 = Instant::now();
+        let t0 = match (scheduled, clock.interval) {
+            (Some(at), Some(iv)) => {
+                tokio::time::sleep_until(at.into()).await;
+                scheduled = Some(at + iv);
+                at
+            }
+            _ => Instant::now(),
+        };
+        if t0 >= clock.end {
+            break;
+        }
         let result = client.issue_licence(request).await;
         let t1 = Instant::now();
         let measured = t0 >= clock.warmup_end && t1 <= clock.end;
@@ -603,7 +626,8 @@ async fn measure(
 
     let per_station = args.verify.div_ceil(args.stations as usize);
     let start = Instant::now();
-    let clock = Clock { warmup_end: start + args.warmup, end: start + args.warmup + args.duration };
+    let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(f64::from(args.stations) / args.rate));
+    let clock = Clock { start, warmup_end: start + args.warmup, end: start + args.warmup + args.duration, interval };
     let shared = Arc::new(Shared {
         batch_id: setup.batch_id.clone(),
         key_id: setup.key_id.clone(),
@@ -613,6 +637,7 @@ async fn measure(
         clock,
         sample_every: 50,
         sample_max: per_station,
+        stations: args.stations,
     });
     eprintln!(
         "running {} virtual stations ({} certificates) for {} after {} warm-up…",
@@ -662,6 +687,7 @@ async fn measure(
             "warmup_s": args.warmup.as_secs_f64(),
             "licences": stats.ok,
             "licences_per_s": rate,
+            "offered_rate": if args.rate > 0.0 { Some(args.rate) } else { None },
             "errors": stats.errors,
             "error_count": errors,
             "error_rate": err_rate,
@@ -729,8 +755,10 @@ fn report_text(
     errors: u64,
     latency: &Latency,
 ) -> String {
+    let mode =
+        if args.rate > 0.0 { format!("open loop at {:.0} requests/s", args.rate) } else { "closed loop".to_owned() };
     let mut out = format!(
-        "licence bench: {} virtual stations ({certificates} certificates), {} measured after {} warm-up\n",
+        "licence bench: {} virtual stations ({certificates} certificates), {mode}, {} measured after {} warm-up\n",
         args.stations,
         humantime::format_duration(args.duration),
         humantime::format_duration(args.warmup)
