@@ -70,4 +70,4 @@ addr=$(sed -n 's/.* serving gRPC on \([^ ]*\).*/\1/p' broker.out | head -1)
 
 "$bin" bench licences --broker "https://$addr" --pki pki --admin ops --site berlin \
   --vendor-ca-key vendor/vendor-ca.key --stations "$stations" --duration "$duration" --rate "$rate" \
-  --chips 150000
+  --chips "${CHIPS:-150000}"

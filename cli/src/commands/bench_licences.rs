@@ -600,6 +600,13 @@ async fn measure(
     used: &[&StationCert],
     setup: &Setup,
 ) -> Result<()> {
+    // Chips first: connections opened before a long generation would sit idle and go stale.
+    let chip_count = args.chips.unwrap_or_else(|| default_chip_count(args.warmup, args.duration));
+    eprintln!("generating {chip_count} simulated chips…");
+    let t = Instant::now();
+    let chips = pregenerate(ca.clone(), product, chip_count).await?;
+    eprintln!("generated {} chips in {:.1} s", chips.len(), t.elapsed().as_secs_f64());
+
     let server_name = args.server_name.as_deref();
     // One TLS configuration per certificate, one connection per virtual station.
     let mut configs = Vec::with_capacity(used.len());
@@ -617,12 +624,6 @@ async fn measure(
         channels.push(ch);
     }
     let image_channel = channels.first().cloned();
-
-    let chip_count = args.chips.unwrap_or_else(|| default_chip_count(args.warmup, args.duration));
-    eprintln!("generating {chip_count} simulated chips…");
-    let t = Instant::now();
-    let chips = pregenerate(ca.clone(), product, chip_count).await?;
-    eprintln!("generated {} chips in {:.1} s", chips.len(), t.elapsed().as_secs_f64());
 
     let per_station = args.verify.div_ceil(args.stations as usize);
     let start = Instant::now();
