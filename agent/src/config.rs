@@ -61,6 +61,9 @@ pub struct AgentConfig {
     /// Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// The control stream to the broker (`flashgate agent serve`).
+    #[serde(default)]
+    pub station: StationSection,
 }
 
 /// `[broker]`.
@@ -222,6 +225,25 @@ pub struct MetricsSection {
     pub listen: Option<String>,
 }
 
+/// `[station]`: the station daemon's control stream to the broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StationSection {
+    /// Between two heartbeats on the stream (probes, current batch, device counts).
+    #[serde(default = "default_heartbeat", deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+}
+
+fn default_heartbeat() -> Duration {
+    crate::station::DEFAULT_HEARTBEAT_INTERVAL
+}
+
+impl Default for StationSection {
+    fn default() -> Self {
+        Self { heartbeat_interval: default_heartbeat() }
+    }
+}
+
 impl AgentConfig {
     /// Loads `path` overlaid with the process environment.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -284,6 +306,13 @@ impl AgentConfig {
         }
         if self.run.max_attempts == 0 {
             return invalid("run.max_attempts", "0".into(), "at least 1");
+        }
+        if self.station.heartbeat_interval.is_zero() {
+            return invalid(
+                "station.heartbeat_interval",
+                humantime::format_duration(self.station.heartbeat_interval).to_string(),
+                "must be longer than zero",
+            );
         }
         Ok(())
     }
@@ -349,6 +378,9 @@ target = "tcp://127.0.0.1:7001"
         assert_eq!(c.run.max_parallel, 16);
         assert!(c.state.dir.is_absolute());
         assert_eq!(c.probes.fixed[0].id.as_deref(), Some("fixture-1"));
+        assert_eq!(c.station.heartbeat_interval, Duration::from_secs(5));
+        let c = load(GOOD, &[("FLASHGATE_STATION__HEARTBEAT_INTERVAL", "2s")]).unwrap();
+        assert_eq!(c.station.heartbeat_interval, Duration::from_secs(2));
     }
 
     #[test]
@@ -359,6 +391,8 @@ target = "tcp://127.0.0.1:7001"
         assert!(e.contains("broker.endpoints"), "{e}");
         let e = load(&format!("{GOOD}\n[run]\nmax_paralel = 3\n"), &[]).unwrap_err().to_string();
         assert!(e.contains("max_paralel"), "{e}");
+        let e = load(&format!("{GOOD}\n[station]\nheartbeat_interval = \"0s\"\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("station.heartbeat_interval"), "{e}");
     }
 
     #[test]

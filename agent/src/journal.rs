@@ -431,6 +431,35 @@ impl Journal {
         Ok(entry)
     }
 
+    /// Append a result that is for this station's history only and must never be sent to a broker
+    /// (a device that got no licence: refused, or the broker unreachable). The result and its
+    /// `rejected` mark (with `why`) are written and synced together under one lock, so the reporter
+    /// never sees it pending. (A crash between the two lines leaves it pending; the broker then
+    /// refuses the report — no licence for that device — and the reporter marks it rejected.)
+    pub fn append_local(&self, r: DeviceResult, why: &str) -> Result<JournalEntry, JournalError> {
+        let mut inner = self.lock();
+        let seq = inner.next_seq;
+        let result_id = format!("{}-{seq}", self.journal_id);
+        let line = Line::Result { seq, result_id: result_id.clone(), result: r.clone() };
+        self.write_line(&mut inner, &line, false)?;
+        inner.next_seq = seq + 1;
+        self.write_line(&mut inner, &Line::Rejected { seq, reason: why.to_owned() }, true)?;
+        metrics::counter!("flashgate_agent_journal_appends_total").increment(1);
+        Ok(JournalEntry { seq, result_id, result: r })
+    }
+
+    /// [`Journal::append_local`] on tokio's blocking pool, for async callers.
+    pub async fn append_local_async(
+        self: &Arc<Self>,
+        r: DeviceResult,
+        why: String,
+    ) -> Result<JournalEntry, JournalError> {
+        let journal = Arc::clone(self);
+        tokio::task::spawn_blocking(move || journal.append_local(r, &why))
+            .await
+            .map_err(|e| JournalError::Task(e.to_string()))?
+    }
+
     /// [`Journal::append`] on tokio's blocking pool, for async callers.
     pub async fn append_async(self: &Arc<Self>, r: DeviceResult) -> Result<JournalEntry, JournalError> {
         let journal = Arc::clone(self);

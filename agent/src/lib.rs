@@ -8,13 +8,17 @@
 //! - [`images`]: encrypted images cached by content hash, resumable downloads.
 //! - [`pipeline`]: one device's install, from sync to the journalled result.
 //! - [`runner`]: a batch on every probe at once.
+//! - [`station`]: the control stream to the broker (register, heartbeats, progress, assignments).
+//! - [`daemon`]: the station daemon: runs what the broker assigns, pauses when told.
 //! - [`config`]: `agent.toml` with `FLASHGATE_*` overrides.
 
 pub mod bootloader;
 pub mod broker_client;
 pub mod config;
+pub mod daemon;
 pub mod images;
 pub mod journal;
 pub mod pipeline;
 pub mod probe;
 pub mod runner;
+pub mod station;

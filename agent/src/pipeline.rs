@@ -35,7 +35,8 @@ pub struct ProbeTarget {
 }
 
 impl ProbeTarget {
-    fn to_pb(&self) -> PbProbe {
+    /// The probe as the API describes it (`ProbeInfo` of `IssueLicence` and the station stream).
+    pub fn to_pb(&self) -> PbProbe {
         PbProbe { probe_id: self.id.clone(), kind: self.kind.clone(), port: self.addr.to_string() }
     }
 }
@@ -184,9 +185,10 @@ pub async fn install_device(
     async {
         let started = Instant::now();
         let mut timings: Vec<(String, u64)> = Vec::new();
-        let outcome = run(ctx, target, batch_id, events, &mut timings).await;
+        let mut licensed = false;
+        let outcome = run(ctx, target, batch_id, events, &mut timings, &mut licensed).await;
         timings.push(("total".into(), started.elapsed().as_micros() as u64));
-        record(ctx, target, batch_id, attempt, &outcome, timings).await;
+        record(ctx, target, batch_id, attempt, &outcome, licensed, timings).await;
         outcome
     }
     .instrument(span)
@@ -204,6 +206,7 @@ async fn run(
     batch_id: &str,
     events: &(dyn Fn(StageEvent) + Send + Sync),
     timings: &mut Vec<(String, u64)>,
+    licensed: &mut bool,
 ) -> DeviceOutcome {
     let failed = |device_id: Option<String>, (status_code, message): (u16, String)| DeviceOutcome::Failed {
         device_id,
@@ -241,6 +244,7 @@ async fn run(
         Err(e) => return failed(Some(id.device_id), (HOST_FAILURE, format!("no licence: {e}"))),
     };
     lap(timings, "licence", &mut t);
+    *licensed = true;
     if lic.family != id.family.name() {
         return failed(
             Some(id.device_id),
@@ -291,14 +295,16 @@ async fn run(
     DeviceOutcome::Installed { device_id: id.device_id, crc: report.crc }
 }
 
-/// Journals the outcome (fsync) and wakes the reporter. Refusals are journalled as already reported:
-/// the broker recorded them itself.
+/// Journals the outcome (fsync) and wakes the reporter. Devices that got no licence (refused, or the
+/// broker unreachable) are journalled for this station's history only: the broker counts installs of
+/// licensed devices, and recorded every refusal itself.
 async fn record(
     ctx: &PipelineContext,
     target: &ProbeTarget,
     batch_id: &str,
     attempt: u32,
     outcome: &DeviceOutcome,
+    licensed: bool,
     timings: Vec<(String, u64)>,
 ) {
     let (status_code, message, flash_crc) = match outcome {
@@ -326,16 +332,15 @@ async fn record(
         timings,
         finished_at_ms: now_ms(),
     };
-    match ctx.journal.append_async(result).await {
-        Ok(entry) => {
-            if matches!(outcome, DeviceOutcome::Refused { .. }) {
-                if let Err(e) = ctx.journal.mark_reported(entry.seq) {
-                    tracing::warn!(error = %e, "could not mark a refusal as reported");
-                }
-            } else {
-                ctx.reporter.notify();
-            }
+    if !licensed {
+        let why = "local only: no licence was issued for this device (nothing to report)".to_owned();
+        if let Err(e) = ctx.journal.append_local_async(result, why).await {
+            tracing::error!(error = %e, device = device_id, "could not journal the device result");
         }
+        return;
+    }
+    match ctx.journal.append_async(result).await {
+        Ok(_) => ctx.reporter.notify(),
         Err(e) => tracing::error!(error = %e, device = device_id, "could not journal the device result"),
     }
 }

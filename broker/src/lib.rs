@@ -8,8 +8,9 @@
 //!   that spreads requests over several HSMs with failover, health probes and load shedding.
 //! - [`ledger`]: batches, quotas, one licence per (batch, device), install reports and the hash-chained
 //!   audit log, on SQLite or a PostgreSQL database shared by several brokers (group commit).
-//! - [`service`]: the gRPC services (licences, images, admin), caller authorisation by SPIFFE identity,
-//!   and the mapping of domain errors to gRPC statuses with machine-readable refusal reasons.
+//! - [`service`]: the gRPC services (licences, images, the stations' control stream, admin), caller
+//!   authorisation by SPIFFE identity, and the mapping of domain errors to gRPC statuses with
+//!   machine-readable refusal reasons.
 //! - [`config`]: `broker.toml` with `FLASHGATE_*` overrides.
 //! - [`server`]: starting, serving and gracefully stopping a broker.
 

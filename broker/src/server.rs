@@ -1,8 +1,9 @@
 //! Running a broker: [`start`] builds everything a [`BrokerConfig`] describes (ledger, HSM pool,
 //! vendor CA keys, revocation list, TLS, metrics exporter) and [`serve`] runs the gRPC services —
-//! `LicenceService`, `ImageService`, `AdminService`, gRPC health and server reflection — over mutual
-//! TLS until [`RunningBroker::shutdown`]. Shutdown is graceful: the listener closes, health turns
-//! NOT_SERVING, in-flight requests finish (bounded by `limits.shutdown_grace`), then the ledger's
+//! `LicenceService`, `ImageService`, `StationService`, `AdminService`, gRPC health and server
+//! reflection — over mutual TLS until [`RunningBroker::shutdown`]. Shutdown is graceful: the listener
+//! closes, health turns NOT_SERVING, station control streams end with `UNAVAILABLE` (agents reconnect
+//! elsewhere), in-flight requests finish (bounded by `limits.shutdown_grace`), then the ledger's
 //! pools close; a licence whose commit was answered is durable, and no request is cut mid-write.
 
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use flashgate_proto::transport::{self, RevokedSerials, TlsFiles, TransportError}
 use flashgate_proto::v1::admin_service_server::AdminServiceServer;
 use flashgate_proto::v1::image_service_server::ImageServiceServer;
 use flashgate_proto::v1::licence_service_server::LicenceServiceServer;
+use flashgate_proto::v1::station_service_server::StationServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -27,6 +29,7 @@ use crate::service::BrokerState;
 use crate::service::admin::Admin;
 use crate::service::image::Images;
 use crate::service::licence::Licences;
+use crate::service::station::{self, Stations};
 
 /// Why a broker could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +275,7 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<LicenceServiceServer<Licences>>().await;
     health.set_serving::<ImageServiceServer<Images>>().await;
+    health.set_serving::<StationServiceServer<Stations>>().await;
     health.set_serving::<AdminServiceServer<Admin>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -282,6 +286,7 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
         .add_service(reflection)
         .add_service(LicenceServiceServer::new(Licences::new(state.clone())).max_decoding_message_size(max))
         .add_service(ImageServiceServer::new(Images::new(state.clone())).max_decoding_message_size(max))
+        .add_service(StationServiceServer::new(Stations::new(state.clone())).max_decoding_message_size(max))
         .add_service(AdminServiceServer::new(Admin::new(state.clone())).max_decoding_message_size(max));
 
     // Revocations made by other brokers sharing the ledger.
@@ -300,18 +305,26 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
         })
     };
 
+    // Assignments made through other brokers sharing the ledger, for the stations attached here.
+    let poller = tokio::spawn(station::poll_assignments(state.clone(), station::ASSIGNMENT_POLL));
+
     let (tx, rx) = oneshot::channel::<()>();
     let name = spec.name;
+    let stations = state.clone();
     tracing::info!(broker = %name, %addr, revoked = n, "broker serving");
     let task = tokio::spawn(async move {
         let shutdown = async move {
             let _ = rx.await;
             health.set_not_serving::<LicenceServiceServer<Licences>>().await;
             health.set_not_serving::<ImageServiceServer<Images>>().await;
+            health.set_not_serving::<StationServiceServer<Stations>>().await;
             health.set_not_serving::<AdminServiceServer<Admin>>().await;
+            // Long-lived control streams would otherwise hold the graceful shutdown for its whole grace.
+            stations.stations().close();
         };
         let r = transport::serve(router, listener, tls, shutdown).await;
         refresher.abort();
+        poller.abort();
         tracing::info!(broker = %name, "broker stopped");
         r.map_err(ServerError::from)
     });

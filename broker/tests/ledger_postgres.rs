@@ -79,3 +79,12 @@ async fn ledger_pg_audit_tampering_is_detected() {
     let e = l.verify_audit().await.unwrap_err();
     assert!(matches!(e, LedgerError::AuditBroken { seq: 5, why: AuditFault::Edited }), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_pg_station_assignments_and_status_shared_by_two_brokers() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.create_db("stations");
+    let a = Ledger::open(&url).await.unwrap();
+    let b = Ledger::open(&url).await.unwrap();
+    check_station_control(&a, Some(&b)).await;
+}

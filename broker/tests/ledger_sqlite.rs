@@ -357,3 +357,11 @@ async fn ledger_rejects_in_memory_and_unknown_urls() {
     assert!(matches!(Ledger::open("sqlite::memory:").await, Err(LedgerError::Invalid { .. })));
     assert!(matches!(Ledger::open("mysql://x").await, Err(LedgerError::Invalid { .. })));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_station_assignments_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, url) = sqlite_ledger(&dir).await;
+    let other = Ledger::open(&url).await.unwrap();
+    check_station_control(&l, Some(&other)).await;
+}

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "flashgate", version, about, propagate_version = true)]
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `flashgate_sim=debug`. Default: `info`
-    /// for the daemons (`broker`), `warn` for everything else.
+    /// for the daemons (`broker`; `agent serve`'s assignments and broker link), `warn` for everything else.
     #[arg(long, global = true, env = "FLASHGATE_LOG")]
     log: Option<String>,
 
@@ -61,6 +61,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
         Command::Broker(_) => "info,sqlx=warn",
+        // The station daemon says what it was assigned and when the broker link drops or returns.
+        Command::Agent(commands::agent::AgentCommand::Serve(_)) => {
+            "warn,flashgate_agent::daemon=info,flashgate_agent::station=info"
+        }
         _ => "warn",
     };
     output::init_tracing(cli.log.as_deref().unwrap_or(default_filter), cli.log_format == "json");

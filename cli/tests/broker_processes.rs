@@ -10,121 +10,14 @@
 
 #[path = "../../broker/tests/support/pg.rs"]
 mod pg;
-
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod support;
 
 use flashgate_common::cert::{ChipKey, VendorCa};
 use flashgate_proto::errors::Refusal;
 use flashgate_proto::transport::{TlsFiles, client_config, connect};
 use flashgate_proto::v1::IssueLicenceRequest;
 use flashgate_proto::v1::licence_service_client::LicenceServiceClient;
-
-const BIN: &str = env!("CARGO_BIN_EXE_flashgate");
-const PASSPHRASE: &str = "correct horse battery staple";
-
-fn run(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .env("FLASHGATE_KEYSTORE_PASSPHRASE", PASSPHRASE)
-        .output()
-        .expect("run flashgate")
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = run(dir, args);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "flashgate {args:?} failed\nstdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-/// A `flashgate broker` child; SIGTERM on drop.
-struct BrokerProcess {
-    child: Child,
-    url: String,
-}
-
-impl BrokerProcess {
-    fn start(dir: &Path, config: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["--log", "info", "broker", "--config"])
-            .arg(config)
-            .current_dir(dir)
-            .env("FLASHGATE_KEYSTORE_PASSPHRASE", PASSPHRASE)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn broker");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = lines.next().expect("broker printed nothing").unwrap();
-        let addr = line
-            .split(" serving gRPC on ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line from broker: {line}"))
-            .to_owned();
-        // Keep draining stdout so the broker never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        BrokerProcess { child, url: format!("https://{addr}") }
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)
-            .unwrap();
-        let status = self.child.wait().unwrap();
-        std::mem::forget(self);
-        status
-    }
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn write_config(dir: &Path, name: &str, ledger_url: &str) -> PathBuf {
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            r#"name = "{name}"
-trust_domain = "factory.test"
-[listen]
-grpc = "127.0.0.1:0"
-[tls]
-cert = "pki/brokers/{name}.pem"
-key = "pki/brokers/{name}.key"
-ca = "pki/ca.pem"
-[vendor]
-ca_keys = ["vendor/vendor-ca.pub"]
-[ledger]
-url = "{ledger_url}"
-[hsm]
-timeout = "10s"
-[[hsm.members]]
-kind = "soft"
-path = "{name}.fgks"
-"#
-        ),
-    )
-    .unwrap();
-    path
-}
-
-fn admin(dir: &Path, url: &str, args: &[&str]) -> serde_json::Value {
-    let mut full = vec!["admin", "--broker", url, "--pki", "pki", "--name", "ops", "--json"];
-    full.extend_from_slice(args);
-    let out = ok(dir, &full);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("admin {args:?} printed no JSON ({e}): {out}"))
-}
+use support::{BrokerProcess, admin, ok, write_config};
 
 #[test]
 fn two_broker_processes_on_one_postgres_never_exceed_a_shared_quota() {

@@ -270,7 +270,7 @@ impl World {
         let running = serve(ServeSpec {
             name: spec.name,
             trust_domain: TRUST_DOMAIN.into(),
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen: spec.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             tls: self.pki.files(&TestPki::broker()),
             vendor_keys: spec.vendor_keys.unwrap_or_else(|| vec![self.vendor_key()]),
             ledger,
@@ -279,7 +279,8 @@ impl World {
         })
         .await
         .expect("serve broker");
-        TestBroker { world: self.clone(), running: Some(running), ledger_url, dir }
+        let addr = running.addr();
+        TestBroker { world: self.clone(), running: Some(running), addr, ledger_url, dir }
     }
 }
 
@@ -298,6 +299,8 @@ pub struct BrokerSpec {
     pub limits: LimitsConfig,
     /// Trusted vendor CA keys; `None`: the world's vendor CA.
     pub vendor_keys: Option<Vec<VendorCaPublicKey>>,
+    /// Address to listen on; `None`: an ephemeral port on 127.0.0.1.
+    pub listen: Option<SocketAddr>,
 }
 
 impl Default for BrokerSpec {
@@ -309,6 +312,7 @@ impl Default for BrokerSpec {
             pool: PoolConfig::default(),
             limits: LimitsConfig::default(),
             vendor_keys: None,
+            listen: None,
         }
     }
 }
@@ -320,6 +324,8 @@ pub struct TestBroker {
     /// The PKI, vendor CA and chips.
     pub world: Arc<World>,
     running: Option<RunningBroker>,
+    /// Where it served (kept after shutdown, for a successor on the same port).
+    addr: SocketAddr,
     ledger_url: String,
     dir: tempfile::TempDir,
 }
@@ -361,6 +367,27 @@ impl TestBroker {
     /// The broker's temporary directory (ledger file, soft keystore).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The soft keystore of a broker started with the default HSM pool (`members: None`).
+    pub fn keystore_path(&self) -> PathBuf {
+        self.dir().join("keys.fgks")
+    }
+
+    /// The spec of a broker that takes over from this one after [`TestBroker::shutdown`]: the same
+    /// ledger, the same soft keystore (reopened; only for brokers started with the default pool)
+    /// and the same address, so stations keep their endpoint.
+    pub fn successor_spec(&self, name: &str) -> BrokerSpec {
+        let keystore = self.keystore_path();
+        let soft = SoftHsm::open(&keystore, &Zeroizing::new("e2e".into()))
+            .unwrap_or_else(|e| panic!("reopen soft keystore {}: {e}", keystore.display()));
+        BrokerSpec {
+            name: name.into(),
+            ledger_url: Some(self.ledger_url.clone()),
+            members: Some(vec![Arc::new(soft) as Arc<dyn HsmBackend>]),
+            listen: Some(self.addr),
+            ..BrokerSpec::default()
+        }
     }
 
     /// Stops the broker gracefully (in-flight requests finish); the directory stays until drop.

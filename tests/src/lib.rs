@@ -1,5 +1,7 @@
 //! Cross-crate scenarios live in `tests/tests/`; this library holds shared test fixtures:
 //!
+//! - [`agent`]: the station agent in-process (journal, image cache, broker client, reporter,
+//!   `run_batch`) against simulated targets, and checks of what the targets hold afterwards.
 //! - [`broker`]: a development PKI, a test vendor CA and chips, brokers started in-process on
 //!   127.0.0.1 ephemeral ports with a chosen HSM pool and ledger, mutual-TLS station and admin
 //!   clients, and seeding a key, an image and a batch through `AdminService`.
@@ -8,6 +10,7 @@
 //! - [`pg`]: a throwaway PostgreSQL cluster (shared with the broker's ledger tests).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod agent;
 pub mod broker;
 pub mod hsm;
 pub mod softhsm;

@@ -169,6 +169,16 @@ pub enum LedgerError {
         /// Its id as given.
         id: String,
     },
+    /// The request conflicts with what the ledger holds (e.g. assigning a station a batch its site may not use).
+    #[error("{what} {id:?}: {why}")]
+    Precondition {
+        /// Kind of object, e.g. "batch".
+        what: &'static str,
+        /// Its id as given.
+        id: String,
+        /// Why the request cannot be carried out, naming the values involved.
+        why: String,
+    },
     /// An input value is invalid.
     #[error("invalid {field} {value:?}: {why}")]
     Invalid {

@@ -10,6 +10,9 @@
 //! - every security event is appended to the audit chain in the transaction that makes the change; if the
 //!   audit record cannot be written nothing is committed (fail closed).
 //!
+//! Station assignments (a batch or a pause, audited) and station status (what attached stations report;
+//! bookkeeping, not audited) let every broker on the ledger tell its attached stations what to run.
+//!
 //! Licence issues, refusals and install reports go through one group-commit writer task per ledger
 //! ([`writer`]); administrative changes run in their own short transactions. On PostgreSQL every writing
 //! transaction first locks the single `audit_head` row, which serialises writers across brokers.
@@ -32,9 +35,10 @@ use tokio::sync::{mpsc, oneshot};
 pub use audit::{AuditRecord, AuditSummary};
 pub use error::{AuditFault, LedgerError, RefusalReason};
 pub use model::{
-    ANY_SITE, Batch, BatchState, BatchStatus, DeviceHistory, ImageMeta, InstallOutcome, InstallReport, InstallRow,
-    IssueOutcome, IssueRecord, KeyListing, KeyRecord, LicenceRow, NewBatch, NewImage, Precheck, PrecheckRequest,
-    RefusalRecord, Revocation, StationCertSeen, StationSummary, now_ms,
+    ANY_SITE, Assignment, Batch, BatchState, BatchStatus, DeviceHistory, ImageMeta, InstallOutcome, InstallReport,
+    InstallRow, IssueOutcome, IssueRecord, KeyListing, KeyRecord, LicenceRow, NewBatch, NewImage, Precheck,
+    PrecheckRequest, RefusalRecord, Revocation, STATION_ONLINE_WINDOW_MS, StationCertSeen, StationProbe, StationStatus,
+    StationSummary, now_ms,
 };
 
 use audit::{AuditEvent, Head};
@@ -216,6 +220,64 @@ pub(crate) async fn load_image_meta(conn: &mut AnyConnection, sha256: &str) -> R
     let sql = format!("SELECT {IMAGE_COLUMNS} FROM images WHERE sha256 = $1");
     let row = sqlx::query(&sql).bind(sha256).fetch_optional(&mut *conn).await?;
     row.as_ref().map(image_from_row).transpose()
+}
+
+/// An integer 0/1 column as a flag.
+fn flag(r: &sqlx::any::AnyRow, idx: usize) -> Result<bool, sqlx::Error> {
+    Ok(r.try_get::<i64, _>(idx)? != 0)
+}
+
+/// The site of a station identity URI, or [`LedgerError::Invalid`] naming the URI.
+fn station_site(identity: &str) -> Result<String, LedgerError> {
+    match flashgate_common::pki::Identity::parse_uri(identity) {
+        Ok(flashgate_common::pki::Identity::Station { site, .. }) => Ok(site),
+        _ => Err(LedgerError::Invalid {
+            field: "station identity",
+            value: identity.to_owned(),
+            why: "expected spiffe://TD/site/SITE/station/N",
+        }),
+    }
+}
+
+const ASSIGNMENT_COLUMNS: &str = "identity, batch_id, paused, reason, revision, updated_at, updated_by";
+
+fn assignment_from_row(r: &sqlx::any::AnyRow) -> Result<Assignment, sqlx::Error> {
+    Ok(Assignment {
+        identity: r.try_get(0)?,
+        batch_id: r.try_get(1)?,
+        paused: flag(r, 2)?,
+        reason: r.try_get(3)?,
+        revision: r.try_get(4)?,
+        updated_at: r.try_get(5)?,
+        updated_by: r.try_get(6)?,
+    })
+}
+
+async fn load_assignment(conn: &mut AnyConnection, identity: &str) -> Result<Option<Assignment>, sqlx::Error> {
+    let sql = format!("SELECT {ASSIGNMENT_COLUMNS} FROM station_assignments WHERE identity = $1");
+    let row = sqlx::query(&sql).bind(identity).fetch_optional(&mut *conn).await?;
+    row.as_ref().map(assignment_from_row).transpose()
+}
+
+const STATUS_COLUMNS: &str = "identity, site, broker, session, attached, probes, current_batch, devices_ok, \
+     devices_failed, running, updated_at";
+
+fn status_from_row(r: &sqlx::any::AnyRow) -> Result<StationStatus, sqlx::Error> {
+    let probes: String = r.try_get(5)?;
+    let count = |idx: usize| -> Result<u64, sqlx::Error> { Ok(u64::try_from(r.try_get::<i64, _>(idx)?).unwrap_or(0)) };
+    Ok(StationStatus {
+        identity: r.try_get(0)?,
+        site: r.try_get(1)?,
+        broker: r.try_get(2)?,
+        session: r.try_get(3)?,
+        attached: flag(r, 4)?,
+        probes: serde_json::from_str(&probes).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        current_batch: r.try_get(6)?,
+        devices_ok: count(7)?,
+        devices_failed: count(8)?,
+        running: flag(r, 9)?,
+        updated_at: r.try_get(10)?,
+    })
 }
 
 /// `prefix` followed by `rows` groups of `cols` numbered placeholders: `($1, $2), ($3, $4)`.
@@ -988,6 +1050,164 @@ impl Ledger {
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(LedgerError::db(OP))
+    }
+
+    /// Assigns batch `batch_id` to the station `identity` (and lifts a pause) with a `station.assigned`
+    /// audit record. The batch must exist, not be closed, and allow the station's site.
+    pub async fn assign_station(&self, identity: &str, batch_id: &str, actor: &str) -> Result<Assignment, LedgerError> {
+        const OP: &str = "assign station";
+        let site = station_site(identity)?;
+        let (mut tx, mut head) =
+            begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
+        let batch = load_batch(&mut tx, batch_id)
+            .await
+            .map_err(LedgerError::db(OP))?
+            .ok_or_else(|| LedgerError::NotFound { what: "batch", id: batch_id.to_owned() })?;
+        if batch.state == BatchState::Closed {
+            return Err(LedgerError::Precondition {
+                what: "batch",
+                id: batch_id.to_owned(),
+                why: format!("is closed and cannot be assigned to {identity}"),
+            });
+        }
+        if !batch.allowed_sites.iter().any(|s| s == ANY_SITE || *s == site) {
+            return Err(LedgerError::Precondition {
+                what: "batch",
+                id: batch_id.to_owned(),
+                why: format!(
+                    "cannot be assigned to {identity}: site {site:?} is not among its allowed sites {:?}",
+                    batch.allowed_sites
+                ),
+            });
+        }
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO station_assignments (identity, batch_id, paused, reason, revision, updated_at, updated_by) \
+             VALUES ($1, $2, 0, '', 1, $3, $4) ON CONFLICT (identity) DO UPDATE SET batch_id = excluded.batch_id, \
+             paused = 0, reason = '', revision = station_assignments.revision + 1, \
+             updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+        )
+        .bind(identity)
+        .bind(batch_id)
+        .bind(now)
+        .bind(actor)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::db(OP))?;
+        let details = serde_json::json!({"batch_id": batch_id, "site": site});
+        let ev = AuditEvent { actor, event: "station.assigned", subject: format!("station/{identity}"), details };
+        audit::append(&mut tx, &mut head, now, ev).await.map_err(LedgerError::db(OP))?;
+        let assignment = load_assignment(&mut tx, identity).await.map_err(LedgerError::db(OP))?;
+        commit_write(tx, &head, OP).await?;
+        assignment.ok_or_else(|| LedgerError::NotFound { what: "station assignment", id: identity.to_owned() })
+    }
+
+    /// Pauses the station `identity` (its assigned batch, if any, stays recorded) with a `station.paused`
+    /// audit record. Assigning a batch again lifts the pause.
+    pub async fn pause_station(&self, identity: &str, reason: &str, actor: &str) -> Result<Assignment, LedgerError> {
+        const OP: &str = "pause station";
+        let site = station_site(identity)?;
+        let (mut tx, mut head) =
+            begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO station_assignments (identity, batch_id, paused, reason, revision, updated_at, updated_by) \
+             VALUES ($1, '', 1, $2, 1, $3, $4) ON CONFLICT (identity) DO UPDATE SET paused = 1, \
+             reason = excluded.reason, revision = station_assignments.revision + 1, \
+             updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+        )
+        .bind(identity)
+        .bind(reason)
+        .bind(now)
+        .bind(actor)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::db(OP))?;
+        let assignment = load_assignment(&mut tx, identity)
+            .await
+            .map_err(LedgerError::db(OP))?
+            .ok_or_else(|| LedgerError::NotFound { what: "station assignment", id: identity.to_owned() })?;
+        let details = serde_json::json!({"reason": reason, "batch_id": assignment.batch_id, "site": site});
+        let ev = AuditEvent { actor, event: "station.paused", subject: format!("station/{identity}"), details };
+        audit::append(&mut tx, &mut head, now, ev).await.map_err(LedgerError::db(OP))?;
+        commit_write(tx, &head, OP).await?;
+        Ok(assignment)
+    }
+
+    /// The assignment of the station `identity`, if an operator ever made one.
+    pub async fn station_assignment(&self, identity: &str) -> Result<Option<Assignment>, LedgerError> {
+        let mut conn = self.read_conn().await?;
+        load_assignment(&mut conn, identity).await.map_err(LedgerError::db("read station assignment"))
+    }
+
+    /// Every station assignment, by identity.
+    pub async fn station_assignments(&self) -> Result<Vec<Assignment>, LedgerError> {
+        const OP: &str = "list station assignments";
+        let mut conn = self.read_conn().await?;
+        let sql = format!("SELECT {ASSIGNMENT_COLUMNS} FROM station_assignments ORDER BY identity");
+        let rows = sqlx::query(&sql).fetch_all(&mut *conn).await.map_err(LedgerError::db(OP))?;
+        rows.iter().map(assignment_from_row).collect::<Result<_, _>>().map_err(LedgerError::db(OP))
+    }
+
+    /// Writes (inserts or replaces) the status of `status.identity`. Bookkeeping written on heartbeats
+    /// (callers rate-limit it); not audited.
+    pub async fn put_station_status(&self, status: &StationStatus) -> Result<(), LedgerError> {
+        const OP: &str = "record station status";
+        let probes = serde_json::to_string(&status.probes).map_err(|_| LedgerError::Invalid {
+            field: "station probes",
+            value: format!("{:?}", status.probes),
+            why: "not serialisable",
+        })?;
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        sqlx::query(
+            "INSERT INTO station_status (identity, site, broker, session, attached, probes, current_batch, \
+             devices_ok, devices_failed, running, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             ON CONFLICT (identity) DO UPDATE SET site = excluded.site, broker = excluded.broker, \
+             session = excluded.session, attached = excluded.attached, probes = excluded.probes, \
+             current_batch = excluded.current_batch, devices_ok = excluded.devices_ok, \
+             devices_failed = excluded.devices_failed, running = excluded.running, updated_at = excluded.updated_at",
+        )
+        .bind(&status.identity)
+        .bind(&status.site)
+        .bind(&status.broker)
+        .bind(&status.session)
+        .bind(i64::from(status.attached))
+        .bind(probes)
+        .bind(&status.current_batch)
+        .bind(count(status.devices_ok))
+        .bind(count(status.devices_failed))
+        .bind(i64::from(status.running))
+        .bind(status.updated_at)
+        .execute(&self.inner.write)
+        .await
+        .map_err(LedgerError::db(OP))?;
+        Ok(())
+    }
+
+    /// Marks the station `identity` detached, unless another stream (`session`) has written its status
+    /// since (it reattached, possibly to another broker). Returns whether the row was changed.
+    pub async fn mark_station_detached(&self, identity: &str, session: &str) -> Result<bool, LedgerError> {
+        let n = sqlx::query(
+            "UPDATE station_status SET attached = 0, running = 0, updated_at = $3 \
+             WHERE identity = $1 AND session = $2",
+        )
+        .bind(identity)
+        .bind(session)
+        .bind(now_ms())
+        .execute(&self.inner.write)
+        .await
+        .map_err(LedgerError::db("mark station detached"))?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
+    /// The last status of every station that ever attached, by identity.
+    pub async fn station_statuses(&self) -> Result<Vec<StationStatus>, LedgerError> {
+        const OP: &str = "list station status";
+        let mut conn = self.read_conn().await?;
+        let sql = format!("SELECT {STATUS_COLUMNS} FROM station_status ORDER BY identity");
+        let rows = sqlx::query(&sql).fetch_all(&mut *conn).await.map_err(LedgerError::db(OP))?;
+        rows.iter().map(status_from_row).collect::<Result<_, _>>().map_err(LedgerError::db(OP))
     }
 
     /// Up to `limit` audit records after `after_seq`, in order.

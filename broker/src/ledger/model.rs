@@ -1,5 +1,5 @@
 //! Plain data types exchanged with the ledger: batches, issue requests and outcomes, install reports, keys,
-//! images and revocations. No database access lives here.
+//! images, revocations, and station assignments and status. No database access lives here.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -442,6 +442,74 @@ pub struct Revocation {
     pub revoked_by: String,
 }
 
+/// How long after its last report a station attached to a broker still counts as online (ms).
+pub const STATION_ONLINE_WINDOW_MS: i64 = 15_000;
+
+/// What an operator decided for a station: a batch to run, or a pause. Audited when changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    /// Station identity URI.
+    pub identity: String,
+    /// Batch assigned (`""` when only a pause was ever recorded).
+    pub batch_id: String,
+    /// Paused: the station finishes devices in flight and starts no new ones.
+    pub paused: bool,
+    /// Why it was paused (`""` when not paused).
+    pub reason: String,
+    /// Incremented by the ledger on every change; brokers push an assignment whose revision is newer than
+    /// the one they last sent (independent of the brokers' clocks).
+    pub revision: i64,
+    /// When it last changed (ms since epoch).
+    pub updated_at: i64,
+    /// Who changed it (admin identity URI).
+    pub updated_by: String,
+}
+
+/// A probe a station reported (stored as a JSON array in `station_status.probes`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct StationProbe {
+    /// Stable probe id on the station.
+    pub probe_id: String,
+    /// `usb-serial`, `serial`, `tcp`, `sim`.
+    pub kind: String,
+    /// Port the probe is reached on.
+    pub port: String,
+}
+
+/// The last report of a station attached to a broker (bookkeeping, not audited).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StationStatus {
+    /// Station identity URI.
+    pub identity: String,
+    /// Its site.
+    pub site: String,
+    /// Name of the broker it is (or was last) attached to.
+    pub broker: String,
+    /// That broker's id of the Attach stream: only that stream may mark the station offline.
+    pub session: String,
+    /// The stream is open (false once it ended).
+    pub attached: bool,
+    /// Probes it reported.
+    pub probes: Vec<StationProbe>,
+    /// Batch the agent reports running (`""` idle).
+    pub current_batch: String,
+    /// Devices installed since the agent started.
+    pub devices_ok: u64,
+    /// Devices failed (refusals included) since the agent started.
+    pub devices_failed: u64,
+    /// A batch is running.
+    pub running: bool,
+    /// When it was written (ms since epoch).
+    pub updated_at: i64,
+}
+
+impl StationStatus {
+    /// Attached and reported within [`STATION_ONLINE_WINDOW_MS`] of `now`.
+    pub fn online(&self, now: i64) -> bool {
+        self.attached && now.saturating_sub(self.updated_at) <= STATION_ONLINE_WINDOW_MS
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,5 +545,13 @@ mod tests {
         let mut p = b;
         p.state = BatchState::Paused;
         assert_eq!(p.check(150, "lyon", "46201002").unwrap_err().0, RefusalReason::BatchPaused);
+    }
+
+    #[test]
+    fn online_needs_attachment_and_a_recent_report() {
+        let s = StationStatus { attached: true, updated_at: 1_000, ..Default::default() };
+        assert!(s.online(1_000 + STATION_ONLINE_WINDOW_MS));
+        assert!(!s.online(1_001 + STATION_ONLINE_WINDOW_MS));
+        assert!(!StationStatus { attached: false, ..s }.online(1_000));
     }
 }

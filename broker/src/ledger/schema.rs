@@ -13,10 +13,12 @@ use super::error::LedgerError;
 const SQLITE: &[(i64, &str, &str)] = &[
     (1, "ledger", include_str!("../../migrations/sqlite/0001_ledger.sql")),
     (2, "images stations", include_str!("../../migrations/sqlite/0002_images_stations.sql")),
+    (3, "station control", include_str!("../../migrations/sqlite/0003_station_control.sql")),
 ];
 const POSTGRES: &[(i64, &str, &str)] = &[
     (1, "ledger", include_str!("../../migrations/postgres/0001_ledger.sql")),
     (2, "images stations", include_str!("../../migrations/postgres/0002_images_stations.sql")),
+    (3, "station control", include_str!("../../migrations/postgres/0003_station_control.sql")),
 ];
 
 fn migrator(dialect: Dialect) -> Migrator {

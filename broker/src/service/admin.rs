@@ -1,6 +1,7 @@
 //! `AdminService`: what operators do — firmware keys (generated in or imported into the HSM pool),
 //! images (uploaded ciphertext, or plaintext packed inside the HSM under a fresh nonce and never
-//! stored), batches, device history, stations and revocation, the audit log and HSM status. Every
+//! stored), batches, device history, stations (their certificates and counts, whether they are attached,
+//! and the batch assigned to each, or a pause) and revocation, the audit log and HSM status. Every
 //! RPC requires an admin identity; every change is audited by the ledger with that identity as actor.
 
 use std::pin::Pin;
@@ -10,6 +11,7 @@ use std::time::Instant;
 use flashgate_common::family::Family;
 use flashgate_common::keyfile::fresh_nonce;
 use flashgate_common::licence::KeyId;
+use flashgate_common::pki::Identity;
 use flashgate_common::sfi::{AreaType, FirmwareKey, ImageReader, PlainArea, ReaderOptions, expected_flash_crc};
 use flashgate_proto::transport::normalize_serial;
 use flashgate_proto::v1 as pb;
@@ -22,9 +24,12 @@ use tracing::Instrument;
 use zeroize::Zeroizing;
 
 use super::licence::observe;
+use super::station::probe_info;
 use super::status::{hsm_status, ledger_status};
 use super::{BrokerState, auth};
-use crate::ledger::{Batch, BatchState, BatchStatus, ImageMeta, KeyRecord, LedgerError, NewBatch, NewImage};
+use crate::ledger::{
+    Batch, BatchState, BatchStatus, ImageMeta, KeyRecord, LedgerError, NewBatch, NewImage, StationSummary, now_ms,
+};
 
 /// The `AdminService` implementation.
 #[derive(Debug, Clone)]
@@ -103,6 +108,33 @@ fn batch_info(b: &Batch, counts: Option<&BatchStatus>) -> pb::BatchInfo {
     }
 }
 
+/// A station's certificates and counts; the live fields are filled in by [`Admin::station_infos`].
+fn station_summary_info(s: StationSummary, revs: &[crate::ledger::Revocation]) -> pb::StationInfo {
+    pb::StationInfo {
+        last_seen_ms: s.certificates.iter().map(|c| c.last_seen).max().unwrap_or(0),
+        certificates: s
+            .certificates
+            .iter()
+            .map(|c| {
+                let rev = revs.iter().find(|r| normalize_serial(&r.serial) == c.serial);
+                pb::StationCert {
+                    serial: c.serial.clone(),
+                    first_seen_ms: c.first_seen,
+                    last_seen_ms: c.last_seen,
+                    revoked: rev.is_some(),
+                    revoked_reason: rev.map(|r| r.reason.clone()).unwrap_or_default(),
+                }
+            })
+            .collect(),
+        identity: s.identity,
+        site: s.site,
+        licences: s.licences,
+        installs_ok: s.installs_ok,
+        installs_failed: s.installs_failed,
+        ..Default::default()
+    }
+}
+
 type AuditStream = Pin<Box<dyn Stream<Item = Result<pb::AuditRecord, Status>> + Send + 'static>>;
 
 impl Admin {
@@ -157,6 +189,73 @@ impl Admin {
     async fn batch_with_counts(&self, id: &str) -> Result<pb::BatchInfo, Status> {
         let s = self.state.ledger().batch_status(id).await.map_err(lst)?;
         Ok(batch_info(&s.batch, Some(&s)))
+    }
+
+    /// The canonical URI of a station of this trust domain named by `uri`, or `INVALID_ARGUMENT`.
+    fn station_uri(&self, uri: &str) -> Result<String, Status> {
+        let id = Identity::parse_uri(uri).map_err(|e| Status::invalid_argument(format!("station {uri:?}: {e}")))?;
+        if !matches!(id, Identity::Station { .. }) {
+            return Err(Status::invalid_argument(format!(
+                "{uri} is a {} identity, not a station (spiffe://TD/site/SITE/station/N)",
+                id.role()
+            )));
+        }
+        if id.trust_domain() != self.state.trust_domain() {
+            return Err(Status::invalid_argument(format!(
+                "station {uri} is not in this broker's trust domain {}",
+                self.state.trust_domain()
+            )));
+        }
+        Ok(id.to_uri())
+    }
+
+    /// Every station the ledger knows — by certificate, licence, install report, status or
+    /// assignment — with its counts, live status and assignment, by identity.
+    async fn station_infos(&self) -> Result<Vec<pb::StationInfo>, Status> {
+        let ledger = self.state.ledger();
+        let revs = ledger.revocations().await.map_err(lst)?;
+        let summaries = ledger.stations().await.map_err(lst)?;
+        let statuses = ledger.station_statuses().await.map_err(lst)?;
+        let assignments = ledger.station_assignments().await.map_err(lst)?;
+        let mut map: std::collections::BTreeMap<String, pb::StationInfo> =
+            summaries.into_iter().map(|s| (s.identity.clone(), station_summary_info(s, &revs))).collect();
+        let site_of = |identity: &str| match Identity::parse_uri(identity) {
+            Ok(Identity::Station { site, .. }) => site,
+            _ => String::new(),
+        };
+        let now = now_ms();
+        for st in statuses {
+            let info = map.entry(st.identity.clone()).or_insert_with(|| pb::StationInfo {
+                identity: st.identity.clone(),
+                site: st.site.clone(),
+                ..Default::default()
+            });
+            info.online = st.online(now);
+            info.broker = if info.online { st.broker.clone() } else { String::new() };
+            info.probes = st.probes.iter().map(probe_info).collect();
+            info.current_batch = st.current_batch.clone();
+            info.devices_ok = st.devices_ok;
+            info.devices_failed = st.devices_failed;
+        }
+        for a in assignments {
+            let info = map.entry(a.identity.clone()).or_insert_with(|| pb::StationInfo {
+                site: site_of(&a.identity),
+                identity: a.identity.clone(),
+                ..Default::default()
+            });
+            info.assigned_batch = a.batch_id;
+            info.paused = a.paused;
+        }
+        Ok(map.into_values().collect())
+    }
+
+    /// One station as [`Admin::station_infos`] lists it.
+    async fn station_info(&self, identity: &str) -> Result<pb::StationInfo, Status> {
+        self.station_infos()
+            .await?
+            .into_iter()
+            .find(|s| s.identity == identity)
+            .ok_or_else(|| Status::not_found(format!("station {identity} is not known to the ledger")))
     }
 }
 
@@ -411,35 +510,38 @@ impl AdminService for Admin {
         req: Request<pb::ListStationsRequest>,
     ) -> Result<Response<pb::ListStationsResponse>, Status> {
         rpc!("ListStations", self, req, |_caller, _body| {
-            let revs = self.state.ledger().revocations().await.map_err(lst)?;
-            let stations = self.state.ledger().stations().await.map_err(lst)?;
-            Ok(pb::ListStationsResponse {
-                stations: stations
-                    .into_iter()
-                    .map(|s| pb::StationInfo {
-                        last_seen_ms: s.certificates.iter().map(|c| c.last_seen).max().unwrap_or(0),
-                        certificates: s
-                            .certificates
-                            .iter()
-                            .map(|c| {
-                                let rev = revs.iter().find(|r| normalize_serial(&r.serial) == c.serial);
-                                pb::StationCert {
-                                    serial: c.serial.clone(),
-                                    first_seen_ms: c.first_seen,
-                                    last_seen_ms: c.last_seen,
-                                    revoked: rev.is_some(),
-                                    revoked_reason: rev.map(|r| r.reason.clone()).unwrap_or_default(),
-                                }
-                            })
-                            .collect(),
-                        identity: s.identity,
-                        site: s.site,
-                        licences: s.licences,
-                        installs_ok: s.installs_ok,
-                        installs_failed: s.installs_failed,
-                    })
-                    .collect(),
-            })
+            Ok(pb::ListStationsResponse { stations: self.station_infos().await? })
+        })
+    }
+
+    async fn assign_station(
+        &self,
+        req: Request<pb::AssignStationRequest>,
+    ) -> Result<Response<pb::StationInfo>, Status> {
+        rpc!("AssignStation", self, req, |caller, body| {
+            let station = self.station_uri(&body.station)?;
+            if body.batch_id.is_empty() {
+                return Err(Status::invalid_argument(format!("no batch given to assign to {station}")));
+            }
+            let a = self
+                .state
+                .ledger()
+                .assign_station(&station, &body.batch_id, &caller.uri)
+                .await
+                .map_err(|e| ledger_status(e, &body.batch_id, ""))?;
+            self.state.stations().publish(a);
+            tracing::info!(station = %station, batch = %body.batch_id, "batch assigned to station");
+            self.station_info(&station).await
+        })
+    }
+
+    async fn pause_station(&self, req: Request<pb::PauseStationRequest>) -> Result<Response<pb::StationInfo>, Status> {
+        rpc!("PauseStation", self, req, |caller, body| {
+            let station = self.station_uri(&body.station)?;
+            let a = self.state.ledger().pause_station(&station, &body.reason, &caller.uri).await.map_err(lst)?;
+            self.state.stations().publish(a);
+            tracing::info!(station = %station, reason = %body.reason, "station paused");
+            self.station_info(&station).await
         })
     }
 

@@ -212,6 +212,20 @@ impl Licences {
                 &r.device_id,
             ));
         }
+        // Installs are counted for licensed devices only: a report for a device the batch never
+        // licensed is refused (the station's reporter marks it rejected and moves on).
+        if st
+            .ledger()
+            .licence(&r.batch_id, &r.device_id)
+            .await
+            .map_err(|e| ledger_status(e, &r.batch_id, &r.device_id))?
+            .is_none()
+        {
+            return Err(Status::failed_precondition(format!(
+                "device {} holds no licence of batch {:?}: there is no install to report",
+                r.device_id, r.batch_id
+            )));
+        }
         let mut timings = serde_json::Map::new();
         for t in &r.timings {
             timings.insert(format!("{}_us", t.stage), serde_json::Value::from(t.micros));

@@ -1,6 +1,6 @@
 //! The broker's gRPC services over the HSM pool and the ledger: [`licence::Licences`]
-//! (`LicenceService`, stations), [`image::Images`] (`ImageService`, stations) and [`admin::Admin`]
-//! (`AdminService`, operators). This module owns what they share: [`BrokerState`], who the caller is
+//! (`LicenceService`, stations), [`image::Images`] (`ImageService`, stations), [`station::Stations`]
+//! (`StationService`, the stations' control stream) and [`admin::Admin`] (`AdminService`, operators). This module owns what they share: [`BrokerState`], who the caller is
 //! ([`auth`]), and how domain errors become gRPC statuses ([`status`]) — the only place that mapping
 //! happens.
 
@@ -8,6 +8,7 @@ pub mod admin;
 pub mod auth;
 pub mod image;
 pub mod licence;
+pub mod station;
 pub mod status;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use flashgate_common::cert::VendorCaPublicKey;
 use flashgate_proto::transport::RevokedSerials;
 
+use self::station::StationHub;
 use crate::hsm::HsmPool;
 use crate::ledger::{ImageMeta, Ledger, LedgerError};
 
@@ -34,6 +36,8 @@ pub mod metric {
     pub const INSTALLS: &str = "flashgate_install_reports_total";
     /// Counter: image bytes streamed to stations.
     pub const IMAGE_BYTES: &str = "flashgate_image_bytes_sent_total";
+    /// Gauge: stations attached to this broker over `StationService.Attach`.
+    pub const STATIONS_ATTACHED: &str = "flashgate_stations_attached";
 }
 
 /// Everything the services share. Cheap to clone (an `Arc` inside).
@@ -53,6 +57,8 @@ struct StateInner {
     images: RwLock<HashMap<String, ImageMeta>>,
     /// When each (identity, serial) was last written to the ledger's stations table.
     stations_noted: Mutex<HashMap<(String, String), Instant>>,
+    /// Stations attached to this broker and the latest station assignments.
+    stations: StationHub,
 }
 
 impl std::fmt::Debug for BrokerState {
@@ -89,6 +95,7 @@ impl BrokerState {
                 revoked,
                 images: RwLock::new(HashMap::new()),
                 stations_noted: Mutex::new(HashMap::new()),
+                stations: StationHub::new(),
             }),
         }
     }
@@ -106,6 +113,11 @@ impl BrokerState {
     /// The ledger.
     pub fn ledger(&self) -> &Ledger {
         &self.inner.ledger
+    }
+
+    /// The stations attached to this broker and the latest station assignments.
+    pub fn stations(&self) -> &StationHub {
+        &self.inner.stations
     }
 
     /// The HSM pool.

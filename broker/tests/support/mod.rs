@@ -260,3 +260,82 @@ pub async fn check_fail_closed(l: &Ledger, url: &str) {
     assert_eq!(l.batch("closed-fail").await.unwrap().issued, 1);
     l.verify_audit().await.unwrap();
 }
+
+/// Station assignments (audited, validated against the batch) and station status (upserted, detached
+/// only by the stream that wrote it), on `l` — and, when given, as seen by `other` on the same database.
+pub async fn check_station_control(l: &Ledger, other: Option<&Ledger>) {
+    use flashgate_broker::ledger::{StationProbe, StationStatus, now_ms};
+    let station = format!("spiffe://factory.test/site/{SITE}/station/1");
+    let elsewhere = "spiffe://factory.test/site/porto/station/1";
+    seed(l, "sc", 10, &[SITE], (None, None)).await;
+    seed(l, "sc-any", 10, &["*"], (None, None)).await;
+    seed(l, "sc-closed", 10, &[SITE], (None, None)).await;
+    l.set_batch_state("sc-closed", BatchState::Closed, "admin").await.unwrap();
+    assert_eq!(l.station_assignment(&station).await.unwrap(), None);
+
+    // Refusals name what failed and change nothing.
+    let e = l.assign_station(&station, "nope", "admin").await.unwrap_err();
+    assert!(matches!(e, LedgerError::NotFound { what: "batch", .. }), "{e}");
+    let e = l.assign_station("spiffe://factory.test/admin/ops", "sc", "admin").await.unwrap_err();
+    assert!(matches!(e, LedgerError::Invalid { field: "station identity", .. }), "{e}");
+    let e = l.assign_station(elsewhere, "sc", "admin").await.unwrap_err();
+    assert!(matches!(e, LedgerError::Precondition { .. }) && e.to_string().contains("\"porto\""), "{e}");
+    let e = l.assign_station(&station, "sc-closed", "admin").await.unwrap_err();
+    assert!(matches!(e, LedgerError::Precondition { .. }) && e.to_string().contains("closed"), "{e}");
+    assert!(l.station_assignments().await.unwrap().is_empty());
+
+    // Assign, pause (the batch stays recorded), assign again: each change is a new revision.
+    let a = l.assign_station(&station, "sc", "admin").await.unwrap();
+    assert_eq!((a.batch_id.as_str(), a.paused, a.revision, a.updated_by.as_str()), ("sc", false, 1, "admin"));
+    let p = l.pause_station(&station, "line stop", "ops").await.unwrap();
+    assert_eq!((p.batch_id.as_str(), p.paused, p.reason.as_str(), p.revision), ("sc", true, "line stop", 2));
+    let b = l.assign_station(elsewhere, "sc-any", "admin").await.unwrap();
+    assert_eq!(b.revision, 1);
+    let pause_only = l.pause_station("spiffe://factory.test/site/lyon/station/2", "", "admin").await.unwrap();
+    assert_eq!((pause_only.batch_id.as_str(), pause_only.paused), ("", true));
+    let again = l.assign_station(&station, "sc", "admin").await.unwrap();
+    assert_eq!((again.paused, again.reason.as_str(), again.revision), (false, "", 3));
+    let reader = other.unwrap_or(l);
+    assert_eq!(reader.station_assignment(&station).await.unwrap(), Some(again));
+    assert_eq!(reader.station_assignments().await.unwrap().len(), 3);
+    let events = l.audit_page(0, 10_000).await.unwrap();
+    let count = |ev: &str| events.iter().filter(|r| r.event == ev).count();
+    assert_eq!((count("station.assigned"), count("station.paused")), (3, 2));
+    let paused = events.iter().find(|r| r.event == "station.paused").unwrap();
+    assert_eq!(paused.subject, format!("station/{station}"));
+    assert!(paused.details.contains("line stop") && paused.actor == "ops", "{paused:?}");
+    l.verify_audit().await.unwrap();
+
+    // Status: upserted, online while attached and fresh, detached only by its own session.
+    let now = now_ms();
+    let mut s = StationStatus {
+        identity: station.clone(),
+        site: SITE.into(),
+        broker: "broker-a".into(),
+        session: "s1".into(),
+        attached: true,
+        probes: vec![StationProbe { probe_id: "p0".into(), kind: "sim".into(), port: "tcp://127.0.0.1:7000".into() }],
+        current_batch: "sc".into(),
+        devices_ok: 3,
+        devices_failed: 1,
+        running: true,
+        updated_at: now,
+    };
+    l.put_station_status(&s).await.unwrap();
+    assert_eq!(reader.station_statuses().await.unwrap(), vec![s.clone()]);
+    assert!(s.online(now_ms()));
+    // The station reattached (to another broker): the old stream's end must not mark it offline.
+    s.session = "s2".into();
+    s.broker = "broker-b".into();
+    s.devices_ok = 4;
+    l.put_station_status(&s).await.unwrap();
+    assert!(!l.mark_station_detached(&station, "s1").await.unwrap());
+    let got = reader.station_statuses().await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].online(now_ms()) && got[0].broker == "broker-b" && got[0].devices_ok == 4, "{got:?}");
+    assert!(l.mark_station_detached(&station, "s2").await.unwrap());
+    let got = reader.station_statuses().await.unwrap();
+    assert!(!got[0].attached && !got[0].online(now_ms()) && got[0].probes == s.probes, "{got:?}");
+    // Status is bookkeeping: not audited.
+    assert_eq!(l.audit_page(0, 10_000).await.unwrap().len(), events.len());
+}

@@ -11,6 +11,7 @@ use std::time::UNIX_EPOCH;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{ArgGroup, Args, Subcommand};
 use flashgate_common::family::Family;
+use flashgate_common::pki::{self, Identity};
 use flashgate_common::{firmware, keyfile, sfi};
 use flashgate_proto::v1 as pb;
 use flashgate_proto::v1::admin_service_client::AdminServiceClient;
@@ -48,9 +49,9 @@ pub enum AdminCommand {
     Batch(BatchCommand),
     /// Licences and install reports of one device.
     Device(DeviceArgs),
-    /// Stations seen by the ledger, with their certificates and counts.
+    /// Stations known to the ledger: certificates, counts, whether attached, assigned batch.
     Stations,
-    /// Station certificates.
+    /// Assign a batch to a station, pause it, or revoke its certificates.
     #[command(subcommand)]
     Station(StationCommand),
     /// The audit hash chain.
@@ -205,6 +206,21 @@ pub struct DeviceArgs {
 pub enum StationCommand {
     /// Revoke one certificate, or every certificate seen for a station identity.
     Revoke(RevokeArgs),
+    /// Assign a batch to a station (lifts a pause); the station starts it on every probe.
+    Assign {
+        /// Station: its identity URI (spiffe://TD/site/SITE/station/N) or SITE/N in the admin's trust domain.
+        station: String,
+        /// Batch id.
+        batch: String,
+    },
+    /// Pause a station: devices in flight finish, no new ones start until it is assigned again.
+    Pause {
+        /// Station: its identity URI (spiffe://TD/site/SITE/station/N) or SITE/N in the admin's trust domain.
+        station: String,
+        /// Why (recorded in the audit chain and shown on the station).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 /// Arguments of `flashgate admin station revoke`.
@@ -300,6 +316,42 @@ pub fn check_window(not_before: Option<i64>, not_after: Option<i64>) -> Result<(
     }
 }
 
+/// A station named on the command line as its identity URI (checked: a station), or as `SITE/N`
+/// expanded in `trust_domain` (`None` when the admin's trust domain is unknown: then only URIs work).
+pub fn station_uri(spec: &str, trust_domain: Option<&str>) -> Result<String> {
+    let t = spec.trim();
+    let uri = if t.starts_with("spiffe://") {
+        t.to_string()
+    } else {
+        let Some((site, n)) = t.split_once('/') else {
+            bail!("station {spec:?}: expected spiffe://TD/site/SITE/station/N or SITE/N (e.g. berlin/1)");
+        };
+        let Some(td) = trust_domain else {
+            bail!("station {spec:?}: the trust domain is unknown; give the full spiffe:// URI");
+        };
+        format!("spiffe://{td}/site/{site}/station/{n}")
+    };
+    match Identity::parse_uri(&uri).with_context(|| format!("station {spec:?}"))? {
+        id @ Identity::Station { .. } => Ok(id.to_uri()),
+        other => bail!("station {spec:?}: {} is a {} identity, not a station", other.to_uri(), other.role()),
+    }
+}
+
+/// The trust domain of the admin identity the connection flags name: from the CA of `--pki`, or
+/// from the `--cert` certificate's URI. `None` when neither is given (the connection fails anyway).
+fn admin_trust_domain(conn: &ConnectArgs) -> Result<Option<String>> {
+    if let Some(dir) = &conn.pki {
+        let td =
+            pki::ca_trust_domain(dir).with_context(|| format!("reading the trust domain of PKI {}", dir.display()))?;
+        return Ok(Some(td));
+    }
+    if let Some(cert) = &conn.cert {
+        let info = pki::read_cert_info(cert).with_context(|| format!("reading the identity of {}", cert.display()))?;
+        return Ok(Some(info.identity.trust_domain().to_string()));
+    }
+    Ok(None)
+}
+
 /// Lowercase short name of a batch state: `open`, `paused`, `closed`, `unspecified`, or the number.
 pub fn state_name(state: i32) -> String {
     match pb::BatchState::try_from(state) {
@@ -326,7 +378,7 @@ fn product_or_default(product: Option<String>, family: Family) -> String {
 /// Run `flashgate admin …`.
 pub async fn run(args: AdminArgs) -> Result<()> {
     // Check local inputs before connecting, so a typo costs no handshake.
-    let prepared = prepare(&args.command)?;
+    let prepared = prepare(&args.command, &args.conn)?;
     let channel = args.conn.channel().await?;
     let mut client = AdminServiceClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES);
     let json = args.json;
@@ -337,6 +389,7 @@ pub async fn run(args: AdminArgs) -> Result<()> {
         AdminCommand::Device(a) => device(&mut client, &a.device_id, json).await,
         AdminCommand::Stations => stations(&mut client, json).await,
         AdminCommand::Station(StationCommand::Revoke(a)) => revoke(&mut client, a, json).await,
+        AdminCommand::Station(cmd) => station(&mut client, cmd, prepared, json).await,
         AdminCommand::Audit(AuditCommand::Export { out, after }) => audit_export(&mut client, out, after).await,
         AdminCommand::Audit(AuditCommand::Verify) => audit_verify(&mut client, json).await,
         AdminCommand::Hsm => hsm(&mut client, json).await,
@@ -355,10 +408,16 @@ enum Prepared {
     },
     /// The areas of `image pack`.
     Pack(Vec<sfi::PlainArea>),
+    /// The station URI of `station assign` / `station pause`.
+    Station(String),
 }
 
-fn prepare(command: &AdminCommand) -> Result<Prepared> {
+fn prepare(command: &AdminCommand, conn: &ConnectArgs) -> Result<Prepared> {
     Ok(match command {
+        AdminCommand::Station(StationCommand::Assign { station, .. } | StationCommand::Pause { station, .. }) => {
+            let td = if station.trim().starts_with("spiffe://") { None } else { admin_trust_domain(conn)? };
+            Prepared::Station(station_uri(station, td.as_deref())?)
+        }
         AdminCommand::Key(KeyCommand::Import { key, .. }) => Prepared::Key(read_key(key)?),
         AdminCommand::Image(ImageCommand::Upload(a)) => {
             let nonce = keyfile::read_nonce_file(&a.nonce)?;
@@ -593,25 +652,31 @@ async fn stations(client: &mut Client, json: bool) -> Result<()> {
         println!("{}", Value::Array(r.stations.iter().map(station_json).collect()));
         return Ok(());
     }
-    let mut t = Table::new(["identity", "site", "licences", "installs ok", "failed", "last seen", "certificates"])
-        .right(&[2, 3, 4]);
-    for s in &r.stations {
-        let certs: Vec<String> = s
-            .certificates
-            .iter()
-            .map(|c| if c.revoked { format!("{} (revoked: {})", c.serial, c.revoked_reason) } else { c.serial.clone() })
-            .collect();
-        t.row([
-            s.identity.clone(),
-            s.site.clone(),
-            s.licences.to_string(),
-            s.installs_ok.to_string(),
-            s.installs_failed.to_string(),
-            ms_time(s.last_seen_ms),
-            certs.join(", "),
-        ]);
+    print!("{}", stations_table(&r.stations));
+    Ok(())
+}
+
+/// `station assign` / `station pause`: the station as the broker now lists it.
+async fn station(client: &mut Client, cmd: StationCommand, prepared: Prepared, json: bool) -> Result<()> {
+    let Prepared::Station(uri) = prepared else {
+        bail!("internal: the station of {cmd:?} was not resolved");
+    };
+    let info = match cmd {
+        StationCommand::Assign { batch, .. } => client
+            .assign_station(pb::AssignStationRequest { station: uri.clone(), batch_id: batch.clone() })
+            .await
+            .rpc(&format!("assigning batch {batch} to {uri}"))?,
+        StationCommand::Pause { reason, .. } => client
+            .pause_station(pb::PauseStationRequest { station: uri.clone(), reason })
+            .await
+            .rpc(&format!("pausing {uri}"))?,
+        StationCommand::Revoke(_) => bail!("internal: revoke is not an assignment"),
+    };
+    if json {
+        println!("{}", station_json(&info));
+    } else {
+        print!("{}", station_detail(&info));
     }
-    print!("{t}");
     Ok(())
 }
 
@@ -820,6 +885,83 @@ fn batch_detail(b: &pb::BatchInfo) -> Table {
     t
 }
 
+/// What a station was told to do: `BATCH`, `BATCH (paused)`, `paused` or `-`.
+fn assignment_text(s: &pb::StationInfo) -> String {
+    match (s.assigned_batch.is_empty(), s.paused) {
+        (true, false) => "-".into(),
+        (true, true) => "paused".into(),
+        (false, false) => s.assigned_batch.clone(),
+        (false, true) => format!("{} (paused)", s.assigned_batch),
+    }
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() { "-".into() } else { s.to_string() }
+}
+
+fn stations_table(stations: &[pb::StationInfo]) -> Table {
+    let mut t = Table::new([
+        "identity",
+        "site",
+        "online",
+        "broker",
+        "probes",
+        "assigned",
+        "running",
+        "ok/failed",
+        "licences",
+        "installs ok",
+        "failed",
+        "last seen",
+        "certificates",
+    ])
+    .right(&[4, 7, 8, 9, 10]);
+    for s in stations {
+        let certs: Vec<String> = s
+            .certificates
+            .iter()
+            .map(|c| if c.revoked { format!("{} (revoked: {})", c.serial, c.revoked_reason) } else { c.serial.clone() })
+            .collect();
+        t.row([
+            s.identity.clone(),
+            s.site.clone(),
+            if s.online { "yes" } else { "no" }.to_string(),
+            or_dash(&s.broker),
+            s.probes.len().to_string(),
+            assignment_text(s),
+            or_dash(&s.current_batch),
+            format!("{}/{}", s.devices_ok, s.devices_failed),
+            s.licences.to_string(),
+            s.installs_ok.to_string(),
+            s.installs_failed.to_string(),
+            if s.last_seen_ms > 0 { ms_time(s.last_seen_ms) } else { "-".into() },
+            if certs.is_empty() { "-".into() } else { certs.join(", ") },
+        ]);
+    }
+    t
+}
+
+/// One station as `field  value` lines.
+fn station_detail(s: &pb::StationInfo) -> Table {
+    let mut t = Table::new(["station", s.identity.as_str()]);
+    let probes: Vec<String> = s.probes.iter().map(|p| format!("{} ({} {})", p.probe_id, p.kind, p.port)).collect();
+    let rows: [(&str, String); 9] = [
+        ("site", s.site.clone()),
+        ("assigned", assignment_text(s)),
+        ("online", if s.online { "yes" } else { "no" }.to_string()),
+        ("broker", or_dash(&s.broker)),
+        ("probes", if probes.is_empty() { "-".into() } else { probes.join(", ") }),
+        ("running", or_dash(&s.current_batch)),
+        ("devices ok", s.devices_ok.to_string()),
+        ("devices failed", s.devices_failed.to_string()),
+        ("licences", s.licences.to_string()),
+    ];
+    for (k, v) in rows {
+        t.row([k.to_string(), v]);
+    }
+    t
+}
+
 fn hsm_table(members: &[pb::HsmMember]) -> Table {
     let mut t = Table::new([
         "member",
@@ -948,6 +1090,8 @@ fn station_json(s: &pb::StationInfo) -> Value {
             })
         })
         .collect();
+    let probes: Vec<Value> =
+        s.probes.iter().map(|p| json!({ "probe_id": p.probe_id, "kind": p.kind, "port": p.port })).collect();
     json!({
         "identity": s.identity,
         "site": s.site,
@@ -956,6 +1100,14 @@ fn station_json(s: &pb::StationInfo) -> Value {
         "installs_ok": s.installs_ok,
         "installs_failed": s.installs_failed,
         "last_seen_ms": s.last_seen_ms,
+        "online": s.online,
+        "broker": s.broker,
+        "probes": probes,
+        "assigned_batch": s.assigned_batch,
+        "paused": s.paused,
+        "current_batch": s.current_batch,
+        "devices_ok": s.devices_ok,
+        "devices_failed": s.devices_failed,
     })
 }
 
@@ -1101,6 +1253,59 @@ mod tests {
         assert!(parse(&["image", "pack", "--key-id", &"0".repeat(32), "--family", "stm32l4"]).is_err());
         let a = parse(&["audit", "export", "--after", "7", "--out", "a.jsonl"]).unwrap();
         assert!(matches!(a.command, AdminCommand::Audit(AuditCommand::Export { after: 7, .. })));
+    }
+
+    #[test]
+    fn stations_are_uris_or_site_slash_number() {
+        let uri = "spiffe://factory.test/site/berlin/station/2";
+        assert_eq!(station_uri(uri, None).unwrap(), uri);
+        assert_eq!(station_uri("berlin/2", Some("factory.test")).unwrap(), uri);
+        assert_eq!(station_uri(" berlin/2 ", Some("factory.test")).unwrap(), uri);
+        let e = station_uri("berlin/2", None).unwrap_err().to_string();
+        assert!(e.contains("\"berlin/2\"") && e.contains("spiffe://"), "{e}");
+        for bad in ["berlin", "berlin/0", "berlin/x", "Berlin/1", "spiffe://factory.test/admin/ops"] {
+            assert!(station_uri(bad, Some("factory.test")).is_err(), "{bad}");
+        }
+        let a = parse(&["station", "assign", "berlin/2", "b1"]).unwrap();
+        assert!(matches!(a.command, AdminCommand::Station(StationCommand::Assign { ref batch, .. }) if batch == "b1"));
+        let a = parse(&["station", "pause", "berlin/2", "--reason", "line stop"]).unwrap();
+        assert!(
+            matches!(a.command, AdminCommand::Station(StationCommand::Pause { ref reason, .. }) if reason == "line stop")
+        );
+        let a = parse(&["station", "pause", uri]).unwrap();
+        assert!(
+            matches!(a.command, AdminCommand::Station(StationCommand::Pause { ref reason, .. }) if reason.is_empty())
+        );
+        assert!(parse(&["station", "assign", "berlin/2"]).is_err());
+    }
+
+    #[test]
+    fn station_tables_show_live_fields() {
+        let s = pb::StationInfo {
+            identity: "spiffe://factory.test/site/berlin/station/1".into(),
+            site: "berlin".into(),
+            online: true,
+            broker: "broker-1".into(),
+            probes: vec![pb::ProbeInfo { probe_id: "p0".into(), kind: "sim".into(), port: "tcp://h:1".into() }],
+            assigned_batch: "b1".into(),
+            paused: true,
+            current_batch: "b1".into(),
+            devices_ok: 5,
+            devices_failed: 2,
+            ..Default::default()
+        };
+        let t = stations_table(std::slice::from_ref(&s)).render();
+        let row = words(t.lines().nth(1).unwrap()).join(" ");
+        assert!(row.contains("berlin yes broker-1 1 b1 (paused) b1 5/2"), "{t}");
+        let d = station_detail(&s).render();
+        assert!(d.contains("p0 (sim tcp://h:1)") && d.contains("b1 (paused)"), "{d}");
+        let j = station_json(&s);
+        assert_eq!((j["online"].as_bool(), j["paused"].as_bool()), (Some(true), Some(true)));
+        assert_eq!(j["probes"][0]["probe_id"], "p0");
+        assert_eq!(j["devices_failed"], 2);
+        let idle = pb::StationInfo { identity: "x".into(), ..Default::default() };
+        let t = stations_table(&[idle]).render();
+        assert!(words(t.lines().nth(1).unwrap()).join(" ").starts_with("x no - 0 - - 0/0"), "{t}");
     }
 
     #[test]

@@ -1,9 +1,13 @@
-//! `flashgate agent`: the station side. `agent run --config agent.toml --batch ID` installs a batch on
-//! every probe until it is exhausted or the operator stops it (Ctrl-C finishes in-flight devices first;
-//! a second Ctrl-C quits at once), with progress bars and a summary table; `agent probes` lists the
-//! probes found; `agent journal` shows the local result history. The work lives in `flashgate_agent`.
+//! `flashgate agent`: the station side. `agent serve --config agent.toml` is the station daemon: it
+//! keeps a control stream open to the broker and runs whatever batch the broker assigns (`flashgate
+//! admin station assign/pause`), on every probe, until it is exhausted or paused (Ctrl-C finishes
+//! in-flight devices, reports and leaves; a second Ctrl-C quits at once). `agent run --config agent.toml
+//! --batch ID` installs one given batch on every probe until it is exhausted or the operator stops it
+//! (Ctrl-C as above), with progress bars and a summary table; both show progress bars when stderr is
+//! a terminal and log lines otherwise. `agent probes` lists the probes found; `agent journal` shows the
+//! local result history. The work lives in `flashgate_agent`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +15,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use flashgate_agent::broker_client::{BrokerClient, Reporter};
 use flashgate_agent::config::AgentConfig;
+use flashgate_agent::daemon::run_daemon;
 use flashgate_agent::images::ImageCache;
 use flashgate_agent::journal::{EntryState, Journal};
 use flashgate_agent::pipeline::{PipelineContext, ProbeTarget};
@@ -25,6 +30,8 @@ use crate::output::{Table, ms_time};
 /// `flashgate agent …`.
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {
+    /// The station daemon: run the batches the broker assigns to this station until stopped.
+    Serve(ServeArgs),
     /// Install a batch on every probe of this station.
     Run(RunArgs),
     /// List the probes this station would use (configured and discovered on USB).
@@ -63,6 +70,17 @@ pub struct RunArgs {
     pub probes: Vec<String>,
 }
 
+/// Arguments of `agent serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The agent configuration (see deploy/config/agent.toml); `FLASHGATE_*` variables override it.
+    #[arg(long, short, env = "FLASHGATE_AGENT_CONFIG")]
+    pub config: PathBuf,
+    /// Extra probe targets (`tcp://host:port`, `serial:/dev/ttyUSB0?baud=115200`), added to the configured ones.
+    #[arg(long = "probe", value_name = "TARGET")]
+    pub probes: Vec<String>,
+}
+
 /// Arguments of `agent journal`.
 #[derive(Debug, Args)]
 pub struct JournalArgs {
@@ -76,6 +94,7 @@ pub struct JournalArgs {
 /// Runs `flashgate agent …`.
 pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
     match cmd {
+        AgentCommand::Serve(a) => serve_cmd(a).await,
         AgentCommand::Run(a) => run_cmd(a).await,
         AgentCommand::Probes(a) => probes_cmd(a),
         AgentCommand::Journal(a) => journal_cmd(a),
@@ -98,39 +117,98 @@ fn probe_targets(found: &[ProbeInfo]) -> Vec<ProbeTarget> {
     out
 }
 
-async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
-    let cfg = AgentConfig::load(&a.common.config)?;
-    let tls = client_config(&TlsFiles::new(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.ca))
-        .context("loading the station certificate")?;
-    let broker = BrokerClient::new(cfg.broker.endpoints.clone(), tls, cfg.broker.server_name.clone())?;
-    let journal = Arc::new(Journal::open(&cfg.journal_dir())?);
-    let images = Arc::new(ImageCache::new(cfg.image_dir())?);
-    let pending = journal.unreported_count();
-    if pending > 0 {
-        eprintln!("{pending} device result(s) from earlier runs not yet reported: sending them now");
-    }
-    let reporter = Arc::new(Reporter::spawn(journal.clone(), broker.clone()));
+/// What `agent run` and `agent serve` share: the configuration, the broker client, the journal
+/// and its reporter, and the probes.
+struct Station {
+    cfg: AgentConfig,
+    ctx: PipelineContext,
+    probes: Vec<ProbeTarget>,
+}
 
-    let mut settings = cfg.probe_settings();
-    for t in &a.probes {
-        settings.probes.push(flashgate_agent::probe::ProbeConfig { id: None, target: t.clone() });
+impl Station {
+    /// Loads `config`, opens the journal and image cache, starts the reporter (announcing results
+    /// left from earlier runs) and finds the probes (the configured ones plus `extra_probes`).
+    fn setup(config: &Path, extra_probes: &[String]) -> anyhow::Result<Self> {
+        let cfg = AgentConfig::load(config)?;
+        let tls = client_config(&TlsFiles::new(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.ca))
+            .context("loading the station certificate")?;
+        let broker = BrokerClient::new(cfg.broker.endpoints.clone(), tls, cfg.broker.server_name.clone())?;
+        let journal = Arc::new(Journal::open(&cfg.journal_dir())?);
+        let images = Arc::new(ImageCache::new(cfg.image_dir())?);
+        let pending = journal.unreported_count();
+        if pending > 0 {
+            eprintln!("{pending} device result(s) from earlier runs not yet reported: sending them now");
+        }
+        let reporter = Arc::new(Reporter::spawn(journal.clone(), broker.clone()));
+
+        let mut settings = cfg.probe_settings();
+        for t in extra_probes {
+            settings.probes.push(flashgate_agent::probe::ProbeConfig { id: None, target: t.clone() });
+        }
+        let found = discover_report(&settings)?;
+        for w in &found.warnings {
+            eprintln!("warning: {w}");
+        }
+        let probes = probe_targets(&found.probes);
+        if probes.is_empty() {
+            bail!("no usable probe: configure [[probes.static]] in {} or plug in a USB-serial probe", config.display());
+        }
+        let mut bl = cfg.bootloader.client_config();
+        bl.line_baud = None;
+        let ctx = PipelineContext { broker, images, journal, reporter, bootloader: bl };
+        Ok(Station { cfg, ctx, probes })
     }
-    let found = discover_report(&settings)?;
-    for w in &found.warnings {
-        eprintln!("warning: {w}");
-    }
-    let probes = probe_targets(&found.probes);
-    if probes.is_empty() {
-        bail!(
-            "no usable probe: configure [[probes.static]] in {} or plug in a USB-serial probe",
-            a.common.config.display()
+}
+
+/// A stop flag set by Ctrl-C or SIGTERM (devices in flight finish); a second Ctrl-C quits at once.
+fn stop_on_ctrl_c() -> watch::Receiver<bool> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        super::broker::shutdown_signal().await;
+        eprintln!("stopping: finishing the devices in flight (Ctrl-C again to quit now)");
+        let _ = stop_tx.send(true);
+        if tokio::signal::ctrl_c().await.is_ok() {
+            std::process::exit(130);
+        }
+    });
+    stop_rx
+}
+
+fn warn_unreported(cfg: &AgentConfig, left: usize) {
+    if left > 0 {
+        eprintln!(
+            "warning: {left} result(s) not yet acknowledged by the broker; they stay in {} and are sent on the next run",
+            cfg.journal_dir().display()
         );
     }
-    eprintln!("batch {}: {} probe(s), broker {}", a.batch, probes.len(), broker.current_endpoint());
+}
 
-    let mut bl = cfg.bootloader.client_config();
-    bl.line_baud = None;
-    let ctx = PipelineContext { broker, images, journal: journal.clone(), reporter: reporter.clone(), bootloader: bl };
+async fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
+    let Station { cfg, ctx, probes } = Station::setup(&a.config, &a.probes)?;
+    let label = station_label(&cfg);
+    eprintln!(
+        "{label}: {} probe(s); serving broker {} (Ctrl-C to stop); waiting for an assigned batch",
+        probes.len(),
+        cfg.broker.endpoints.join(", ")
+    );
+    let stop = stop_on_ctrl_c();
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let ui = tokio::spawn(agent_ui::display(ev_rx, label, None));
+    let outcome = run_daemon(&cfg, probes, ctx, stop, Some(ev_tx)).await;
+    let _ = ui.await;
+    let summary = outcome?;
+    println!(
+        "{} run(s): {} installed, {} refused, {} failed",
+        summary.runs, summary.installed, summary.refused, summary.failed
+    );
+    warn_unreported(&cfg, summary.unreported);
+    Ok(())
+}
+
+async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
+    let Station { cfg, ctx, probes } = Station::setup(&a.common.config, &a.probes)?;
+    let reporter = ctx.reporter.clone();
+    eprintln!("batch {}: {} probe(s), broker {}", a.batch, probes.len(), ctx.broker.current_endpoint());
     let opts = RunOptions {
         batch_id: a.batch.clone(),
         mode: if a.once { RunMode::OncePerProbe } else { RunMode::UntilExhausted },
@@ -139,16 +217,7 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         poll_interval: cfg.run.poll_interval,
     };
     let started = std::time::Instant::now();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("stopping: finishing the devices in flight (Ctrl-C again to quit now)");
-            let _ = stop_tx.send(true);
-            if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
-            }
-        }
-    });
+    let stop_rx = stop_on_ctrl_c();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let ui = tokio::spawn(agent_ui::display(ev_rx, station_label(&cfg), None));
     let summary = run_batch(ctx, probes, opts, ev_tx, stop_rx).await;
@@ -166,12 +235,7 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         summary.failed(),
         summary.stopped_by.as_deref().map(|r| format!("; stopped: {r}")).unwrap_or_default()
     );
-    if left > 0 {
-        eprintln!(
-            "warning: {left} result(s) not yet acknowledged by the broker; they stay in {} and are sent on the next run",
-            cfg.journal_dir().display()
-        );
-    }
+    warn_unreported(&cfg, left);
     if summary.failed() > 0 {
         bail!("{} device(s) failed (see the table above and `flashgate agent journal --pending`)", summary.failed());
     }

@@ -1,6 +1,7 @@
 //! The operator's view of a run: an indicatif multi-progress with one bar per probe (stage, bytes,
 //! rate, ETA) and a summary line (ok, refused, failed, yield) when stderr is a terminal; plain log
-//! lines otherwise; and the summary table at the end. Used by `flashgate agent run` and `flashgate demo`.
+//! lines otherwise; and the summary table at the end. Used by `flashgate agent run`, `flashgate agent
+//! serve` (one display across every batch the broker assigns) and `flashgate demo`.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -81,6 +82,10 @@ pub async fn display(mut events: mpsc::UnboundedReceiver<RunEvent>, label: Strin
             .clone();
         match ev {
             RunEvent::Waiting { .. } => {
+                // A probe of a later run (`agent serve`): its bar was finished when the last run ended.
+                if bar.is_finished() {
+                    bar.reset();
+                }
                 bar.set_message("waiting");
                 if !tty {
                     eprintln!("{label}/{probe}: waiting for a device");

@@ -1,0 +1,149 @@
+//! The station daemon driven from the operator's side, all as separate processes: a `flashgate broker`
+//! (soft HSM, SQLite), a `flashgate sim` with two targets, and `flashgate agent serve` attached to the
+//! broker. Nothing installs until `flashgate admin station assign berlin/1 BATCH` is pushed over the
+//! station's stream; then both devices install, `admin stations` shows the station online with its
+//! probes and counts, and the daemon stops cleanly on SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{BIN, BrokerProcess, PASSPHRASE, admin, ok, write_config};
+
+fn free_port_base() -> u16 {
+    // Two consecutive free ports for the simulator's targets.
+    loop {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        if port < 65000 && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+#[test]
+fn an_assignment_pushed_from_admin_reaches_the_daemon_and_installs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ok(
+        dir,
+        &[
+            "pki",
+            "init",
+            "--dir",
+            "pki",
+            "--trust-domain",
+            "factory.test",
+            "--site",
+            "berlin",
+            "--stations",
+            "1",
+            "--admin",
+            "ops",
+            "--broker",
+            "broker-1",
+        ],
+    );
+    ok(dir, &["sim", "vendor-ca", "--out", "vendor"]);
+    let cfg = write_config(dir, "broker-1", "sqlite://ledger.db");
+    let broker = BrokerProcess::start(dir, &cfg);
+
+    let key = admin(dir, &broker.url, &["key", "generate", "--label", "fw"]);
+    let key_id = key["key_id"].as_str().unwrap().to_owned();
+    std::fs::write(dir.join("fw.bin"), vec![0xA5u8; 8192]).unwrap();
+    let img =
+        admin(dir, &broker.url, &["image", "pack", "--key-id", &key_id, "--family", "stm32l4", "fw.bin@0x08000000"]);
+    let sha = img["sha256"].as_str().unwrap().to_owned();
+    admin(
+        dir,
+        &broker.url,
+        &["batch", "create", "lot-9", "--product", "46201002", "--image", &sha, "--quota", "5", "--site", "berlin"],
+    );
+
+    let port = free_port_base();
+    let mut sim = Command::new(BIN)
+        .args(["sim", "--targets", "2", "--speed", "0", "--vendor-ca", "vendor/vendor-ca.key", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!(
+            r#"[broker]
+endpoints = ["{}"]
+[tls]
+cert = "pki/stations/berlin-1.pem"
+key = "pki/stations/berlin-1.key"
+ca = "pki/ca.pem"
+[state]
+dir = "agent-state"
+[probes]
+usb_scan = false
+[[probes.static]]
+id = "fixture-1"
+target = "tcp://127.0.0.1:{port}"
+[[probes.static]]
+id = "fixture-2"
+target = "tcp://127.0.0.1:{}"
+[station]
+heartbeat_interval = "1s"
+"#,
+            broker.url,
+            port + 1
+        ),
+    )
+    .unwrap();
+    let mut agent = Command::new(BIN)
+        .args(["agent", "serve", "--config", "agent.toml"])
+        .current_dir(dir)
+        .env("FLASHGATE_KEYSTORE_PASSPHRASE", PASSPHRASE)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+
+    // Online and idle: nothing installs without an assignment.
+    let station = "spiffe://factory.test/site/berlin/station/1";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = admin(dir, &broker.url, &["stations"]);
+        let me = st.as_array().and_then(|a| a.iter().find(|s| s["identity"] == station)).cloned();
+        if me.as_ref().is_some_and(|m| m["online"] == serde_json::Value::Bool(true)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the station never came online: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = admin(dir, &broker.url, &["batch", "status", "lot-9"]);
+    assert_eq!(before["issued"].as_i64(), Some(0), "{before}");
+
+    admin(dir, &broker.url, &["station", "assign", "berlin/1", "lot-9"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let s = admin(dir, &broker.url, &["batch", "status", "lot-9"]);
+        if s["installed"].as_i64() == Some(2) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the assignment did not install both devices: {s}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(status["issued"].as_i64(), Some(2), "{status}");
+
+    let st = admin(dir, &broker.url, &["stations"]);
+    let me = st.as_array().and_then(|a| a.iter().find(|s| s["identity"] == station)).cloned().unwrap();
+    assert_eq!(me["online"], serde_json::Value::Bool(true), "{me}");
+    assert_eq!(me["assigned_batch"].as_str(), Some("lot-9"), "{me}");
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let code = agent.wait().unwrap();
+    assert!(code.success(), "agent serve exits 0 on SIGTERM: {code:?}");
+    let _ = sim.kill();
+    let _ = sim.wait();
+    assert!(broker.stop().success());
+}
