@@ -30,7 +30,7 @@ use tokio::task::{JoinError, JoinHandle};
 
 use crate::config::AgentConfig;
 use crate::pipeline::{DeviceOutcome, PipelineContext, ProbeTarget};
-use crate::runner::{RunEvent, RunMode, RunOptions, RunSummary, run_batch};
+use crate::runner::{RunEvent, RunMode, RunOptions, RunSummary, run_batch_watching};
 use crate::station::{Command, LinkOptions, StationError, StationLink};
 
 /// How long [`run_daemon`] waits for the reporter to deliver the journal at the end.
@@ -84,14 +84,15 @@ pub fn run_options(cfg: &AgentConfig, batch_id: &str) -> RunOptions {
     }
 }
 
-/// The station daemon on `probes`: attaches to the brokers of `cfg` (station certificate of
+/// The station daemon on `probes` (a changing list: probes plugged in join the run, probes removed
+/// leave it): attaches to the brokers of `cfg` (station certificate of
 /// `[tls]`, heartbeats every `[station] heartbeat_interval`), runs what they assign with `ctx`
 /// until `stop` becomes true, then waits for in-flight devices, flushes the reporter (at most
 /// [`REPORTER_FLUSH_TIMEOUT`]) and closes the link. Run events also go to `events` when given
 /// (the sender is dropped on return).
 pub async fn run_daemon(
     cfg: &AgentConfig,
-    probes: Vec<ProbeTarget>,
+    probes: watch::Receiver<Vec<ProbeTarget>>,
     ctx: PipelineContext,
     stop: watch::Receiver<bool>,
     events: Option<mpsc::UnboundedSender<RunEvent>>,
@@ -103,12 +104,12 @@ pub async fn run_daemon(
         cfg.broker.endpoints.clone(),
         tls,
         cfg.broker.server_name.clone(),
-        probes.iter().map(ProbeTarget::to_pb).collect(),
+        probes.borrow().iter().map(ProbeTarget::to_pb).collect(),
         opts,
     )?;
     let run_ctx = ctx.clone();
     let start = move |opts: RunOptions, events: mpsc::UnboundedSender<RunEvent>, stop: watch::Receiver<bool>| {
-        run_batch(run_ctx.clone(), probes.clone(), opts, events, stop)
+        run_batch_watching(run_ctx.clone(), probes.clone(), opts, events, stop)
     };
     let outcome = serve(&mut link, start, run_options(cfg, ""), stop, events).await;
     let unreported = ctx.reporter.flush(REPORTER_FLUSH_TIMEOUT).await;

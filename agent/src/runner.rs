@@ -5,7 +5,7 @@
 //! ([`RunMode::OncePerProbe`]), when the batch is exhausted or closed, or when the operator stops it —
 //! devices already being installed always finish first.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -156,18 +156,12 @@ pub async fn run_batch(
     events: mpsc::UnboundedSender<RunEvent>,
     stop: watch::Receiver<bool>,
 ) -> RunSummary {
-    let shared = Arc::new(Shared {
-        ctx,
-        slots: Semaphore::new(opts.max_parallel.max(1)),
-        opts,
-        exhausted: AtomicBool::new(false),
-        stopped_by: std::sync::Mutex::new(None),
-        events,
-        stop,
-    });
+    let shared = shared(ctx, opts, events, stop);
     let mut tasks = tokio::task::JoinSet::new();
+    // Fixed probes: their own stop flags never change.
+    let (_never, mine) = watch::channel(false);
     for p in probes {
-        tasks.spawn(probe_loop(shared.clone(), p));
+        tasks.spawn(probe_loop(shared.clone(), p, mine.clone()));
     }
     let mut summary = RunSummary::default();
     while let Some(r) = tasks.join_next().await {
@@ -180,19 +174,106 @@ pub async fn run_batch(
     summary
 }
 
-async fn sleep_or_stop(shared: &Shared, d: Duration) {
+/// [`run_batch`] over a changing set of probes (a [`crate::probe::ProbeWatcher`]'s list): a probe that
+/// appears gets its loop; a probe that disappears has its loop stopped — the device it was installing
+/// fails on the lost link, cleanly, and its loop ends — and a probe that comes back starts again. The
+/// run ends when `stop` is set or (until-exhausted runs) the batch is exhausted, after every device in
+/// flight has finished; a once-per-probe run ends when every probe seen has handled its device.
+pub async fn run_batch_watching(
+    ctx: PipelineContext,
+    mut probes: watch::Receiver<Vec<ProbeTarget>>,
+    opts: RunOptions,
+    events: mpsc::UnboundedSender<RunEvent>,
+    mut stop: watch::Receiver<bool>,
+) -> RunSummary {
+    let shared = shared(ctx, opts, events, stop.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut running: HashMap<String, (watch::Sender<bool>, ProbeTarget)> = HashMap::new();
+    let mut summary = RunSummary::default();
+    let mut watcher_alive = true;
+    loop {
+        if !shared.done() {
+            let want = probes.borrow_and_update().clone();
+            let wanted: HashSet<&str> = want.iter().map(|p| p.id.as_str()).collect();
+            running.retain(|id, (tx, _)| {
+                let keep = wanted.contains(id.as_str());
+                if !keep {
+                    tracing::warn!(probe = %id, "probe gone: its loop stops (a device in flight fails on the lost link)");
+                    let _ = tx.send(true);
+                }
+                keep
+            });
+            for p in want {
+                let changed = running.get(&p.id).is_some_and(|(_, old)| *old != p);
+                if changed && let Some((tx, _)) = running.remove(&p.id) {
+                    let _ = tx.send(true);
+                }
+                if !running.contains_key(&p.id) {
+                    tracing::info!(probe = %p.id, target = %p.addr, "probe present: starting its loop");
+                    let (tx, rx) = watch::channel(false);
+                    running.insert(p.id.clone(), (tx, p.clone()));
+                    tasks.spawn(probe_loop(shared.clone(), p, rx));
+                }
+            }
+        }
+        if tasks.is_empty() && (shared.done() || (shared.opts.mode == RunMode::OncePerProbe && !running.is_empty())) {
+            break;
+        }
+        tokio::select! {
+            changed = probes.changed(), if watcher_alive => {
+                if changed.is_err() {
+                    watcher_alive = false;
+                }
+            }
+            Some(r) = tasks.join_next() => match r {
+                Ok(mut devices) => summary.devices.append(&mut devices),
+                Err(e) => tracing::error!(error = %e, "probe task failed"),
+            },
+            _ = stop.wait_for(|s| *s), if !*stop.borrow() => {}
+            else => break,
+        }
+        if tasks.is_empty() && !watcher_alive && !shared.done() && running.is_empty() {
+            break;
+        }
+    }
+    summary.stopped_by = shared.stopped_by.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    summary
+}
+
+fn shared(
+    ctx: PipelineContext,
+    opts: RunOptions,
+    events: mpsc::UnboundedSender<RunEvent>,
+    stop: watch::Receiver<bool>,
+) -> Arc<Shared> {
+    Arc::new(Shared {
+        ctx,
+        slots: Semaphore::new(opts.max_parallel.max(1)),
+        opts,
+        exhausted: AtomicBool::new(false),
+        stopped_by: std::sync::Mutex::new(None),
+        events,
+        stop,
+    })
+}
+
+async fn sleep_or_stop(shared: &Shared, mine: &watch::Receiver<bool>, d: Duration) {
     let mut stop = shared.stop.clone();
+    let mut mine = mine.clone();
     tokio::select! {
         () = tokio::time::sleep(d) => {}
         _ = stop.wait_for(|s| *s) => {}
+        _ = mine.wait_for(|s| *s) => {}
     }
 }
 
-async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget) -> Vec<DeviceRecord> {
+/// One probe: `mine` set to true (the probe disappeared) ends it like the run's stop does.
+async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiver<bool>) -> Vec<DeviceRecord> {
+    let gone = |m: &watch::Receiver<bool>| *m.borrow();
     let mut records = Vec::new();
     let mut handled: HashSet<String> = HashSet::new();
     let mut waiting_announced = false;
-    while !shared.done() {
+    while !shared.done() && !gone(&mine) {
         if !waiting_announced {
             shared.emit(RunEvent::Waiting { probe: probe.id.clone() });
             waiting_announced = true;
@@ -203,18 +284,18 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget) -> Vec<DeviceRecord
             Err(_) => None,
         };
         let Some(device) = device else {
-            sleep_or_stop(&shared, shared.opts.poll_interval).await;
+            sleep_or_stop(&shared, &mine, shared.opts.poll_interval).await;
             continue;
         };
         if handled.contains(&device) {
             if shared.opts.mode == RunMode::OncePerProbe {
                 break;
             }
-            sleep_or_stop(&shared, shared.opts.poll_interval).await;
+            sleep_or_stop(&shared, &mine, shared.opts.poll_interval).await;
             continue;
         }
         let Ok(_slot) = shared.slots.acquire().await else { break };
-        if shared.done() {
+        if shared.done() || gone(&mine) {
             break;
         }
         let mut attempt = 0;
@@ -229,7 +310,7 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget) -> Vec<DeviceRecord
                     if attempt < shared.opts.max_attempts && !*shared.stop.borrow() =>
                 {
                     tracing::warn!(probe = %probe.id, attempt, %message, "install failed; retrying with the same licence");
-                    sleep_or_stop(&shared, shared.opts.poll_interval).await;
+                    sleep_or_stop(&shared, &mine, shared.opts.poll_interval).await;
                 }
                 _ => break outcome,
             }

@@ -19,8 +19,8 @@ use flashgate_agent::daemon::run_daemon;
 use flashgate_agent::images::ImageCache;
 use flashgate_agent::journal::{EntryState, Journal};
 use flashgate_agent::pipeline::{PipelineContext, ProbeTarget};
-use flashgate_agent::probe::{ProbeEndpoint, ProbeInfo, discover_report, format_probes, probes_json};
-use flashgate_agent::runner::{RunMode, RunOptions, run_batch};
+use flashgate_agent::probe::{ProbeEndpoint, ProbeInfo, ProbeWatcher, discover_report, format_probes, probes_json};
+use flashgate_agent::runner::{RunMode, RunOptions, run_batch, run_batch_watching};
 use flashgate_proto::transport::{TlsFiles, client_config};
 use tokio::sync::{mpsc, watch};
 
@@ -101,20 +101,37 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
     }
 }
 
-fn probe_targets(found: &[ProbeInfo]) -> Vec<ProbeTarget> {
+fn probe_targets(found: &[ProbeInfo], warn: bool) -> Vec<ProbeTarget> {
     let mut out = Vec::new();
     for p in found.iter().filter(|p| p.is_connectable()) {
         match p.endpoint() {
             Ok(ProbeEndpoint::Target(addr)) => {
                 out.push(ProbeTarget { id: p.id.clone(), kind: p.kind.to_string(), addr })
             }
-            Ok(ProbeEndpoint::Sim(n)) => {
+            Ok(ProbeEndpoint::Sim(n)) if warn => {
                 eprintln!("warning: probe {}: sim:{n} targets exist only inside `flashgate demo`; skipped", p.id);
             }
-            Err(e) => eprintln!("warning: probe {}: {e}; skipped", p.id),
+            Err(e) if warn => eprintln!("warning: probe {}: {e}; skipped", p.id),
+            _ => {}
         }
     }
     out
+}
+
+/// The probe list kept current by a [`ProbeWatcher`] re-scanning every `[probes] scan_interval`: probes
+/// plugged in join a running batch, probes removed leave it.
+fn watch_probes(watcher: &ProbeWatcher) -> watch::Receiver<Vec<ProbeTarget>> {
+    let mut found = watcher.subscribe();
+    let (tx, rx) = watch::channel(probe_targets(&found.borrow_and_update(), false));
+    tokio::spawn(async move {
+        while found.changed().await.is_ok() {
+            let list = probe_targets(&found.borrow_and_update(), false);
+            if tx.send(list).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// What `agent run` and `agent serve` share: the configuration, the broker client, the journal
@@ -123,6 +140,8 @@ struct Station {
     cfg: AgentConfig,
     ctx: PipelineContext,
     probes: Vec<ProbeTarget>,
+    /// Re-scans the probes while the station runs.
+    watcher: ProbeWatcher,
 }
 
 impl Station {
@@ -149,14 +168,15 @@ impl Station {
         for w in &found.warnings {
             eprintln!("warning: {w}");
         }
-        let probes = probe_targets(&found.probes);
+        let probes = probe_targets(&found.probes, true);
+        let watcher = ProbeWatcher::from_settings(&settings)?;
         if probes.is_empty() {
             bail!("no usable probe: configure [[probes.static]] in {} or plug in a USB-serial probe", config.display());
         }
         let mut bl = cfg.bootloader.client_config();
         bl.line_baud = None;
         let ctx = PipelineContext { broker, images, journal, reporter, bootloader: bl };
-        Ok(Station { cfg, ctx, probes })
+        Ok(Station { cfg, ctx, probes, watcher })
     }
 }
 
@@ -184,7 +204,7 @@ fn warn_unreported(cfg: &AgentConfig, left: usize) {
 }
 
 async fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
-    let Station { cfg, ctx, probes } = Station::setup(&a.config, &a.probes)?;
+    let Station { cfg, ctx, probes, watcher } = Station::setup(&a.config, &a.probes)?;
     let label = station_label(&cfg);
     eprintln!(
         "{label}: {} probe(s); serving broker {} (Ctrl-C to stop); waiting for an assigned batch",
@@ -194,7 +214,8 @@ async fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
     let stop = stop_on_ctrl_c();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let ui = tokio::spawn(agent_ui::display(ev_rx, label, None));
-    let outcome = run_daemon(&cfg, probes, ctx, stop, Some(ev_tx)).await;
+    let outcome = run_daemon(&cfg, watch_probes(&watcher), ctx, stop, Some(ev_tx)).await;
+    drop(watcher);
     let _ = ui.await;
     let summary = outcome?;
     println!(
@@ -206,7 +227,7 @@ async fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
-    let Station { cfg, ctx, probes } = Station::setup(&a.common.config, &a.probes)?;
+    let Station { cfg, ctx, probes, watcher } = Station::setup(&a.common.config, &a.probes)?;
     let reporter = ctx.reporter.clone();
     eprintln!("batch {}: {} probe(s), broker {}", a.batch, probes.len(), ctx.broker.current_endpoint());
     let opts = RunOptions {
@@ -220,7 +241,13 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     let stop_rx = stop_on_ctrl_c();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let ui = tokio::spawn(agent_ui::display(ev_rx, station_label(&cfg), None));
-    let summary = run_batch(ctx, probes, opts, ev_tx, stop_rx).await;
+    // One device per probe: the probes present now. Until exhausted: probes may come and go.
+    let summary = if a.once {
+        run_batch(ctx, probes, opts, ev_tx, stop_rx).await
+    } else {
+        run_batch_watching(ctx, watch_probes(&watcher), opts, ev_tx, stop_rx).await
+    };
+    drop(watcher);
     let _ = ui.await;
 
     let left = reporter.flush(Duration::from_secs(30)).await;
