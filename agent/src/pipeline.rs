@@ -188,6 +188,14 @@ pub async fn install_device(
         let mut licensed = false;
         let outcome = run(ctx, target, batch_id, events, &mut timings, &mut licensed).await;
         timings.push(("total".into(), started.elapsed().as_micros() as u64));
+        let result = match &outcome {
+            DeviceOutcome::Installed { .. } => "installed",
+            DeviceOutcome::Refused { .. } => "refused",
+            DeviceOutcome::Failed { .. } => "failed",
+        };
+        metrics::counter!("flashgate_agent_devices_total", "result" => result).increment(1);
+        metrics::histogram!("flashgate_agent_device_seconds", "result" => result)
+            .record(started.elapsed().as_secs_f64());
         record(ctx, target, batch_id, attempt, &outcome, licensed, timings).await;
         outcome
     }

@@ -149,6 +149,15 @@ impl Station {
     /// left from earlier runs) and finds the probes (the configured ones plus `extra_probes`).
     fn setup(config: &Path, extra_probes: &[String]) -> anyhow::Result<Self> {
         let cfg = AgentConfig::load(config)?;
+        if let Some(listen) = cfg.metrics.listen.as_deref().map(str::trim).filter(|l| !l.is_empty()) {
+            let addr: std::net::SocketAddr =
+                listen.parse().with_context(|| format!("[metrics] listen = {listen:?} is not a socket address"))?;
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .install()
+                .with_context(|| format!("starting the Prometheus exporter on {addr}"))?;
+            eprintln!("metrics at http://{addr}/metrics");
+        }
         let tls = client_config(&TlsFiles::new(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.ca))
             .context("loading the station certificate")?;
         let broker = BrokerClient::new(cfg.broker.endpoints.clone(), tls, cfg.broker.server_name.clone())?;
