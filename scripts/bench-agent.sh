@@ -74,4 +74,4 @@ sleep 1
   echo "[run]"
   echo "max_parallel = $targets"
 } >agent.toml
-"$bin" agent run --config agent.toml --batch bench --once --stats 2>/dev/null | grep -E "^agent stats|installed, "
+"$bin" agent run --config agent.toml --batch bench --once --stats 2>/dev/null | grep -E "^agent stats|^[0-9]+ installed, "

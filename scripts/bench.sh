@@ -74,6 +74,9 @@ trap 'rm -f "$tmp"' EXIT
   echo
   echo "## Agent"
   echo
+  echo "The agent's pipeline streams areas through the same AN3155 host client as \`bench install\` above,"
+  echo "so its link efficiency at 115200 baud is the figure measured there."
+  echo
   echo "### 64 simulated targets on one agent, no link delays"
   echo
   echo "Command: \`scripts/bench-agent.sh 64 0 64\`: a broker process, a \`flashgate sim --targets 64 --speed 0\` process"
