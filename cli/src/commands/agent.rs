@@ -147,7 +147,8 @@ struct Station {
 impl Station {
     /// Loads `config`, opens the journal and image cache, starts the reporter (announcing results
     /// left from earlier runs) and finds the probes (the configured ones plus `extra_probes`).
-    fn setup(config: &Path, extra_probes: &[String]) -> anyhow::Result<Self> {
+    /// `require_probes`: fail when no probe is usable now (`agent run`); the daemon waits for probes instead.
+    fn setup(config: &Path, extra_probes: &[String], require_probes: bool) -> anyhow::Result<Self> {
         let cfg = AgentConfig::load(config)?;
         if let Some(listen) = cfg.metrics.listen.as_deref().map(str::trim).filter(|l| !l.is_empty()) {
             let addr: std::net::SocketAddr =
@@ -179,7 +180,13 @@ impl Station {
         }
         let probes = probe_targets(&found.probes, true);
         let watcher = ProbeWatcher::from_settings(&settings)?;
-        if probes.is_empty() {
+        if probes.is_empty() && !require_probes {
+            eprintln!(
+                "warning: no usable probe yet; waiting for one (configure [[probes.static]] in {} or plug in a \
+                 USB-serial probe)",
+                config.display()
+            );
+        } else if probes.is_empty() {
             bail!("no usable probe: configure [[probes.static]] in {} or plug in a USB-serial probe", config.display());
         }
         let mut bl = cfg.bootloader.client_config();
@@ -213,7 +220,7 @@ fn warn_unreported(cfg: &AgentConfig, left: usize) {
 }
 
 async fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
-    let Station { cfg, ctx, probes, watcher } = Station::setup(&a.config, &a.probes)?;
+    let Station { cfg, ctx, probes, watcher } = Station::setup(&a.config, &a.probes, false)?;
     let label = station_label(&cfg);
     eprintln!(
         "{label}: {} probe(s); serving broker {} (Ctrl-C to stop); waiting for an assigned batch",
@@ -236,7 +243,7 @@ async fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
-    let Station { cfg, ctx, probes, watcher } = Station::setup(&a.common.config, &a.probes)?;
+    let Station { cfg, ctx, probes, watcher } = Station::setup(&a.common.config, &a.probes, true)?;
     let reporter = ctx.reporter.clone();
     eprintln!("batch {}: {} probe(s), broker {}", a.batch, probes.len(), ctx.broker.current_endpoint());
     let opts = RunOptions {
