@@ -13,6 +13,16 @@ use std::time::{Duration, Instant};
 
 use support::{BIN, BrokerProcess, PASSPHRASE, admin, ok, write_config};
 
+/// A child process killed when dropped (also when an assertion fails first).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn free_port_base() -> u16 {
     // Two consecutive free ports for the simulator's targets.
     loop {
@@ -64,14 +74,16 @@ fn an_assignment_pushed_from_admin_reaches_the_daemon_and_installs() {
     );
 
     let port = free_port_base();
-    let mut sim = Command::new(BIN)
-        .args(["sim", "--targets", "2", "--speed", "0", "--vendor-ca", "vendor/vendor-ca.key", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _sim = Reaped(
+        Command::new(BIN)
+            .args(["sim", "--targets", "2", "--speed", "0", "--vendor-ca", "vendor/vendor-ca.key", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     std::fs::write(
         dir.join("agent.toml"),
         format!(
@@ -99,14 +111,16 @@ heartbeat_interval = "1s"
         ),
     )
     .unwrap();
-    let mut agent = Command::new(BIN)
-        .args(["agent", "serve", "--config", "agent.toml"])
-        .current_dir(dir)
-        .env("FLASHGATE_KEYSTORE_PASSPHRASE", PASSPHRASE)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut agent = Reaped(
+        Command::new(BIN)
+            .args(["agent", "serve", "--config", "agent.toml"])
+            .current_dir(dir)
+            .env("FLASHGATE_KEYSTORE_PASSPHRASE", PASSPHRASE)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
 
     // Online and idle: nothing installs without an assignment.
     let station = "spiffe://factory.test/site/berlin/station/1";
@@ -140,10 +154,8 @@ heartbeat_interval = "1s"
     assert_eq!(me["online"], serde_json::Value::Bool(true), "{me}");
     assert_eq!(me["assigned_batch"].as_str(), Some("lot-9"), "{me}");
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    let code = agent.wait().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let code = agent.0.wait().unwrap();
     assert!(code.success(), "agent serve exits 0 on SIGTERM: {code:?}");
-    let _ = sim.kill();
-    let _ = sim.wait();
     assert!(broker.stop().success());
 }
