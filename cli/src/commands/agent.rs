@@ -120,9 +120,11 @@ fn probe_targets(found: &[ProbeInfo], warn: bool) -> Vec<ProbeTarget> {
 
 /// The probe list kept current by a [`ProbeWatcher`] re-scanning every `[probes] scan_interval`: probes
 /// plugged in join a running batch, probes removed leave it.
-fn watch_probes(watcher: &ProbeWatcher) -> watch::Receiver<Vec<ProbeTarget>> {
+/// `initial` (the probes found at start) stands until the watcher's first scan.
+fn watch_probes(watcher: &ProbeWatcher, initial: Vec<ProbeTarget>) -> watch::Receiver<Vec<ProbeTarget>> {
     let mut found = watcher.subscribe();
-    let (tx, rx) = watch::channel(probe_targets(&found.borrow_and_update(), false));
+    let first = probe_targets(&found.borrow_and_update(), false);
+    let (tx, rx) = watch::channel(if first.is_empty() { initial } else { first });
     tokio::spawn(async move {
         while found.changed().await.is_ok() {
             let list = probe_targets(&found.borrow_and_update(), false);
@@ -230,7 +232,7 @@ async fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
     let stop = stop_on_ctrl_c();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let ui = tokio::spawn(agent_ui::display(ev_rx, label, None));
-    let outcome = run_daemon(&cfg, watch_probes(&watcher), ctx, stop, Some(ev_tx)).await;
+    let outcome = run_daemon(&cfg, watch_probes(&watcher, probes), ctx, stop, Some(ev_tx)).await;
     drop(watcher);
     let _ = ui.await;
     let summary = outcome?;
@@ -261,7 +263,7 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     let summary = if a.once {
         run_batch(ctx, probes, opts, ev_tx, stop_rx).await
     } else {
-        run_batch_watching(ctx, watch_probes(&watcher), opts, ev_tx, stop_rx).await
+        run_batch_watching(ctx, watch_probes(&watcher, probes), opts, ev_tx, stop_rx).await
     };
     drop(watcher);
     let _ = ui.await;
