@@ -11,40 +11,11 @@ speed=${2:-0}
 kib=${3:-64}
 work=$(mktemp -d)
 pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
+. "$(pwd)/scripts/bench-broker.sh"
 trap cleanup EXIT
 cd "$work"
-export FLASHGATE_KEYSTORE_PASSPHRASE="bench passphrase"
-"$bin" pki init --dir pki --trust-domain factory.test --site berlin --stations 1 --admin ops \
-  --broker broker-1 --broker-ip 127.0.0.1 >/dev/null
-"$bin" sim vendor-ca --out vendor >/dev/null
-cat >broker.toml <<CONF
-name = "broker-1"
-trust_domain = "factory.test"
-[listen]
-grpc = "127.0.0.1:0"
-[tls]
-cert = "pki/brokers/broker-1.pem"
-key = "pki/brokers/broker-1.key"
-ca = "pki/ca.pem"
-[vendor]
-ca_keys = ["vendor/vendor-ca.pub"]
-[ledger]
-url = "sqlite://ledger.db"
-[hsm]
-[[hsm.members]]
-kind = "soft"
-path = "keys.fgks"
-CONF
-"$bin" broker --config broker.toml >broker.out 2>broker.err &
-pids+=($!)
-for _ in $(seq 1 100); do grep -q 'serving gRPC on' broker.out 2>/dev/null && break; sleep 0.1; done
-addr=$(sed -n 's/.* serving gRPC on \([^ ]*\).*/\1/p' broker.out | head -1)
-[ -n "$addr" ] || { echo "broker did not start:"; cat broker.err; exit 1; }
+start_broker 1 'kind = "soft"
+path = "keys.fgks"'
 admin=("$bin" admin --broker "https://$addr" --pki pki --name ops --json)
 key=$("${admin[@]}" key generate --label bench | sed -n 's/.*"key_id":"\([0-9a-f]*\)".*/\1/p')
 head -c $((kib * 1024)) /dev/urandom >fw.bin
