@@ -3,10 +3,10 @@
 //! underscore (`FLASHGATE_BROKER__ENDPOINTS=https://a:7443,https://b:7443`, `FLASHGATE_RUN__MAX_PARALLEL`).
 //! [`AgentConfig::load_from`] takes the environment as an argument (the testable seam).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use flashgate_common::settings::{self, duration};
 use serde::Deserialize;
 
 use crate::bootloader::ClientConfig;
@@ -15,13 +15,8 @@ use crate::bootloader::ClientConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file or an override does not load or match the schema.
-    #[error("configuration {source_name}: {reason}")]
-    Load {
-        /// The file.
-        source_name: String,
-        /// What is wrong (names the key).
-        reason: String,
-    },
+    #[error(transparent)]
+    Load(#[from] settings::LoadError),
     /// A value is present but unusable.
     #[error("configuration key {key} = {value:?}: {why}")]
     Invalid {
@@ -32,11 +27,6 @@ pub enum ConfigError {
         /// Why.
         why: String,
     },
-}
-
-fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e}")))
 }
 
 /// The whole file.
@@ -253,29 +243,7 @@ impl AgentConfig {
     /// Loads `path` overlaid with the nested `FLASHGATE_*__*` entries of `env`, resolves relative paths
     /// against the file's directory, and validates.
     pub fn load_from(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let overrides: HashMap<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("FLASHGATE_") && k["FLASHGATE_".len()..].contains("__"))
-            .collect();
-        let load = |e: config::ConfigError| ConfigError::Load {
-            source_name: path.display().to_string(),
-            reason: e.to_string(),
-        };
-        let mut cfg: AgentConfig = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml).required(true))
-            .add_source(
-                config::Environment::with_prefix("FLASHGATE")
-                    .prefix_separator("_")
-                    .separator("__")
-                    .list_separator(",")
-                    .with_list_parse_key("broker.endpoints")
-                    .try_parsing(true)
-                    .source(Some(overrides)),
-            )
-            .build()
-            .map_err(load)?
-            .try_deserialize()
-            .map_err(load)?;
+        let mut cfg: AgentConfig = settings::load_toml(path, env, &[], &["broker.endpoints"])?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.tls.cert, &mut cfg.tls.key, &mut cfg.tls.ca, &mut cfg.state.dir] {
             if p.is_relative() {

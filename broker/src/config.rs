@@ -7,11 +7,11 @@
 //!
 //! [`BrokerConfig::load_from`] takes the environment as an argument: the testable seam.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use flashgate_common::settings::{self, duration};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
@@ -22,13 +22,8 @@ pub const PASSPHRASE_ENV: &str = "FLASHGATE_KEYSTORE_PASSPHRASE";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file or an override could not be read or does not match the schema.
-    #[error("configuration {source_name}: {reason}")]
-    Load {
-        /// The file (or "environment").
-        source_name: String,
-        /// What is wrong, from the config crate (names the key).
-        reason: String,
-    },
+    #[error(transparent)]
+    Load(#[from] settings::LoadError),
     /// A value is present but unusable.
     #[error("configuration key {key} = {value:?}: {why}")]
     Invalid {
@@ -55,11 +50,6 @@ pub enum ConfigError {
         /// The error.
         source: std::io::Error,
     },
-}
-
-fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e}")))
 }
 
 /// The whole file.
@@ -243,29 +233,7 @@ impl BrokerConfig {
 
     /// Loads `path` overlaid with the `FLASHGATE_*` entries of `env`, then validates.
     pub fn load_from(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let overrides: HashMap<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| {
-                k.starts_with("FLASHGATE_")
-                    && (k["FLASHGATE_".len()..].contains("__") || TOP_LEVEL_ENV.contains(&k.as_str()))
-            })
-            .collect();
-        let built = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml).required(true))
-            .add_source(
-                config::Environment::with_prefix("FLASHGATE")
-                    .prefix_separator("_")
-                    .separator("__")
-                    .list_separator(",")
-                    .with_list_parse_key("vendor.ca_keys")
-                    .try_parsing(true)
-                    .source(Some(overrides)),
-            )
-            .build()
-            .map_err(|e| ConfigError::Load { source_name: path.display().to_string(), reason: e.to_string() })?;
-        let cfg: BrokerConfig = built
-            .try_deserialize()
-            .map_err(|e| ConfigError::Load { source_name: path.display().to_string(), reason: e.to_string() })?;
+        let cfg: BrokerConfig = settings::load_toml(path, env, &TOP_LEVEL_ENV, &["vendor.ca_keys"])?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -11,4 +11,5 @@ pub mod keyfile;
 pub mod licence;
 pub mod pki;
 pub mod protocol;
+pub mod settings;
 pub mod sfi;
