@@ -2,8 +2,10 @@
 //! a time, at most `max_parallel` installs in flight. Each probe waits for a responding bootloader,
 //! identifies the device, and installs it unless this run already handled it; a failed install is
 //! retried (same licence, no quota) up to `max_attempts`. The run ends when every probe is done
-//! ([`RunMode::OncePerProbe`]), when the batch is exhausted or closed, or when the operator stops it —
-//! devices already being installed always finish first.
+//! ([`RunMode::OncePerProbe`]), when the batch is exhausted or closed (a board already on a fixture
+//! then still gets its verdict, a refusal that consumes nothing, so every board the run saw is either
+//! installed or refused), or when the operator stops it — devices already being installed always
+//! finish first.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -273,7 +275,11 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
     let mut records = Vec::new();
     let mut handled: HashSet<String> = HashSet::new();
     let mut waiting_announced = false;
-    while !shared.done() && !gone(&mine) {
+    // A board already on the fixture when the batch runs out still gets its verdict (the broker refuses
+    // it, consuming nothing), so that every board the run saw is either installed or refused; only
+    // waiting for *new* boards ends with the batch. The operator's stop ends the loop at once.
+    let exhausted = |s: &Shared| s.opts.mode == RunMode::UntilExhausted && s.exhausted.load(Ordering::Acquire);
+    while !*shared.stop.borrow() && !gone(&mine) {
         if !waiting_announced {
             shared.emit(RunEvent::Waiting { probe: probe.id.clone() });
             waiting_announced = true;
@@ -284,18 +290,21 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
             Err(_) => None,
         };
         let Some(device) = device else {
+            if exhausted(&shared) {
+                break;
+            }
             sleep_or_stop(&shared, &mine, shared.opts.poll_interval).await;
             continue;
         };
         if handled.contains(&device) {
-            if shared.opts.mode == RunMode::OncePerProbe {
+            if shared.opts.mode == RunMode::OncePerProbe || exhausted(&shared) {
                 break;
             }
             sleep_or_stop(&shared, &mine, shared.opts.poll_interval).await;
             continue;
         }
         let Ok(_slot) = shared.slots.acquire().await else { break };
-        if shared.done() || gone(&mine) {
+        if *shared.stop.borrow() || gone(&mine) {
             break;
         }
         let mut attempt = 0;

@@ -4,7 +4,8 @@
 //! expected flash CRC, the broker counts 16 installs once the reporter has flushed, and the journal
 //! holds 16 results, all reported, each recorded once under its result id. With quota 12 for 16
 //! targets, 12 are installed and 4 refused `QUOTA_EXHAUSTED` (a once-per-probe run still visits every
-//! probe), the refused chips are left untouched, and nothing is over-issued. A refusal, journalled as
+//! probe; so does an until-exhausted run, two installs at a time: boards already on a fixture get
+//! their verdict), the refused chips are left untouched, and nothing is over-issued. A refusal, journalled as
 //! already reported, never reaches the broker as an install report, even while the reporter is busy
 //! with other results of the same station.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use flashgate_agent::journal::EntryState;
 use flashgate_agent::pipeline::DeviceOutcome;
-use flashgate_agent::runner::{RunEvent, RunOptions, RunSummary};
+use flashgate_agent::runner::{RunEvent, RunMode, RunOptions, RunSummary};
 use flashgate_common::cert::VendorCa;
 use flashgate_common::protocol::SfiState;
 use flashgate_proto::v1 as pb;
@@ -75,6 +76,19 @@ async fn sixteen_probes_install_concurrently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_twelve_for_sixteen_probes_refuses_four() {
+    quota_twelve_for_sixteen(once_per_probe("b-12")).await;
+}
+
+/// The station daemon's mode: the run ends with the batch, yet every board already on a fixture gets
+/// its verdict. Two installs at a time, so when the thirteenth board is refused at least two more
+/// probes hold boards still waiting for a slot; they are refused too, not silently left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_exhausted_every_board_on_a_fixture_gets_a_verdict() {
+    let opts = RunOptions { mode: RunMode::UntilExhausted, max_parallel: 2, ..once_per_probe("b-12") };
+    quota_twelve_for_sixteen(opts).await;
+}
+
+async fn quota_twelve_for_sixteen(opts: RunOptions) {
     let vendor = VendorCa::generate(&mut rand::rngs::OsRng);
     let sim = Simulator::start(sim_config(&vendor, TARGETS)).await.unwrap();
     let world = World::with_vendor(vendor);
@@ -83,7 +97,7 @@ async fn quota_twelve_for_sixteen_probes_refuses_four() {
     let crc = seeded.image.expected_flash_crc.unwrap();
 
     let station = TestStation::new(&world, StationSpec::new(vec![broker.url()]));
-    let (summary, _) = station.run(tcp_probes(&sim, "sim"), once_per_probe("b-12"), Duration::from_secs(60)).await;
+    let (summary, _) = station.run(tcp_probes(&sim, "sim"), opts, Duration::from_secs(60)).await;
     assert_eq!(summary.devices.len(), TARGETS, "every probe is visited: {summary:#?}");
     assert_eq!((summary.installed(), summary.refused(), summary.failed()), (12, 4, 0), "{summary:#?}");
     assert_eq!(summary.stopped_by.as_deref(), Some("QUOTA_EXHAUSTED"));
