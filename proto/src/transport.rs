@@ -80,6 +80,12 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
 /// TCP connect timeout of [`connect`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 keep-alive PING interval of client channels ([`endpoint`]), also while idle.
+pub const CLIENT_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a keep-alive PING may go unanswered before the connection is closed: a peer that
+/// vanished without closing it (a cable pulled, a host killed, a network cut) fails the calls on it
+/// within about interval + timeout, instead of after their whole deadline.
+pub const CLIENT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// ALPN protocol spoken over the TLS connection.
 const ALPN_H2: &[u8] = b"h2";
 
@@ -907,6 +913,8 @@ impl Service<Uri> for MtlsConnector {
 ///
 /// tonic refuses `https` URIs when its own TLS is not configured, so the endpoint connects to
 /// `http://host:port` (our connector does the TLS) while requests carry the `https` origin.
+/// Connections time out after [`DEFAULT_CONNECT_TIMEOUT`] and are checked with HTTP/2 keep-alive
+/// ([`CLIENT_KEEP_ALIVE_INTERVAL`], [`CLIENT_KEEP_ALIVE_TIMEOUT`]).
 pub fn endpoint(uri: &str) -> Result<Endpoint, TransportError> {
     let bad = |reason: String| TransportError::Endpoint { uri: uri.to_string(), reason };
     let parsed: Uri = uri.parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
@@ -922,7 +930,13 @@ pub fn endpoint(uri: &str) -> Result<Endpoint, TransportError> {
     let dial = format!("http://{authority}");
     let origin: Uri = format!("https://{authority}").parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
     Endpoint::from_shared(dial)
-        .map(|e| e.origin(origin).connect_timeout(DEFAULT_CONNECT_TIMEOUT))
+        .map(|e| {
+            e.origin(origin)
+                .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
+                .http2_keep_alive_interval(CLIENT_KEEP_ALIVE_INTERVAL)
+                .keep_alive_timeout(CLIENT_KEEP_ALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+        })
         .map_err(|e| bad(error_chain(&e)))
 }
 
