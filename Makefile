@@ -7,15 +7,16 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # cluster per test, started with initdb/pg_ctl on a loopback port, for the shared ledger).
 TEST_PACKAGES := stm32flash softhsm2 postgresql
 
-.PHONY: all build test deps fmt clippy unit fuzz-check bench demo clean
+.PHONY: all build test deps fmt clippy unit fuzz-check compose-test bench demo clean
 
 all: build
 
 build:
 	$(CARGO) build --workspace --all-targets
 
-## Everything CI checks: formatting, lints as errors, every test (unit, property, cross-crate, stm32flash).
-test: deps fmt clippy unit fuzz-check
+## Everything CI checks: formatting, lints as errors, every test (unit, property, cross-crate, stm32flash),
+## and the docker-compose fault scenario whenever a Docker engine answers.
+test: deps fmt clippy unit fuzz-check compose-test
 
 ## Install the Debian packages the tests need when they are missing.
 deps:
@@ -40,6 +41,22 @@ unit:
 ## The fuzz targets (fuzz/, not a workspace member) must keep compiling; running them is in docs/testing.md.
 fuzz-check:
 	$(CARGO) check --manifest-path fuzz/Cargo.toml --bins --target-dir target
+
+## The multi-site docker-compose deployment under faults (tests/tests/compose_faults.rs): builds the images
+## (deploy/docker/build.sh, no registry) and runs the scenario whenever a Docker engine answers; with
+## CI=true a missing engine is a failure, otherwise the scenario is skipped with a note.
+compose-test:
+	@if docker info >/dev/null 2>&1; then \
+		command -v docker-compose >/dev/null || { echo "installing docker-compose"; \
+			$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose; }; \
+		./deploy/docker/build.sh && \
+		FLASHGATE_COMPOSE=1 $(CARGO) test -p flashgate-tests --test compose_faults -- --nocapture; \
+	elif [ "$${CI:-}" = true ]; then \
+		echo "CI=true: the docker-compose fault scenario needs a Docker engine, and none answers 'docker info'" >&2; \
+		exit 1; \
+	else \
+		echo "skipping the docker-compose fault scenario: no Docker engine answers 'docker info'"; \
+	fi
 
 ## Benchmarks: release build, then every figure into BENCHMARKS.md (see scripts/bench.sh).
 bench:

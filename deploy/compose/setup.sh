@@ -1,6 +1,7 @@
 #!/bin/sh
 # One-shot: the development PKI, the test vendor CA, the firmware key file and every configuration,
-# written into the shared /fg volume (idempotent: does nothing when /fg/pki exists).
+# written into the shared /fg volume (idempotent: does nothing when /fg/pki exists). FG_TARGETS
+# static probes per station (tcp://127.0.0.1:7000 onwards, the station's simulator), default 4.
 set -eu
 [ -d /fg/pki ] && exit 0
 cd /fg
@@ -44,10 +45,12 @@ for site in berlin austin; do
       echo "dir = \"/var/lib/flashgate-agent\""
       echo '[probes]'
       echo 'usb_scan = false'
-      for i in 0 1 2 3; do
+      i=0
+      while [ "$i" -lt "${FG_TARGETS:-4}" ]; do
         echo '[[probes.static]]'
         echo "id = \"fixture-$((i + 1))\""
         echo "target = \"tcp://127.0.0.1:$((7000 + i))\""
+        i=$((i + 1))
       done
       echo '[station]'
       echo 'heartbeat_interval = "1s"'

@@ -5,6 +5,8 @@
 //! - [`broker`]: a development PKI, a test vendor CA and chips, brokers started in-process on
 //!   127.0.0.1 ephemeral ports with a chosen HSM pool and ledger, mutual-TLS station and admin
 //!   clients, and seeding a key, an image and a batch through `AdminService`.
+//! - [`compose`]: the multi-site docker-compose deployment driven from a test, and the pass
+//!   criteria of its fault scenario.
 //! - [`hsm`]: HSM backends for fault scenarios (a member that can be "unplugged" or slowed down).
 //! - [`softhsm`]: the process-wide SoftHSM2 fixture (own `SOFTHSM2_CONF`, tokens by label).
 //! - [`pg`]: a throwaway PostgreSQL cluster (shared with the broker's ledger tests).
@@ -12,6 +14,7 @@
 
 pub mod agent;
 pub mod broker;
+pub mod compose;
 pub mod hsm;
 pub mod softhsm;
 
