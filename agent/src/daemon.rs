@@ -107,6 +107,7 @@ pub async fn run_daemon(
         probes.borrow().iter().map(ProbeTarget::to_pb).collect(),
         opts,
     )?;
+    link.follow_probes(probes.clone());
     let run_ctx = ctx.clone();
     let start = move |opts: RunOptions, events: mpsc::UnboundedSender<RunEvent>, stop: watch::Receiver<bool>| {
         run_batch_watching(run_ctx.clone(), probes.clone(), opts, events, stop)

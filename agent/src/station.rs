@@ -174,6 +174,8 @@ pub struct StationLink {
     attached: watch::Receiver<Option<String>>,
     closing: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
+    /// Tasks feeding the status ([`StationLink::follow_probes`]); aborted with the link.
+    followers: Vec<JoinHandle<()>>,
 }
 
 impl StationLink {
@@ -231,7 +233,15 @@ impl StationLink {
             tracker: Tracker::default(),
             pending_done: VecDeque::new(),
         };
-        Ok(StationLink { commands, events, status, attached, closing, task: Some(tokio::spawn(task.run())) })
+        Ok(StationLink {
+            commands,
+            events,
+            status,
+            attached,
+            closing,
+            task: Some(tokio::spawn(task.run())),
+            followers: Vec::new(),
+        })
     }
 
     /// The next command from the broker; `None` only when the link has stopped.
@@ -243,6 +253,30 @@ impl StationLink {
     /// reported at once.
     pub fn update_status(&self, f: impl FnOnce(&mut StationStatus)) {
         self.status.send_modify(f);
+    }
+
+    /// Keep the reported probes equal to `probes` (a probe watcher's list) for as long as the link
+    /// lives: a probe plugged in or removed is reported at once, not only at the next `Register`.
+    pub fn follow_probes(&mut self, mut probes: watch::Receiver<Vec<crate::pipeline::ProbeTarget>>) {
+        let status = self.status.clone();
+        let mut closing = self.closing.subscribe();
+        self.followers.push(tokio::spawn(async move {
+            loop {
+                let list: Vec<PbProbe> = probes.borrow_and_update().iter().map(|p| p.to_pb()).collect();
+                status.send_if_modified(|s| {
+                    let changed = s.probes != list;
+                    if changed {
+                        tracing::info!(probes = list.len(), "probe list changed; reporting it to the broker");
+                        s.probes = list;
+                    }
+                    changed
+                });
+                tokio::select! {
+                    changed = probes.changed() => if changed.is_err() { break },
+                    _ = closing.wait_for(|c| *c) => break,
+                }
+            }
+        }));
     }
 
     /// What the link reports now.
@@ -285,6 +319,9 @@ impl Drop for StationLink {
     fn drop(&mut self) {
         if let Some(task) = &self.task {
             task.abort();
+        }
+        for f in &self.followers {
+            f.abort();
         }
     }
 }
@@ -466,7 +503,12 @@ impl LinkTask {
     async fn session(&mut self, endpoint: &str, channel: Channel) -> SessionEnd {
         let failed = |error: String, healthy: bool| SessionEnd::Failed { error, attached: false, healthy };
         let (tx, rx) = mpsc::channel::<AgentMessage>(OUTBOUND_BUFFER);
-        let register = self.status.borrow_and_update().register(&self.opts.agent_version);
+        // What Register says is the baseline: a change made while the Attach call is in flight is
+        // then reported by the first heartbeat check below.
+        let (register, mut last_headline) = {
+            let s = self.status.borrow_and_update();
+            (s.register(&self.opts.agent_version), (s.probes.clone(), s.current_batch.clone(), s.running))
+        };
         if tx.try_send(register).is_err() {
             return failed("cannot queue Register".into(), false);
         }
@@ -491,10 +533,6 @@ impl LinkTask {
                 break;
             }
         }
-        let mut last_headline = {
-            let s = self.status.borrow();
-            (s.probes.clone(), s.current_batch.clone(), s.running)
-        };
         let hb = self.opts.heartbeat_interval.max(Duration::from_millis(1));
         let mut heartbeat = tokio::time::interval_at(Instant::now() + hb, hb);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -511,7 +549,11 @@ impl LinkTask {
                     Ok(None) => return failed("the broker ended the stream".into(), healthy(heard)),
                     Err(status) => return failed(flashgate_proto::errors::describe_status(&status), healthy(heard)),
                 },
-                _ = heartbeat.tick() => Some(self.status.borrow_and_update().heartbeat()),
+                _ = heartbeat.tick() => {
+                    let s = self.status.borrow_and_update();
+                    last_headline = (s.probes.clone(), s.current_batch.clone(), s.running);
+                    Some(s.heartbeat())
+                },
                 changed = self.status.changed() => {
                     if changed.is_err() {
                         // The handle is gone.
@@ -769,6 +811,37 @@ pub(crate) mod tests {
 
     async fn recv_cmd(link: &mut StationLink) -> Command {
         tokio::time::timeout(Duration::from_secs(10), link.recv()).await.unwrap().unwrap()
+    }
+
+    /// A probe plugged in (or removed) after the link started is reported at once, in a heartbeat.
+    #[tokio::test]
+    async fn probe_changes_are_reported_as_they_happen() {
+        use crate::bootloader::TargetAddr;
+        use crate::pipeline::ProbeTarget;
+        let target = |id: &str, port: u16| ProbeTarget {
+            id: id.into(),
+            kind: "tcp".into(),
+            addr: TargetAddr::Tcp(format!("127.0.0.1:{port}")),
+        };
+        let fake = FakeStation::default();
+        let server = FakeServer::start(fake.clone(), None).await;
+        let opts = LinkOptions { heartbeat_interval: Duration::from_secs(3600), ..fast() };
+        let (tx, rx) = watch::channel(vec![target("p1", 7001)]);
+        let mut link = StationLink::from_channels(vec![channel(server.addr)], Vec::new(), opts).unwrap();
+        link.follow_probes(rx);
+        let ids = |h: &flashgate_proto::v1::Heartbeat| h.probes.iter().map(|p| p.probe_id.clone()).collect::<Vec<_>>();
+        let heartbeat_with = |want: Vec<&'static str>| {
+            move |s: &Seen| {
+                s.messages.iter().any(|(_, m)| matches!(m, agent_message::Msg::Heartbeat(h) if ids(h) == want))
+            }
+        };
+        fake.wait_for("a heartbeat naming p1", heartbeat_with(vec!["p1"])).await;
+        tx.send_replace(vec![target("p1", 7001), target("p2", 7002)]);
+        fake.wait_for("a heartbeat naming p1 and p2", heartbeat_with(vec!["p1", "p2"])).await;
+        tx.send_replace(vec![target("p2", 7002)]);
+        fake.wait_for("a heartbeat naming only p2", heartbeat_with(vec!["p2"])).await;
+        assert_eq!(link.status().probes.len(), 1);
+        link.close(Duration::from_secs(5)).await;
     }
 
     #[tokio::test]
