@@ -199,7 +199,7 @@ where
                     match outcome {
                         DeviceOutcome::Installed { .. } => summary.installed += 1,
                         DeviceOutcome::Refused { .. } => summary.refused += 1,
-                        DeviceOutcome::Failed { .. } => summary.failed += 1,
+                        DeviceOutcome::Failed { .. } | DeviceOutcome::BrokerUnreachable { .. } => summary.failed += 1,
                     }
                     link.update_status(|s| if ok { s.devices_ok += 1 } else { s.devices_failed += 1 });
                 }

@@ -3,7 +3,9 @@
 //! from the local cache (fetched from the broker, SHA-256 checked), SET_LICENCE, header, areas in
 //! chunks of at most 1024 bytes, INSTALL, the CRC check, then the result into the journal (fsync) and
 //! on to the broker through the reporter. Device status codes become plain messages; a failed device
-//! may be retried with the same licence, consuming no quota.
+//! may be retried with the same licence, consuming no quota. When no broker answers (for the licence
+//! or the image) the device is not failed: nothing was written to it, nothing is journalled, and the
+//! outcome [`DeviceOutcome::BrokerUnreachable`] tells the runner to try it again once a broker answers.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,6 +76,8 @@ pub enum StageEvent {
     },
     /// Fetching the encrypted image.
     Image,
+    /// No broker answered; the device waits on its fixture until one does.
+    WaitingForBroker,
     /// Installing: bytes sent of total.
     Install {
         /// The stage.
@@ -104,6 +108,16 @@ pub enum DeviceOutcome {
         /// The broker's message.
         message: String,
     },
+    /// No broker answered when the device needed one (its licence or the image), after the broker
+    /// client's retries and failover; nothing was written to the device and nothing journalled. Not a
+    /// verdict: the runner tries the device again once a broker answers (final only when the run is
+    /// stopped meanwhile).
+    BrokerUnreachable {
+        /// The device.
+        device_id: String,
+        /// The last error, in words.
+        message: String,
+    },
     /// The install failed (device status or host-side failure); the device holds no plaintext.
     Failed {
         /// The device, when its certificate was read.
@@ -119,7 +133,9 @@ impl DeviceOutcome {
     /// The device id, when known.
     pub fn device_id(&self) -> Option<&str> {
         match self {
-            Self::Installed { device_id, .. } | Self::Refused { device_id, .. } => Some(device_id),
+            Self::Installed { device_id, .. }
+            | Self::Refused { device_id, .. }
+            | Self::BrokerUnreachable { device_id, .. } => Some(device_id),
             Self::Failed { device_id, .. } => device_id.as_deref(),
         }
     }
@@ -191,6 +207,7 @@ pub async fn install_device(
         let result = match &outcome {
             DeviceOutcome::Installed { .. } => "installed",
             DeviceOutcome::Refused { .. } => "refused",
+            DeviceOutcome::BrokerUnreachable { .. } => "broker_unreachable",
             DeviceOutcome::Failed { .. } => "failed",
         };
         metrics::counter!("flashgate_agent_devices_total", "result" => result).increment(1);
@@ -249,6 +266,9 @@ async fn run(
                 message: refusal.message,
             };
         }
+        Err(e @ BrokerError::Unreachable { .. }) => {
+            return DeviceOutcome::BrokerUnreachable { device_id: id.device_id, message: format!("no licence: {e}") };
+        }
         Err(e) => return failed(Some(id.device_id), (HOST_FAILURE, format!("no licence: {e}"))),
     };
     lap(timings, "licence", &mut t);
@@ -272,6 +292,12 @@ async fn run(
     events(StageEvent::Image);
     let path = match ctx.broker.fetch_image(&ctx.images, &lic.image_sha256).await {
         Ok(p) => p,
+        Err(e) if e.is_retryable() => {
+            return DeviceOutcome::BrokerUnreachable {
+                device_id: id.device_id,
+                message: format!("image {}: {e}", lic.image_sha256),
+            };
+        }
         Err(e) => return failed(Some(id.device_id), (HOST_FAILURE, format!("image {}: {e}", lic.image_sha256))),
     };
     let bytes = match tokio::fs::read(&path).await {
@@ -321,6 +347,11 @@ async fn record(
             (HOST_FAILURE, format!("refused ({reason}): {message}"), None)
         }
         DeviceOutcome::Failed { status_code, message, .. } => (*status_code, message.clone(), None),
+        DeviceOutcome::BrokerUnreachable { device_id, message } => {
+            // Nothing happened to the device: there is no result to keep, it will be tried again.
+            tracing::warn!(probe = %target.id, device = %device_id, %message, "no broker reachable; nothing written to the device");
+            return;
+        }
     };
     let Some(device_id) = outcome.device_id() else {
         // Nothing identified the device: there is nothing to count against a batch.

@@ -1,7 +1,9 @@
 //! Running a batch on every probe of the station at once: one task per probe, one device per probe at
 //! a time, at most `max_parallel` installs in flight. Each probe waits for a responding bootloader,
 //! identifies the device, and installs it unless this run already handled it; a failed install is
-//! retried (same licence, no quota) up to `max_attempts`. The run ends when every probe is done
+//! retried (same licence, no quota) up to `max_attempts`. A device for which no broker answered (a
+//! network cut, every broker down) is not failed: it waits on its fixture, tried again with growing
+//! pauses (up to [`BROKER_WAIT_MAX`]) until a broker answers, without using up its attempts. The run ends when every probe is done
 //! ([`RunMode::OncePerProbe`]), when the batch is exhausted or closed (a board already on a fixture
 //! then still gets its verdict, a refusal that consumes nothing, so every board the run saw is either
 //! installed or refused), or when the operator stops it — devices already being installed always
@@ -116,10 +118,21 @@ impl RunSummary {
     pub fn refused(&self) -> usize {
         self.devices.iter().filter(|d| matches!(d.outcome, DeviceOutcome::Refused { .. })).count()
     }
-    /// Devices that failed.
+    /// Devices that failed, or were still waiting for a broker when the run was stopped.
     pub fn failed(&self) -> usize {
-        self.devices.iter().filter(|d| matches!(d.outcome, DeviceOutcome::Failed { .. })).count()
+        self.devices
+            .iter()
+            .filter(|d| matches!(d.outcome, DeviceOutcome::Failed { .. } | DeviceOutcome::BrokerUnreachable { .. }))
+            .count()
     }
+}
+
+/// Longest pause between tries of a device that is waiting for a broker.
+pub const BROKER_WAIT_MAX: Duration = Duration::from_secs(15);
+
+/// The pause before the `n`th try (1-based) of a device waiting for a broker: 1 s doubling to [`BROKER_WAIT_MAX`].
+fn broker_wait(n: u32) -> Duration {
+    Duration::from_secs(1u64 << n.saturating_sub(1).min(4)).min(BROKER_WAIT_MAX)
 }
 
 /// Refusals after which no device of this batch can get a licence in this run.
@@ -307,18 +320,32 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
         if *shared.stop.borrow() || gone(&mine) {
             break;
         }
-        let mut attempt = 0;
+        let mut attempt = 1;
+        let mut broker_waits = 0u32;
         let outcome = loop {
-            attempt += 1;
             let s2 = shared.clone();
             let pid = probe.id.clone();
             let emit = move |event: StageEvent| s2.emit(RunEvent::Stage { probe: pid.clone(), attempt, event });
             let outcome = install_device(&shared.ctx, &probe, &shared.opts.batch_id, attempt, &emit).await;
             match &outcome {
+                DeviceOutcome::BrokerUnreachable { message, .. } if !*shared.stop.borrow() && !gone(&mine) => {
+                    broker_waits += 1;
+                    let pause = broker_wait(broker_waits);
+                    if broker_waits == 1 || broker_waits.is_multiple_of(10) {
+                        tracing::warn!(probe = %probe.id, tries = broker_waits, %message, ?pause, "no broker reachable; the device waits on its fixture");
+                    }
+                    shared.emit(RunEvent::Stage {
+                        probe: probe.id.clone(),
+                        attempt,
+                        event: StageEvent::WaitingForBroker,
+                    });
+                    sleep_or_stop(&shared, &mine, pause).await;
+                }
                 DeviceOutcome::Failed { message, .. }
                     if attempt < shared.opts.max_attempts && !*shared.stop.borrow() =>
                 {
                     tracing::warn!(probe = %probe.id, attempt, %message, "install failed; retrying with the same licence");
+                    attempt += 1;
                     sleep_or_stop(&shared, &mine, shared.opts.poll_interval).await;
                 }
                 _ => break outcome,
@@ -342,4 +369,16 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
     }
     shared.emit(RunEvent::ProbeDone { probe: probe.id.clone() });
     records
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_waits_grow_to_their_cap() {
+        let waits: Vec<u64> = (1..=7).map(|n| broker_wait(n).as_secs()).collect();
+        assert_eq!(waits, vec![1, 2, 4, 8, 15, 15, 15]);
+        assert_eq!(broker_wait(u32::MAX), BROKER_WAIT_MAX);
+    }
 }

@@ -346,6 +346,7 @@ fn stage_of(event: &StageEvent) -> (&'static str, u64, u64) {
         StageEvent::Identify => ("identify", 0, 0),
         StageEvent::Licence { .. } => ("licence", 0, 0),
         StageEvent::Image => ("image", 0, 0),
+        StageEvent::WaitingForBroker => ("waiting for broker", 0, 0),
         StageEvent::Install { stage, done, total } => match stage {
             InstallStage::SetLicence
             | InstallStage::SetImageHeader
@@ -363,6 +364,9 @@ fn done_message(outcome: &DeviceOutcome) -> (bool, String) {
         DeviceOutcome::Refused { reason, message, .. } => (false, format!("refused {reason}: {message}")),
         DeviceOutcome::Failed { status_code, message, .. } => {
             (false, format!("failed (status {status_code:#06x}): {message}"))
+        }
+        DeviceOutcome::BrokerUnreachable { message, .. } => {
+            (false, format!("not installed, stopped while waiting for a broker: {message}"))
         }
     }
 }

@@ -20,6 +20,7 @@ fn stage_name(e: &StageEvent) -> String {
         StageEvent::Identify => "identify".into(),
         StageEvent::Licence { .. } => "licence".into(),
         StageEvent::Image => "image".into(),
+        StageEvent::WaitingForBroker => "waiting for a broker".into(),
         StageEvent::Install { stage, .. } => match stage {
             InstallStage::SetLicence => "set licence".into(),
             InstallStage::SetImageHeader => "header".into(),
@@ -38,6 +39,9 @@ pub fn outcome_words(o: &DeviceOutcome) -> String {
         DeviceOutcome::Installed { crc: None, .. } => "installed (CRC answer lost; state verified)".into(),
         DeviceOutcome::Refused { reason, message, .. } => format!("refused {reason}: {message}"),
         DeviceOutcome::Failed { message, .. } => format!("failed: {message}"),
+        DeviceOutcome::BrokerUnreachable { message, .. } => {
+            format!("not installed: stopped while waiting for a broker ({message})")
+        }
     }
 }
 
@@ -108,7 +112,7 @@ pub async fn display(mut events: mpsc::UnboundedReceiver<RunEvent>, label: Strin
                 match &outcome {
                     DeviceOutcome::Installed { .. } => ok += 1,
                     DeviceOutcome::Refused { .. } => refused += 1,
-                    DeviceOutcome::Failed { .. } => failed += 1,
+                    DeviceOutcome::Failed { .. } | DeviceOutcome::BrokerUnreachable { .. } => failed += 1,
                 }
                 let words = outcome_words(&outcome);
                 let device = outcome.device_id().unwrap_or("?").to_owned();
@@ -116,6 +120,7 @@ pub async fn display(mut events: mpsc::UnboundedReceiver<RunEvent>, label: Strin
                     DeviceOutcome::Installed { .. } => "installed".to_owned(),
                     DeviceOutcome::Refused { reason, .. } => reason.to_lowercase(),
                     DeviceOutcome::Failed { .. } => "FAILED".to_owned(),
+                    DeviceOutcome::BrokerUnreachable { .. } => "NOT INSTALLED".to_owned(),
                 });
                 if tty {
                     multi.println(format!("{label}/{probe}: device {device}: {words}")).ok();
