@@ -61,9 +61,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
         Command::Broker(_) => "info,sqlx=warn",
-        // The station daemon says what it was assigned and when the broker link drops or returns.
+        // The station daemon says what it was assigned, when the broker link drops or returns, and
+        // when its calls fail over to another broker or reporting resumes.
         Command::Agent(commands::agent::AgentCommand::Serve(_)) => {
-            "warn,flashgate_agent::daemon=info,flashgate_agent::station=info"
+            "warn,flashgate_agent::daemon=info,flashgate_agent::station=info,flashgate_agent::broker_client=info"
         }
         _ => "warn",
     };

@@ -1,16 +1,21 @@
 //! The multi-site deployment of `deploy/compose/multi-site.yml` under faults, on a real Docker engine:
 //! PostgreSQL, two brokers (each with its own SoftHSM2 token holding the same firmware key), four
 //! stations on two sites, eight simulated STM32L4 targets each (32 devices) running in real time,
-//! one batch with quota 28 assigned to every station. While the devices install, the broker most
-//! stations are attached to is killed (`docker kill`) and started again ten seconds later, and
-//! station austin/2 is cut off the network for 20 s (`docker network disconnect`) and reconnected.
+//! one batch with quota 28 for all of them. Station austin/2 is cut off the network first (`docker
+//! network disconnect`, 20 s) so it gets the assignment only when it is back, its control stream
+//! dead meanwhile. The batch is assigned through broker-1, every station's first endpoint, which
+//! is killed (`docker kill`) right after, while the stations are acting on the assignment, and
+//! started again 20 s later: the connected stations install and report their results meanwhile,
+//! through broker-2. The three connected stations hold 24 devices, fewer than the quota, so the cut
+//! station must still get 4 licences and 4 refusals once it is back.
 //!
 //! Pass ([`Observed::violations`]): exactly 28 devices installed, each with one licence and one
 //! install report; the other 4 refused `QUOTA_EXHAUSTED` with no licence; the batch counts agree;
 //! every station journal delivered, its results being the ledger's; the audit chain verifies; and
-//! the logs show the stations of the killed broker re-attaching to the other one, and the cut station
-//! noticing the dead link (HTTP/2 keep-alive) and attaching again once reconnected. Everything is read through `flashgate admin`, `flashgate agent
-//! journal` and the containers' logs.
+//! the logs show every connected station's calls failing over from the killed broker to the other
+//! (and its control stream, where it was on the killed broker), and the cut station noticing the dead
+//! link (HTTP/2 keep-alive) and attaching again once reconnected. Everything is read through
+//! `flashgate admin`, `flashgate agent journal` and the containers' logs.
 //!
 //! Docker-only: it runs when `FLASHGATE_COMPOSE=1` (`make compose-test`, part of `make test` whenever
 //! a Docker engine answers, and required when `CI=true`), after `deploy/docker/build.sh` built the
@@ -44,7 +49,11 @@ const STATIONS: [(&str, &str, &str); 4] = [
 const CUT: &str = "station-austin-2";
 const CUT_IP: &str = "172.28.0.32";
 const CUT_FOR: Duration = Duration::from_secs(20);
-const BROKER_DOWN_FOR: Duration = Duration::from_secs(10);
+/// Longer than an install (about 12 s): the connected stations report their results while it is down.
+const BROKER_DOWN_FOR: Duration = Duration::from_secs(20);
+/// The kill comes this long after the last assignment (made through the broker killed, which pushes
+/// it to its stations at once): they are asking it for licences and fetching the image.
+const KILL_AFTER: Duration = Duration::from_millis(0);
 
 /// Tears the project down when the test ends; on failure first saves every service's log.
 struct Teardown<'a>(&'a Compose);
@@ -147,36 +156,37 @@ fn multi_site_deployment_survives_a_broker_kill_and_a_station_cut() {
         .map(|s| (s["identity"].as_str().unwrap_or("").to_owned(), s["broker"].as_str().unwrap_or("").to_owned()))
         .collect();
     eprintln!("[{:>5.1}s] stations attached: {attached:?}", t0.elapsed().as_secs_f64());
-    let victim = BROKERS
-        .into_iter()
-        .max_by_key(|b| attached.values().filter(|a| a.as_str() == *b).count())
-        .expect("two brokers");
-    let survivor = BROKERS.into_iter().find(|b| *b != victim).expect("two brokers");
+    // broker-1 is every station's first endpoint: their licence, image and report calls go to it.
+    let (victim, survivor) = (BROKERS[0], BROKERS[1]);
 
-    for (_, station, _) in STATIONS {
-        c.admin(survivor, &["station", "assign", station, BATCH]).unwrap();
-    }
-    let assigned = Instant::now();
-    eprintln!("[{:>5.1}s] {BATCH} assigned to every station", t0.elapsed().as_secs_f64());
-
-    // The quota is taken; the devices are streaming ciphertext. Now the faults.
-    wait_for("the quota to be issued", Duration::from_secs(60), Duration::from_millis(200), |last| {
-        let counts = batch_counts(&c).map_err(|e| *last = e).ok()?;
-        *last = format!("{counts:?}");
-        (counts.0 == QUOTA as i64).then_some(())
-    });
-    std::thread::sleep(Duration::from_secs(2));
+    // The faults. Station austin/2 is cut off first, so the assignment reaches it only when it is
+    // back. The batch is assigned through the broker about to be killed, which pushes it to its
+    // stations at once; it is killed while they act on it (licences, image, installs), so their
+    // later calls (the image, the reports) fail over to the other broker.
     let victim_id = c.container(victim);
     let cut_id = c.container(CUT);
     let network = c.network_of(&cut_id);
-    c.docker(&["kill", &victim_id]);
-    let killed = Instant::now();
-    eprintln!("[{:>5.1}s] killed {victim} ({:?} after the assignment)", t0.elapsed().as_secs_f64(), assigned.elapsed());
-    std::thread::sleep(Duration::from_secs(1));
     c.docker(&["network", "disconnect", &network, &cut_id]);
     let cut = Instant::now();
     let cut_at = SystemTime::now();
     eprintln!("[{:>5.1}s] cut {CUT} off {network}", t0.elapsed().as_secs_f64());
+    // The cut station first: the last assignment is still being acted on when the kill comes.
+    for (_, station, _) in STATIONS.iter().rev() {
+        c.admin(victim, &["station", "assign", station, BATCH]).unwrap();
+    }
+    let assigned = Instant::now();
+    eprintln!("[{:>5.1}s] {BATCH} assigned to every station through {victim}", t0.elapsed().as_secs_f64());
+    std::thread::sleep(KILL_AFTER.saturating_sub(assigned.elapsed()));
+    c.docker(&["kill", &victim_id]);
+    let killed = Instant::now();
+    eprintln!("[{:>5.1}s] killed {victim} ({:?} after the assignment)", t0.elapsed().as_secs_f64(), assigned.elapsed());
+    match batch_counts(&c) {
+        Ok((issued, installed, _)) => eprintln!(
+            "[{:>5.1}s] so far {issued} licences issued, {installed} installs reported",
+            t0.elapsed().as_secs_f64()
+        ),
+        Err(e) => eprintln!("batch status unavailable: {e}"),
+    }
     std::thread::sleep(BROKER_DOWN_FOR.saturating_sub(killed.elapsed()));
     c.run(&["start", victim]);
     eprintln!("[{:>5.1}s] started {victim} again", t0.elapsed().as_secs_f64());
@@ -237,29 +247,27 @@ fn multi_site_deployment_survives_a_broker_kill_and_a_station_cut() {
     let violations = observed.violations(Expected { devices: STATIONS.len() * TARGETS, installs: QUOTA });
     assert!(violations.is_empty(), "the fault scenario broke invariants:\n- {}", violations.join("\n- "));
 
-    // The failover is visible in the logs: every station the killed broker held (but the cut one,
-    // which may have been off the network then) lost its stream and attached to the survivor; the
-    // cut station's reporter resumed once it was back.
+    // The failover is visible in the logs: every connected station's broker client moved its calls
+    // from the killed broker to the other one (its results were reported while the killed broker
+    // was down), and every station whose control stream was on the killed broker attached to the
+    // other one.
     let victim_url = format!("https://{victim}:7443");
     let survivor_url = format!("https://{survivor}:7443");
-    let held: Vec<&str> = STATIONS
-        .iter()
-        .filter(|(service, station, _)| {
-            *service != CUT
-                && attached.iter().any(|(id, b)| b == victim && id.ends_with(&station.replace('/', "/station/")))
-        })
-        .map(|s| s.0)
-        .collect();
-    assert!(!held.is_empty(), "{victim} held no station but the cut one: {attached:?}");
-    for service in &held {
+    for (service, station, _) in STATIONS.iter().filter(|s| s.0 != CUT) {
         let log = c.logs(service);
-        let lost = log.lines().position(|l| l.contains("station stream to the broker lost") && l.contains(&victim_url));
-        let moved = lost.is_some_and(|at| {
-            log.lines().skip(at).any(|l| l.contains("station attached to the broker") && l.contains(&survivor_url))
-        });
-        assert!(moved, "{service}'s log does not show it failing over from {victim} to {survivor}:\n{log}");
+        let failover = format!("broker failover from={victim_url} to={survivor_url}");
+        assert!(log.contains(&failover), "{service}'s log does not show its calls failing over ({failover}):\n{log}");
+        let held = attached.iter().any(|(id, b)| b == victim && id.ends_with(&station.replace('/', "/station/")));
+        if held {
+            let lost =
+                log.lines().position(|l| l.contains("station stream to the broker lost") && l.contains(&victim_url));
+            let moved = lost.is_some_and(|at| {
+                log.lines().skip(at).any(|l| l.contains("station attached to the broker") && l.contains(&survivor_url))
+            });
+            assert!(moved, "{service}'s log does not show its stream failing over from {victim} to {survivor}:\n{log}");
+        }
+        eprintln!("{service}: calls failed over to {survivor}{}", if held { ", and its stream" } else { "" });
     }
-    eprintln!("failover from {victim} to {survivor} in the logs of {held:?}");
     // The cut station noticed the dead link while it was cut off (HTTP/2 keep-alive), and attached
     // again once it was back. (Its results were delivered: checked above.)
     let during = container_log(&cut_id, cut_at, Some(reconnected_at));
