@@ -154,7 +154,12 @@ impl Shared {
     /// Stopped by the operator, or (until-exhausted runs) the batch can issue nothing more. A
     /// once-per-probe run still visits every probe so each device gets its own answer.
     fn done(&self) -> bool {
-        *self.stop.borrow() || (self.opts.mode == RunMode::UntilExhausted && self.exhausted.load(Ordering::Acquire))
+        *self.stop.borrow() || self.batch_ended()
+    }
+
+    /// An until-exhausted run whose batch can issue nothing more.
+    fn batch_ended(&self) -> bool {
+        self.opts.mode == RunMode::UntilExhausted && self.exhausted.load(Ordering::Acquire)
     }
 
     fn emit(&self, e: RunEvent) {
@@ -291,7 +296,6 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
     // A board already on the fixture when the batch runs out still gets its verdict (the broker refuses
     // it, consuming nothing), so that every board the run saw is either installed or refused; only
     // waiting for *new* boards ends with the batch. The operator's stop ends the loop at once.
-    let exhausted = |s: &Shared| s.opts.mode == RunMode::UntilExhausted && s.exhausted.load(Ordering::Acquire);
     while !*shared.stop.borrow() && !gone(&mine) {
         if !waiting_announced {
             shared.emit(RunEvent::Waiting { probe: probe.id.clone() });
@@ -303,14 +307,14 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
             Err(_) => None,
         };
         let Some(device) = device else {
-            if exhausted(&shared) {
+            if shared.batch_ended() {
                 break;
             }
             sleep_or_stop(&shared, &mine, shared.opts.poll_interval).await;
             continue;
         };
         if handled.contains(&device) {
-            if shared.opts.mode == RunMode::OncePerProbe || exhausted(&shared) {
+            if shared.opts.mode == RunMode::OncePerProbe || shared.batch_ended() {
                 break;
             }
             sleep_or_stop(&shared, &mine, shared.opts.poll_interval).await;

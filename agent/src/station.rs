@@ -97,8 +97,8 @@ impl StationStatus {
     }
 
     /// What makes the link send a heartbeat at once when it changes.
-    fn headline(&self) -> (&[PbProbe], &str, bool) {
-        (&self.probes, &self.current_batch, self.running)
+    fn headline(&self) -> (Vec<PbProbe>, String, bool) {
+        (self.probes.clone(), self.current_batch.clone(), self.running)
     }
 }
 
@@ -511,7 +511,7 @@ impl LinkTask {
         // then reported by the first heartbeat check below.
         let (register, mut last_headline) = {
             let s = self.status.borrow_and_update();
-            (s.register(&self.opts.agent_version), (s.probes.clone(), s.current_batch.clone(), s.running))
+            (s.register(&self.opts.agent_version), s.headline())
         };
         if tx.try_send(register).is_err() {
             return failed("cannot queue Register".into(), false);
@@ -555,7 +555,7 @@ impl LinkTask {
                 },
                 _ = heartbeat.tick() => {
                     let s = self.status.borrow_and_update();
-                    last_headline = (s.probes.clone(), s.current_batch.clone(), s.running);
+                    last_headline = s.headline();
                     Some(s.heartbeat())
                 },
                 changed = self.status.changed() => {
@@ -564,10 +564,11 @@ impl LinkTask {
                         return SessionEnd::Closed;
                     }
                     let s = self.status.borrow_and_update();
-                    if s.headline() == (last_headline.0.as_slice(), last_headline.1.as_str(), last_headline.2) {
+                    let now = s.headline();
+                    if now == last_headline {
                         None
                     } else {
-                        last_headline = (s.probes.clone(), s.current_batch.clone(), s.running);
+                        last_headline = now;
                         heartbeat.reset();
                         Some(s.heartbeat())
                     }
