@@ -195,9 +195,62 @@ pub struct LimitsConfig {
     /// How often revocations made by other brokers on the same ledger are picked up.
     #[serde(default = "default_refresh", deserialize_with = "duration")]
     pub revocation_refresh: Duration,
-    /// Largest gRPC message accepted (images are uploaded in one message), in MiB.
+    /// Largest gRPC message `AdminService` accepts (images are uploaded in one message), in MiB. The
+    /// station services accept at most 16 KiB per message whatever this says.
     #[serde(default = "default_max_message_mib")]
     pub max_message_mib: usize,
+    /// A new connection that has not sent its first TLS bytes within this is dropped.
+    #[serde(default = "default_first_byte_timeout", deserialize_with = "duration")]
+    pub first_byte_timeout: Duration,
+    /// A TLS handshake not completed within this (after its first bytes) is dropped.
+    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// Most TLS handshakes in progress at once; beyond it the oldest is shed.
+    #[serde(default = "default_max_pending_handshakes")]
+    pub max_pending_handshakes: usize,
+    /// Most TLS handshakes in progress from one source address; beyond it that address's oldest is shed.
+    #[serde(default = "default_max_pending_per_source")]
+    pub max_pending_per_source: usize,
+    /// Most open connections of one certificate identity (station or admin).
+    #[serde(default = "default_max_connections_per_identity")]
+    pub max_connections_per_identity: usize,
+    /// Most concurrent HTTP/2 streams (calls) on one connection.
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: u32,
+}
+
+fn default_first_byte_timeout() -> Duration {
+    flashgate_proto::admission::DEFAULT_FIRST_BYTE_TIMEOUT
+}
+fn default_handshake_timeout() -> Duration {
+    flashgate_proto::admission::DEFAULT_HANDSHAKE_TIMEOUT
+}
+fn default_max_pending_handshakes() -> usize {
+    flashgate_proto::admission::DEFAULT_MAX_PENDING_HANDSHAKES
+}
+fn default_max_pending_per_source() -> usize {
+    flashgate_proto::admission::DEFAULT_MAX_PENDING_PER_SOURCE
+}
+fn default_max_connections_per_identity() -> usize {
+    flashgate_proto::admission::DEFAULT_MAX_CONNECTIONS_PER_IDENTITY
+}
+/// Default of [`LimitsConfig::max_streams_per_connection`].
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 64;
+fn default_max_streams_per_connection() -> u32 {
+    DEFAULT_MAX_STREAMS_PER_CONNECTION
+}
+
+impl LimitsConfig {
+    /// The accept loop's limits.
+    pub fn admission(&self) -> flashgate_proto::admission::AdmissionLimits {
+        flashgate_proto::admission::AdmissionLimits {
+            first_byte_timeout: self.first_byte_timeout,
+            handshake_timeout: self.handshake_timeout,
+            max_pending_handshakes: self.max_pending_handshakes,
+            max_pending_per_source: self.max_pending_per_source,
+            max_connections_per_identity: self.max_connections_per_identity,
+        }
+    }
 }
 
 fn default_grace() -> Duration {
@@ -216,6 +269,12 @@ impl Default for LimitsConfig {
             shutdown_grace: default_grace(),
             revocation_refresh: default_refresh(),
             max_message_mib: default_max_message_mib(),
+            first_byte_timeout: default_first_byte_timeout(),
+            handshake_timeout: default_handshake_timeout(),
+            max_pending_handshakes: default_max_pending_handshakes(),
+            max_pending_per_source: default_max_pending_per_source(),
+            max_connections_per_identity: default_max_connections_per_identity(),
+            max_streams_per_connection: default_max_streams_per_connection(),
         }
     }
 }

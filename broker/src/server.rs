@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use flashgate_common::cert::VendorCaPublicKey;
 use flashgate_proto::FILE_DESCRIPTOR_SET;
-use flashgate_proto::transport::{self, RevokedSerials, TlsFiles, TransportError};
+use flashgate_proto::deadline::DeadlineLayer;
+use flashgate_proto::transport::{self, AdmissionCounts, AdmissionStats, RevokedSerials, TlsFiles, TransportError};
 use flashgate_proto::v1::admin_service_server::AdminServiceServer;
 use flashgate_proto::v1::image_service_server::ImageServiceServer;
 use flashgate_proto::v1::licence_service_server::LicenceServiceServer;
@@ -30,6 +31,14 @@ use crate::service::admin::Admin;
 use crate::service::image::Images;
 use crate::service::licence::Licences;
 use crate::service::station::{self, Stations};
+use crate::service::validate;
+
+/// Largest HTTP/2 header block accepted (gRPC metadata of station and admin calls is far smaller).
+pub const HTTP2_MAX_HEADER_LIST: u32 = 16 * 1024;
+/// HTTP/2 keep-alive PING interval on server connections: a client that vanished is noticed.
+pub const SERVER_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// How long a server keep-alive PING may go unanswered before the connection is closed.
+pub const SERVER_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a broker could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +114,7 @@ pub struct RunningBroker {
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServerError>>,
     grace: Duration,
+    admission: Arc<AdmissionStats>,
 }
 
 impl std::fmt::Debug for RunningBroker {
@@ -122,6 +132,11 @@ impl RunningBroker {
     /// `https://ADDR`, for clients.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// What the accept loop dropped so far (idle sockets, stalled handshakes, shed ones).
+    pub fn admission(&self) -> AdmissionCounts {
+        self.admission.snapshot()
     }
 
     /// The shared service state (ledger, pool).
@@ -265,29 +280,44 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
         revoked.clone(),
     );
     let n = state.refresh_revocations().await?;
+    let stats = Arc::new(AdmissionStats::default());
     let tls = transport::server_config(&spec.tls, revoked)?;
     let listener = TcpListener::bind(spec.listen)
         .await
         .map_err(|source| ServerError::Bind { addr: spec.listen.to_string(), source })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: spec.listen.to_string(), source })?;
 
-    let max = spec.limits.max_message_mib * 1024 * 1024;
+    // Decode limits per service: the station services' messages are small and bounded; only AdminService
+    // (image upload and pack) takes large ones.
+    let admin_max = spec.limits.max_message_mib * 1024 * 1024;
+    let station_max = validate::STATION_DECODE_LIMIT;
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<LicenceServiceServer<Licences>>().await;
     health.set_serving::<ImageServiceServer<Images>>().await;
     health.set_serving::<StationServiceServer<Stations>>().await;
     health.set_serving::<AdminServiceServer<Admin>>().await;
+    // Both reflection versions: grpcurl and grpcio's reflection client still speak only v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
     let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(spec.limits.max_streams_per_connection))
+        .http2_max_header_list_size(Some(HTTP2_MAX_HEADER_LIST))
+        .http2_keepalive_interval(Some(SERVER_KEEP_ALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(SERVER_KEEP_ALIVE_TIMEOUT))
+        .layer(DeadlineLayer)
         .add_service(health_svc)
         .add_service(reflection)
-        .add_service(LicenceServiceServer::new(Licences::new(state.clone())).max_decoding_message_size(max))
-        .add_service(ImageServiceServer::new(Images::new(state.clone())).max_decoding_message_size(max))
-        .add_service(StationServiceServer::new(Stations::new(state.clone())).max_decoding_message_size(max))
-        .add_service(AdminServiceServer::new(Admin::new(state.clone())).max_decoding_message_size(max));
+        .add_service(reflection_alpha)
+        .add_service(LicenceServiceServer::new(Licences::new(state.clone())).max_decoding_message_size(station_max))
+        .add_service(ImageServiceServer::new(Images::new(state.clone())).max_decoding_message_size(station_max))
+        .add_service(StationServiceServer::new(Stations::new(state.clone())).max_decoding_message_size(station_max))
+        .add_service(AdminServiceServer::new(Admin::new(state.clone())).max_decoding_message_size(admin_max));
 
     // Revocations made by other brokers sharing the ledger.
     let refresher = {
@@ -310,6 +340,8 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
 
     let (tx, rx) = oneshot::channel::<()>();
     let name = spec.name;
+    let admission = spec.limits.admission();
+    let admission_stats = Arc::clone(&stats);
     let stations = state.clone();
     tracing::info!(broker = %name, %addr, revoked = n, "broker serving");
     let task = tokio::spawn(async move {
@@ -322,11 +354,11 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
             // Long-lived control streams would otherwise hold the graceful shutdown for its whole grace.
             stations.stations().close();
         };
-        let r = transport::serve(router, listener, tls, shutdown).await;
+        let r = transport::serve_with_options(router, listener, tls, admission, admission_stats, shutdown).await;
         refresher.abort();
         poller.abort();
         tracing::info!(broker = %name, "broker stopped");
         r.map_err(ServerError::from)
     });
-    Ok(RunningBroker { addr, state, shutdown: Some(tx), task, grace: spec.limits.shutdown_grace })
+    Ok(RunningBroker { addr, state, shutdown: Some(tx), task, grace: spec.limits.shutdown_grace, admission: stats })
 }

@@ -8,6 +8,8 @@ pub mod v1 {
     tonic::include_proto!("flashgate.v1");
 }
 
+pub mod admission;
+pub mod deadline;
 pub mod errors;
 pub mod transport;
 

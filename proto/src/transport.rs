@@ -4,8 +4,9 @@
 //! Owns: loading PEM files ([`TlsFiles`]), the rustls configurations (TLS 1.3 only, the ring
 //! provider installed explicitly, our CA as the only trust anchor), the client-certificate
 //! verifier that adds SPIFFE identity and revocation checks to rustls' WebPKI verifier, the
-//! server accept loop ([`serve`]: one task per TLS handshake with a timeout, peers refused before
-//! any RPC runs, with a `warn` log line naming address, certificate and reason), the per-connection
+//! server accept loop ([`serve`]: never blocked, one task per TLS handshake under the deadlines and
+//! caps of [`crate::admission`], peers refused before any RPC runs, with a `warn` log line naming
+//! address, certificate and reason), the per-connection
 //! [`PeerConn`] that services read from request extensions, and the client connector ([`connect`]).
 //!
 //! Server:
@@ -33,8 +34,8 @@
 //!
 //! Revocation and expiry are checked when a connection's handshake runs (session resumption is
 //! off, so that is every connection); a connection accepted before its serial was revoked or its
-//! certificate expired keeps working until it closes. Services that need immediate effect can
-//! check `PeerConn::peer.serial_hex` / `not_after` per request as well.
+//! certificate expired stays open, so services check `PeerConn::peer.serial_hex` / `not_after` on
+//! every request as well (the broker does).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -47,6 +48,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use flashgate_common::pki::{self, Identity, PeerInfo, PkiError};
+
+use crate::admission::{IdentityConnections, PendingHandshakes};
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
@@ -60,7 +63,7 @@ use rustls::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::StreamExt;
@@ -73,11 +76,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tower::Layer;
 use zeroize::Zeroizing;
 
-/// How long a TLS handshake may take, server and client side, by default.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How many TLS handshakes the server runs at once by default; further connections wait in the
-/// kernel's accept queue.
-pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
+pub use crate::admission::{AdmissionCounts, AdmissionLimits, AdmissionStats, IdentityPermit};
+
+/// How long a client-side TLS handshake may take by default ([`MtlsConnector`]).
+pub const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP connect timeout of [`connect`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 keep-alive PING interval of client channels ([`endpoint`]), also while idle.
@@ -554,6 +556,8 @@ impl PeerConn {
 pub struct MtlsStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerConn,
+    /// This connection's slot among its identity's open connections, freed when it closes.
+    _permit: IdentityPermit,
 }
 
 impl fmt::Debug for MtlsStream {
@@ -609,26 +613,8 @@ impl AsyncWrite for MtlsStream {
     }
 }
 
-/// Limits of the accept loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServeOptions {
-    /// A TLS handshake that has not completed after this long is dropped.
-    pub handshake_timeout: Duration,
-    /// At most this many handshakes run at once.
-    pub max_pending_handshakes: usize,
-}
-
-impl Default for ServeOptions {
-    fn default() -> Self {
-        ServeOptions {
-            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-            max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
-        }
-    }
-}
-
 /// Serve `router` over mutual TLS on `listener` until `shutdown` completes, with
-/// [`ServeOptions::default`]. See [`serve_with_options`].
+/// [`AdmissionLimits::default`]. See [`serve_with_options`].
 pub async fn serve<L, ResBody>(
     router: Router<L>,
     listener: TcpListener,
@@ -643,21 +629,27 @@ where
     ResBody: HttpBody<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<StdError>,
 {
-    serve_with_options(router, listener, tls, ServeOptions::default(), shutdown).await
+    serve_with_options(router, listener, tls, AdmissionLimits::default(), Arc::default(), shutdown).await
 }
 
 /// Serve `router` over mutual TLS on `listener` until `shutdown` completes.
 ///
-/// Each accepted TCP connection gets its own task for the TLS handshake, bounded by
-/// `options.handshake_timeout`, so a slow or silent client never holds up the others. Refused
-/// handshakes (no certificate, wrong CA, expired, revoked, no valid identity, timeout) are
-/// logged at `warn` with the peer address, its certificate and the reason, and never reach tonic.
-/// Verified connections reach tonic with a [`PeerConn`] as their connect info.
+/// The accept loop never waits: every accepted TCP connection gets its own task, which drops the
+/// connection when its first TLS bytes do not arrive within `limits.first_byte_timeout` or its handshake
+/// does not complete within `limits.handshake_timeout` after them. Handshakes in progress are capped per
+/// source address and in total; a new connection beyond a cap sheds the oldest pending handshake (see
+/// [`crate::admission`]). A verified connection beyond `limits.max_connections_per_identity` open
+/// connections of its identity is closed. What was dropped is counted in `stats` and logged as one
+/// summary line at most every [`crate::admission::SUMMARY_INTERVAL`]. Refused certificates (none, wrong
+/// CA, expired, revoked, no valid identity) are logged at `warn` with the peer address, its certificate
+/// and the reason, and never reach tonic. Verified connections reach tonic with a [`PeerConn`] as their
+/// connect info.
 pub async fn serve_with_options<L, ResBody>(
     router: Router<L>,
     listener: TcpListener,
     tls: Arc<ServerConfig>,
-    options: ServeOptions,
+    limits: AdmissionLimits,
+    stats: Arc<AdmissionStats>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TransportError>
 where
@@ -669,9 +661,8 @@ where
     ResBody::Error: Into<StdError>,
 {
     let addr = listener.local_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
-    let max_pending = options.max_pending_handshakes.max(1);
-    let (tx, rx) = mpsc::channel::<MtlsStream>(max_pending);
-    let accept = AbortOnDrop(tokio::spawn(accept_loop(listener, TlsAcceptor::from(tls), tx, options)));
+    let (tx, rx) = mpsc::channel::<MtlsStream>(limits.max_pending_handshakes.max(1));
+    let accept = AbortOnDrop(tokio::spawn(accept_loop(listener, TlsAcceptor::from(tls), tx, limits, stats)));
     let incoming = ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
     tracing::info!(%addr, "serving gRPC over mutual TLS");
     let result = router.serve_with_incoming_shutdown(incoming, shutdown).await;
@@ -692,26 +683,23 @@ async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     tx: mpsc::Sender<MtlsStream>,
-    options: ServeOptions,
+    limits: AdmissionLimits,
+    stats: Arc<AdmissionStats>,
 ) {
-    let limit = Arc::new(Semaphore::new(options.max_pending_handshakes.max(1)));
+    let pending = Arc::new(PendingHandshakes::default());
+    let identities = IdentityConnections::new(limits.max_connections_per_identity);
+    let mut summary = Summary::new(&stats);
     // Dropping the set (when this loop ends or is aborted) aborts handshakes still running.
     let mut handshakes = JoinSet::new();
     loop {
         while handshakes.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            _ = tx.closed() => break,
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break, // the semaphore is never closed
-            },
-        };
         let (tcp, remote) = tokio::select! {
             _ = tx.closed() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Typically EMFILE: back off instead of spinning.
+                    // Typically EMFILE: back off instead of spinning; pending handshakes time out and free
+                    // descriptors.
                     tracing::warn!(error = %e, "accepting a TCP connection failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -719,16 +707,56 @@ async fn accept_loop(
             },
         };
         let _ = tcp.set_nodelay(true);
+        let guard = pending.admit(remote.ip(), limits.max_pending_handshakes, limits.max_pending_per_source, &stats);
+        let id = guard.id();
         let acceptor = acceptor.clone();
         let tx = tx.clone();
-        handshakes.spawn(async move {
-            let stream = handshake(acceptor, tcp, remote, options.handshake_timeout).await;
-            drop(permit);
+        let (stats2, identities) = (Arc::clone(&stats), Arc::clone(&identities));
+        let task = handshakes.spawn(async move {
+            let stream = handshake(acceptor, tcp, remote, limits, &stats2, &identities).await;
+            // No longer pending, whether it succeeded or not: a completed connection is never shed.
+            drop(guard);
             if let Some(stream) = stream {
                 // Fails only when the server is shutting down; the connection is then dropped.
                 let _ = tx.send(stream).await;
             }
         });
+        pending.register(id, task);
+        summary.maybe_log(&stats, &pending);
+    }
+}
+
+/// The periodic summary of dropped connections.
+struct Summary {
+    last: std::time::Instant,
+    seen: AdmissionCounts,
+}
+
+impl Summary {
+    fn new(stats: &AdmissionStats) -> Self {
+        Summary { last: std::time::Instant::now(), seen: stats.snapshot() }
+    }
+
+    fn maybe_log(&mut self, stats: &AdmissionStats, pending: &PendingHandshakes) {
+        if self.last.elapsed() < crate::admission::SUMMARY_INTERVAL {
+            return;
+        }
+        let now = stats.snapshot();
+        let d = now.since(&self.seen);
+        if !d.is_zero() {
+            tracing::warn!(
+                first_byte_timeouts = d.first_byte_timeouts,
+                handshake_timeouts = d.handshake_timeouts,
+                shed_per_source = d.shed_per_source,
+                shed_total = d.shed_total,
+                identity_limit = d.identity_limit,
+                pending = pending.len(None),
+                "connections dropped by admission control in the last {:?}",
+                self.last.elapsed()
+            );
+        }
+        self.seen = now;
+        self.last = std::time::Instant::now();
     }
 }
 
@@ -737,13 +765,40 @@ fn is_disconnect(e: &std::io::Error) -> bool {
     matches!(e.kind(), K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe)
 }
 
-async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, remote: SocketAddr, timeout: Duration) -> Option<MtlsStream> {
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    limits: AdmissionLimits,
+    stats: &AdmissionStats,
+    identities: &Arc<IdentityConnections>,
+) -> Option<MtlsStream> {
+    // 1. The first TLS bytes, within a short deadline: a socket that sends nothing costs one task for at
+    //    most that long.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limits.first_byte_timeout, tcp.peek(&mut first)).await {
+        Err(_) => {
+            AdmissionStats::bump(&stats.first_byte_timeouts);
+            tracing::debug!(peer = %remote, "dropped connection from {remote}: no TLS bytes within {:?}",
+                limits.first_byte_timeout);
+            return None;
+        }
+        Ok(Ok(0)) | Ok(Err(_)) => {
+            tracing::debug!(peer = %remote, "connection from {remote} closed before sending TLS bytes");
+            return None;
+        }
+        Ok(Ok(_)) => {}
+    }
+    // 2. The whole handshake, within the second deadline.
     let note = Arc::new(Mutex::new(None::<String>));
-    let result = HANDSHAKE_NOTE.scope(note.clone(), tokio::time::timeout(timeout, acceptor.accept(tcp))).await;
+    let result =
+        HANDSHAKE_NOTE.scope(note.clone(), tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))).await;
     let recorded = || note.lock().unwrap_or_else(|p| p.into_inner()).take();
     match result {
         Err(_) => {
-            tracing::warn!(peer = %remote, reason = "handshake timeout", "refused connection from {remote}: no TLS handshake within {timeout:?}");
+            AdmissionStats::bump(&stats.handshake_timeouts);
+            tracing::debug!(peer = %remote, "dropped connection from {remote}: TLS handshake not completed within {:?}",
+                limits.handshake_timeout);
             None
         }
         Ok(Err(e)) => {
@@ -777,8 +832,16 @@ async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, remote: SocketAddr, ti
             };
             match peer {
                 Ok(peer) => {
+                    let uri = peer.identity.to_uri();
+                    let Some(permit) = identities.acquire(&uri) else {
+                        AdmissionStats::bump(&stats.identity_limit);
+                        tracing::warn!(peer = %remote, identity = %uri, serial = %peer.serial_hex,
+                            limit = limits.max_connections_per_identity,
+                            "refused connection from {remote}: {uri} already has the most open connections allowed");
+                        return None;
+                    };
                     tracing::debug!(peer = %remote, identity = %peer.identity, serial = %peer.serial_hex, "mTLS connection accepted");
-                    Some(MtlsStream { inner: tls, info: PeerConn { remote_addr: remote, peer } })
+                    Some(MtlsStream { inner: tls, info: PeerConn { remote_addr: remote, peer }, _permit: permit })
                 }
                 Err(e) => {
                     tracing::warn!(peer = %remote, "refused connection from {remote}: {e}");
@@ -846,7 +909,7 @@ impl MtlsConnector {
                     .map_err(|e| TransportError::ServerName { name: n.to_string(), reason: e.to_string() })
             })
             .transpose()?;
-        Ok(MtlsConnector { tls: TlsConnector::from(tls), server_name, handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT })
+        Ok(MtlsConnector { tls: TlsConnector::from(tls), server_name, handshake_timeout: CLIENT_HANDSHAKE_TIMEOUT })
     }
 
     /// Change the TLS handshake timeout.

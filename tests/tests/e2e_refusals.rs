@@ -4,7 +4,10 @@
 //! forged chip certificates (`CERT_UNVERIFIED`, nothing consumed), chips of another product
 //! (`PRODUCT_MISMATCH`), stations of a site the batch does not allow (`SITE_NOT_ALLOWED`), paused
 //! batches (`BATCH_PAUSED`), unknown batches, and callers of the wrong role (`NOT_AUTHORISED`)
-//! — each with its documented gRPC code and the batch named in the refusal's metadata.
+//! — each with its documented gRPC code and the batch named in the refusal's metadata. And what a
+//! hostile station tried: oversized and malformed fields (refused before any audit record), reissues
+//! across sites and states, install reports for another site's devices and with a wrong CRC, and an
+//! expired client deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
@@ -252,10 +255,9 @@ async fn chip_batch_and_site_refusals_carry_their_reason_and_consume_nothing() {
         .unwrap();
     let r = refusal(&berlin.issue("b-ref", &world.chip()).await.unwrap_err());
     assert_eq!(r.reason, "BATCH_CLOSED");
-    // The device already licensed still gets its licence back (nothing new is consumed).
-    let again = berlin.issue("b-ref", &chip).await.unwrap();
-    assert!(again.reissued);
-    assert_eq!(again.licence, ok.licence);
+    // A reissue obeys the same rules: a closed batch gives nothing, not even a licence already issued.
+    let r = refusal(&berlin.issue("b-ref", &chip).await.unwrap_err());
+    assert_eq!(r.reason, "BATCH_CLOSED");
     assert_eq!(broker.batch_status("b-ref").await.issued, 1);
 }
 
@@ -310,4 +312,187 @@ async fn wrong_role_is_not_authorised() {
     assert_eq!(status.issued, 0);
     let batches = broker.admin().await.list_batches(pb::ListBatchesRequest {}).await.unwrap().into_inner();
     assert_eq!(batches.batches.len(), 1, "the station must not have created a batch");
+}
+
+// ---- hostile stations (the review's findings) ---------------------------------------------------
+
+async fn audit_len(broker: &TestBroker) -> usize {
+    broker.running().state().ledger().audit_page(0, 1_000_000).await.unwrap().len()
+}
+
+async fn audit_events(broker: &TestBroker, event: &str) -> usize {
+    let page = broker.running().state().ledger().audit_page(0, 1_000_000).await.unwrap();
+    page.iter().filter(|r| r.event == event).count()
+}
+
+fn report(batch: &str, device: &str, result_id: &str, crc: Option<u32>) -> pb::ReportInstallRequest {
+    pb::ReportInstallRequest {
+        batch_id: batch.into(),
+        device_id: device.into(),
+        status_code: 0,
+        message: "installed".into(),
+        timings: vec![],
+        flash_crc: crc,
+        attempt: 1,
+        probe: None,
+        result_id: result_id.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_malformed_fields_are_refused_before_any_audit_or_work() {
+    let world = World::new();
+    let broker = world.start_broker(BrokerSpec::default()).await;
+    broker.seed_batch("b-big", 4, &["berlin"]).await;
+    let st = broker.station("berlin", 1).await;
+    let before = audit_len(&broker).await;
+
+    // An 8 MB batch id never gets past the station services' 16 KiB decode limit.
+    let s = st.issue(&"x".repeat(8 << 20), &world.chip()).await.unwrap_err();
+    assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
+    // Under the decode limit, the field rule: named, with its limit, not echoed.
+    let s = st.issue(&"y".repeat(10_000), &world.chip()).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert_eq!(s.message(), "batch_id: is 10000 bytes long, the limit is 64");
+    // A NUL (which PostgreSQL cannot store) and other control characters.
+    let s = st.issue("lot\0-7", &world.chip()).await.unwrap_err();
+    assert_eq!(s.message(), "batch_id: contains control characters");
+    let s = st.issue("lot/7", &world.chip()).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+
+    let mut lic = st.licences.clone();
+    let device = world.chip().device_id();
+    for (req, want) in [
+        (report("b-big", &device, &"r".repeat(129), None), "result_id: is 129 bytes long, the limit is 128"),
+        (
+            pb::ReportInstallRequest { message: "m".repeat(1025), ..report("b-big", &device, "r1", None) },
+            "message: is 1025 bytes long, the limit is 1024",
+        ),
+        (
+            pb::ReportInstallRequest {
+                timings: (0..33).map(|i| pb::StageTiming { stage: format!("s{i}"), micros: 1 }).collect(),
+                ..report("b-big", &device, "r2", None)
+            },
+            "timings: has 33 entries, the limit is 32",
+        ),
+        (
+            pb::ReportInstallRequest {
+                probe: Some(pb::ProbeInfo { probe_id: "p".repeat(129), kind: "tcp".into(), port: "x".into() }),
+                ..report("b-big", &device, "r3", None)
+            },
+            "probe.probe_id: is 129 bytes long, the limit is 128",
+        ),
+        (report("b-big", "not-a-device", "r4", None), "device_id: must be 32 lowercase hex digits"),
+    ] {
+        let s = lic.report_install(req).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().starts_with(want), "{} (wanted {want})", s.message());
+    }
+    let s = st.fetch_image(&"z".repeat(64), 0).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+
+    // None of it reached the audit chain.
+    assert_eq!(audit_len(&broker).await, before);
+    let summary = broker.running().state().ledger().verify_audit().await.unwrap();
+    assert_eq!(summary.records as usize, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reissue_obeys_site_and_state_and_another_station_is_audited_once() {
+    let world = World::new();
+    let broker = world.start_broker(BrokerSpec::default()).await;
+    broker.seed_batch("b-south", 4, &["austin"]).await;
+    broker.seed_batch("b-two", 4, &["berlin", "austin"]).await;
+    let austin = broker.station("austin", 1).await;
+    let berlin1 = broker.station("berlin", 1).await;
+    let berlin2 = broker.station("berlin", 2).await;
+
+    // A berlin station asking for a chip licensed on an austin-only batch gets nothing.
+    let chip = world.chip();
+    austin.issue("b-south", &chip).await.unwrap();
+    let r = refusal(&berlin1.issue("b-south", &chip).await.unwrap_err());
+    assert_eq!(r.reason, "SITE_NOT_ALLOWED");
+    // The refusal does not tell which sites the batch does allow.
+    assert!(!r.message.contains("austin"), "{}", r.message);
+
+    // Another station of an allowed site: the same bytes, audited as a reissue once.
+    let chip2 = world.chip();
+    let first = berlin1.issue("b-two", &chip2).await.unwrap();
+    assert_eq!(audit_events(&broker, "licence.reissued").await, 0);
+    let same_station = berlin1.issue("b-two", &chip2).await.unwrap();
+    assert!(same_station.reissued);
+    assert_eq!(audit_events(&broker, "licence.reissued").await, 0, "same-station retries are not audited");
+    for _ in 0..3 {
+        let other = berlin2.issue("b-two", &chip2).await.unwrap();
+        assert!(other.reissued);
+        assert_eq!(other.licence, first.licence);
+    }
+    assert_eq!(audit_events(&broker, "licence.reissued").await, 1);
+    assert_eq!(broker.batch_status("b-two").await.issued, 1);
+
+    // Paused: boards on fixtures still get their licence back; new ones do not.
+    let mut admin = broker.admin().await;
+    let state = |s: pb::BatchState| pb::SetBatchStateRequest { id: "b-two".into(), state: s as i32 };
+    admin.set_batch_state(state(pb::BatchState::Paused)).await.unwrap();
+    assert!(berlin1.issue("b-two", &chip2).await.unwrap().reissued);
+    assert_eq!(reason(&berlin1.issue("b-two", &world.chip()).await.unwrap_err()).as_deref(), Some("BATCH_PAUSED"));
+    // Closed: nothing.
+    admin.set_batch_state(state(pb::BatchState::Closed)).await.unwrap();
+    assert_eq!(reason(&berlin1.issue("b-two", &chip2).await.unwrap_err()).as_deref(), Some("BATCH_CLOSED"));
+    broker.running().state().ledger().verify_audit().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_reports_come_from_the_licence_holders_site_with_the_images_crc() {
+    let world = World::new();
+    let broker = world.start_broker(BrokerSpec::default()).await;
+    broker.seed_batch("b-rep", 4, &["berlin", "austin"]).await;
+    let berlin1 = broker.station("berlin", 1).await;
+    let berlin2 = broker.station("berlin", 2).await;
+    let austin = broker.station("austin", 1).await;
+    let chip = world.chip();
+    let lic = berlin1.issue("b-rep", &chip).await.unwrap();
+    let crc = lic.expected_flash_crc;
+
+    // Another site cannot make berlin's device "installed".
+    let s = austin.licences.clone().report_install(report("b-rep", &chip.device_id(), "a1", crc)).await.unwrap_err();
+    let r = refusal(&s);
+    assert_eq!((r.reason.as_str(), r.code), ("NOT_LICENCE_HOLDER", Code::PermissionDenied));
+    // A device nobody licensed: refused with its own reason.
+    let nobody = world.chip();
+    let s = berlin1.licences.clone().report_install(report("b-rep", &nobody.device_id(), "n1", crc)).await.unwrap_err();
+    let r = refusal(&s);
+    assert_eq!((r.reason.as_str(), r.code), ("NOT_LICENSED", Code::FailedPrecondition));
+    assert_eq!(broker.batch_status("b-rep").await.installed, 0);
+
+    // A station of the same site (a board moved between fixtures) may report; a success whose CRC is
+    // not the image's is recorded as a failure.
+    let wrong = crc.map(|c| c ^ 1).or(Some(1));
+    let rec = berlin2.licences.clone().report_install(report("b-rep", &chip.device_id(), "b1", wrong)).await.unwrap();
+    assert!(rec.into_inner().recorded);
+    let status = broker.batch_status("b-rep").await;
+    assert_eq!((status.installed, status.failed), (0, 1));
+    let history = broker.running().state().ledger().device_history(&chip.device_id()).await.unwrap();
+    assert!(history.installs[0].message.starts_with("CRC mismatch"), "{:?}", history.installs[0]);
+    assert_ne!(history.installs[0].status_code, 0);
+    // The right CRC from the licensed station counts.
+    berlin1.licences.clone().report_install(report("b-rep", &chip.device_id(), "b2", crc)).await.unwrap();
+    assert_eq!(broker.batch_status("b-rep").await.installed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_client_deadline_is_deadline_exceeded() {
+    let world = World::new();
+    let broker = world.start_broker(BrokerSpec::default()).await;
+    broker.seed_batch("b-dl", 4, &["*"]).await;
+    let st = broker.station("berlin", 1).await;
+    // A deadline no licence can meet: the broker answers DEADLINE_EXCEEDED (not CANCELLED).
+    let mut req = tonic::Request::new(pb::IssueLicenceRequest {
+        batch_id: "b-dl".into(),
+        chip_certificate: world.chip().cert_bytes(),
+        probe: None,
+    });
+    req.set_timeout(Duration::from_micros(1));
+    let s = st.licences.clone().issue_licence(req).await.unwrap_err();
+    assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
 }

@@ -32,11 +32,18 @@ pub enum RefusalReason {
     StationRevoked,
     /// The caller's identity may not perform the request (checked by the service).
     NotAuthorised,
+    /// The caller's client certificate expired while its connection stayed open (checked per request).
+    CertificateExpired,
+    /// An install report names a device that holds no licence of the batch (checked by the service).
+    NotLicensed,
+    /// An install report comes from a site none of whose stations holds the device's licence (checked by
+    /// the service).
+    NotLicenceHolder,
 }
 
 impl RefusalReason {
     /// Every reason, in declaration order.
-    pub const ALL: [RefusalReason; 11] = [
+    pub const ALL: [RefusalReason; 14] = [
         Self::QuotaExhausted,
         Self::BatchClosed,
         Self::BatchPaused,
@@ -48,6 +55,9 @@ impl RefusalReason {
         Self::CertUnverified,
         Self::StationRevoked,
         Self::NotAuthorised,
+        Self::CertificateExpired,
+        Self::NotLicensed,
+        Self::NotLicenceHolder,
     ];
 
     /// The stable machine-readable name, e.g. `QUOTA_EXHAUSTED`.
@@ -64,6 +74,9 @@ impl RefusalReason {
             Self::CertUnverified => "CERT_UNVERIFIED",
             Self::StationRevoked => "STATION_REVOKED",
             Self::NotAuthorised => "NOT_AUTHORISED",
+            Self::CertificateExpired => "CERTIFICATE_EXPIRED",
+            Self::NotLicensed => "NOT_LICENSED",
+            Self::NotLicenceHolder => "NOT_LICENCE_HOLDER",
         }
     }
 

@@ -37,8 +37,8 @@ pub use error::{AuditFault, LedgerError, RefusalReason};
 pub use model::{
     ANY_SITE, Assignment, Batch, BatchState, BatchStatus, DeviceHistory, ImageMeta, InstallOutcome, InstallReport,
     InstallRow, IssueOutcome, IssueRecord, KeyListing, KeyRecord, LicenceRow, NewBatch, NewImage, Precheck,
-    PrecheckRequest, RefusalRecord, Revocation, STATION_ONLINE_WINDOW_MS, StationCertSeen, StationProbe, StationStatus,
-    StationSummary, now_ms,
+    PrecheckRequest, RefusalRecord, ReissueRecord, Revocation, STATION_ONLINE_WINDOW_MS, StationCertSeen, StationProbe,
+    StationStatus, StationSummary, now_ms,
 };
 
 use audit::{AuditEvent, Head};
@@ -398,15 +398,20 @@ impl Ledger {
 
     /// Optimistic check before the HSM computes a licence: returns the device's existing licence if any, else
     /// the batch if it is open for this site and product with quota left. A refusal is audited and returned
-    /// as [`LedgerError::Refused`]. [`Ledger::commit_issue`] re-checks everything. An existing licence is returned
-    /// whatever the batch's current state: it was counted when issued and a retry gives nothing new.
+    /// as [`LedgerError::Refused`]. [`Ledger::commit_issue`] re-checks everything.
+    ///
+    /// An existing licence (a reissue) obeys the same rules as a first issue — state, validity window,
+    /// product and site — except that a paused batch still reissues, so boards already on fixtures finish;
+    /// it consumes nothing. A reissue to a station other than the one the licence was first issued to is
+    /// audited (`licence.reissued`) the first time that station receives it; retries by the same station are
+    /// not audited (they return bytes that station already holds; the `reissued` metric counts them).
     pub async fn precheck(&self, req: &PrecheckRequest) -> Result<Precheck, LedgerError> {
-        // One statement: the batch (with key id) and the device's licence, if any.
+        // One statement: the batch (with key id) and the device's licence and its first station, if any.
         let (existing, batch) = {
             let mut conn = self.read_conn().await?;
             let sql = format!(
-                "SELECT {BATCH_COLUMNS}, (SELECT l.licence FROM licences l WHERE l.batch_id = b.id \
-                 AND l.device_id = $2) FROM batches b JOIN images i ON i.sha256 = b.image_sha256 WHERE b.id = $1"
+                "SELECT {BATCH_COLUMNS}, l.licence, l.station FROM batches b JOIN images i ON i.sha256 = b.image_sha256 \
+                 LEFT JOIN licences l ON l.batch_id = b.id AND l.device_id = $2 WHERE b.id = $1"
             );
             let row = sqlx::query(&sql)
                 .bind(&req.batch_id)
@@ -417,18 +422,19 @@ impl Ledger {
             match row {
                 None => (None, None),
                 Some(r) => {
-                    let existing: Option<Vec<u8>> =
+                    let licence: Option<Vec<u8>> =
                         r.try_get(12).map_err(LedgerError::db("precheck: read batch and licence"))?;
-                    (existing, Some(batch_from_row(&r).map_err(LedgerError::db("precheck: read batch"))?))
+                    let station: Option<String> =
+                        r.try_get(13).map_err(LedgerError::db("precheck: read batch and licence"))?;
+                    (licence.zip(station), Some(batch_from_row(&r).map_err(LedgerError::db("precheck: read batch"))?))
                 }
             }
         };
-        if let Some(l) = existing {
-            return Ok(Precheck::Existing(l));
-        }
-        let refusal = match &batch {
-            None => Some((RefusalReason::UnknownBatch, format!("batch {:?} does not exist", req.batch_id))),
-            Some(b) => match b.check(now_ms(), &req.site, &req.product_id) {
+        let now = now_ms();
+        let refusal = match (&batch, &existing) {
+            (None, _) => Some((RefusalReason::UnknownBatch, format!("batch {:?} does not exist", req.batch_id))),
+            (Some(b), Some(_)) => b.check_reissue(now, &req.site, &req.product_id).err(),
+            (Some(b), None) => match b.check(now, &req.site, &req.product_id) {
                 Err(r) => Some(r),
                 Ok(()) if b.issued >= b.quota => Some((
                     RefusalReason::QuotaExhausted,
@@ -437,23 +443,74 @@ impl Ledger {
                 Ok(()) => None,
             },
         };
-        match (refusal, batch) {
-            (Some((reason, detail)), _) => {
-                self.record_refusal(RefusalRecord {
-                    batch_id: req.batch_id.clone(),
-                    device_id: req.device_id.clone(),
-                    station: req.station.clone(),
-                    site: req.site.clone(),
-                    actor: req.actor.clone(),
-                    reason,
-                    detail: detail.clone(),
-                })
-                .await?;
-                Err(LedgerError::Refused { reason, detail })
+        if let Some((reason, detail)) = refusal {
+            self.record_refusal(RefusalRecord {
+                batch_id: req.batch_id.clone(),
+                device_id: req.device_id.clone(),
+                station: req.station.clone(),
+                site: req.site.clone(),
+                actor: req.actor.clone(),
+                reason,
+                detail: detail.clone(),
+            })
+            .await?;
+            return Err(LedgerError::Refused { reason, detail });
+        }
+        match (existing, batch) {
+            (Some((licence, first_station)), _) => {
+                if first_station != req.station {
+                    self.record_reissue(ReissueRecord {
+                        batch_id: req.batch_id.clone(),
+                        device_id: req.device_id.clone(),
+                        station: req.station.clone(),
+                        site: req.site.clone(),
+                        first_station,
+                        actor: req.actor.clone(),
+                    })
+                    .await?;
+                }
+                Ok(Precheck::Existing(licence))
             }
             (None, Some(b)) => Ok(Precheck::Proceed(b)),
             (None, None) => Err(LedgerError::Internal { what: "precheck: batch vanished" }),
         }
+    }
+
+    /// Records that `rec.station` received the licence first issued to another station: a
+    /// `licence.reissued` audit record and a holder row, once per (batch, device, station).
+    pub async fn record_reissue(&self, rec: ReissueRecord) -> Result<(), LedgerError> {
+        match self.submit(Payload::Reissue(rec)).await? {
+            Outcome::Reissue => Ok(()),
+            _ => Err(LedgerError::Internal { what: "writer answered a reissue with another outcome" }),
+        }
+    }
+
+    /// Whether a station of `site` may report an install of (batch, device): the device holds a licence of
+    /// the batch that was issued or reissued to a station of that site. `None` when the device holds no
+    /// licence of the batch at all.
+    pub async fn licence_site_ok(
+        &self,
+        batch_id: &str,
+        device_id: &str,
+        site: &str,
+    ) -> Result<Option<bool>, LedgerError> {
+        let mut conn = self.read_conn().await?;
+        let row = sqlx::query(
+            "SELECT l.site = $3 OR EXISTS (SELECT 1 FROM licence_reissues r WHERE r.batch_id = l.batch_id \
+             AND r.device_id = l.device_id AND r.site = $3) FROM licences l WHERE l.batch_id = $1 AND l.device_id = $2",
+        )
+        .bind(batch_id)
+        .bind(device_id)
+        .bind(site)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(LedgerError::db("read licence holders"))?;
+        row.map(|r| {
+            // SQLite answers a boolean expression as an integer, PostgreSQL as a boolean.
+            r.try_get::<bool, _>(0).or_else(|_| r.try_get::<i64, _>(0).map(|v| v != 0))
+        })
+        .transpose()
+        .map_err(LedgerError::db("read licence holders"))
     }
 
     /// Commits a computed licence: in one (group) transaction returns the existing licence if the device has

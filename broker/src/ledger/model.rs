@@ -102,8 +102,25 @@ impl Batch {
     /// Checks everything except the quota: state, validity window at `now`, site and product.
     /// Returns the first refusal in the order state, window, product, site.
     pub fn check(&self, now: i64, site: &str, product_id: &str) -> Result<(), (RefusalReason, String)> {
+        self.check_with(now, site, product_id, false)
+    }
+
+    /// [`Batch::check`] for a reissue (a device that already holds its licence asks again): the same rules,
+    /// except that a paused batch still reissues, so that boards already on fixtures can finish.
+    pub fn check_reissue(&self, now: i64, site: &str, product_id: &str) -> Result<(), (RefusalReason, String)> {
+        self.check_with(now, site, product_id, true)
+    }
+
+    fn check_with(
+        &self,
+        now: i64,
+        site: &str,
+        product_id: &str,
+        paused_ok: bool,
+    ) -> Result<(), (RefusalReason, String)> {
         match self.state {
             BatchState::Open => {}
+            BatchState::Paused if paused_ok => {}
             BatchState::Paused => return Err((RefusalReason::BatchPaused, format!("batch {:?} is paused", self.id))),
             BatchState::Closed => return Err((RefusalReason::BatchClosed, format!("batch {:?} is closed", self.id))),
         }
@@ -133,10 +150,7 @@ impl Batch {
             ));
         }
         if !self.allowed_sites.iter().any(|s| s == ANY_SITE || s == site) {
-            return Err((
-                RefusalReason::SiteNotAllowed,
-                format!("site {site:?} is not in batch {:?} allowed sites {:?}", self.id, self.allowed_sites),
-            ));
+            return Err((RefusalReason::SiteNotAllowed, format!("site {site:?} may not use batch {:?}", self.id)));
         }
         Ok(())
     }
@@ -161,6 +175,24 @@ pub struct PrecheckRequest {
     /// The requesting station's site.
     pub site: String,
     /// Who is asking (audit actor), usually the station identity.
+    pub actor: String,
+}
+
+/// A licence returned to another station than the one it was first issued to (a board moved between
+/// fixtures), to be audited once per station as `licence.reissued`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReissueRecord {
+    /// Batch id.
+    pub batch_id: String,
+    /// Chip device id.
+    pub device_id: String,
+    /// The station now receiving the licence.
+    pub station: String,
+    /// Its site.
+    pub site: String,
+    /// The station the licence was first issued to.
+    pub first_station: String,
+    /// Audit actor.
     pub actor: String,
 }
 

@@ -14,11 +14,13 @@ const SQLITE: &[(i64, &str, &str)] = &[
     (1, "ledger", include_str!("../../migrations/sqlite/0001_ledger.sql")),
     (2, "images stations", include_str!("../../migrations/sqlite/0002_images_stations.sql")),
     (3, "station control", include_str!("../../migrations/sqlite/0003_station_control.sql")),
+    (4, "licence holders", include_str!("../../migrations/sqlite/0004_licence_holders.sql")),
 ];
 const POSTGRES: &[(i64, &str, &str)] = &[
     (1, "ledger", include_str!("../../migrations/postgres/0001_ledger.sql")),
     (2, "images stations", include_str!("../../migrations/postgres/0002_images_stations.sql")),
     (3, "station control", include_str!("../../migrations/postgres/0003_station_control.sql")),
+    (4, "licence holders", include_str!("../../migrations/postgres/0004_licence_holders.sql")),
 ];
 
 fn migrator(dialect: Dialect) -> Migrator {

@@ -15,7 +15,9 @@ use tracing::Instrument;
 
 use super::audit::{self, AuditEvent, AuditRecord, Head};
 use super::error::{LedgerError, RefusalReason};
-use super::model::{Batch, InstallOutcome, InstallReport, IssueOutcome, IssueRecord, RefusalRecord, now_ms};
+use super::model::{
+    Batch, InstallOutcome, InstallReport, IssueOutcome, IssueRecord, RefusalRecord, ReissueRecord, now_ms,
+};
 use super::{Dialect, begin_write, load_batch};
 
 /// One queued write.
@@ -23,6 +25,7 @@ pub(crate) enum Payload {
     Issue(IssueRecord),
     Refusal(RefusalRecord),
     Install(InstallReport),
+    Reissue(ReissueRecord),
 }
 
 /// What a committed write produced.
@@ -31,6 +34,7 @@ pub(crate) enum Outcome {
     Issue(IssueOutcome),
     Refusal,
     Install(InstallOutcome),
+    Reissue,
 }
 
 /// A queued write and where to send its result.
@@ -77,6 +81,8 @@ async fn process(pool: &AnyPool, dialect: Dialect, ops: Vec<WriteOp>) {
             span.record("refused", counts.refused);
             span.record("installs", counts.installs);
             span.record("duplicates", counts.duplicates);
+            // Counted at commit, so the metric equals the ledger even when a caller gave up waiting.
+            metrics::counter!(crate::service::metric::LICENCES, "outcome" => "issued").increment(counts.issued);
             for (op, r) in ops.into_iter().zip(results) {
                 // A caller that gave up waiting is not an error: its write is committed and a retry finds it.
                 let _ = op.reply.send(r);
@@ -87,7 +93,10 @@ async fn process(pool: &AnyPool, dialect: Dialect, ops: Vec<WriteOp>) {
             for op in ops {
                 let mut c = Counts::default();
                 let r = match run_group(pool, dialect, &[&op.payload], &mut c).instrument(span.clone()).await {
-                    Ok(mut v) => v.pop().unwrap_or(Err(LedgerError::Internal { what: "empty group result" })),
+                    Ok(mut v) => {
+                        metrics::counter!(crate::service::metric::LICENCES, "outcome" => "issued").increment(c.issued);
+                        v.pop().unwrap_or(Err(LedgerError::Internal { what: "empty group result" }))
+                    }
                     Err(e) => Err(e),
                 };
                 let _ = op.reply.send(r);
@@ -130,8 +139,20 @@ async fn run_group(
         let r = match item {
             Payload::Issue(rec) => {
                 let key = (rec.batch_id.clone(), rec.device_id.clone());
-                if let Some(existing) = known.get(&key) {
+                if let Some((existing, first_station)) = known.get(&key) {
                     counts.existing += 1;
+                    // Two stations asked for the same new device at once: the later one is a reissue.
+                    if *first_station != rec.station {
+                        let reissue = ReissueRecord {
+                            batch_id: rec.batch_id.clone(),
+                            device_id: rec.device_id.clone(),
+                            station: rec.station.clone(),
+                            site: rec.site.clone(),
+                            first_station: first_station.clone(),
+                            actor: rec.actor.clone(),
+                        };
+                        reissue_one(conn, &mut head, &mut staged, now, &reissue).await.map_err(dbe)?;
+                    }
                     out.push(Ok(Outcome::Issue(IssueOutcome::Existing(existing.clone()))));
                     continue;
                 }
@@ -172,7 +193,7 @@ async fn run_group(
                             details,
                         };
                         staged.push(audit::stage(&mut head, now, ev));
-                        known.insert(key, rec.licence.clone());
+                        known.insert(key, (rec.licence.clone(), rec.station.clone()));
                         new_licences.push(rec);
                         counts.issued += 1;
                         Ok(Outcome::Issue(IssueOutcome::Issued(rec.licence.clone())))
@@ -187,6 +208,10 @@ async fn run_group(
             }
             Payload::Install(rep) => {
                 install_one(conn, &mut head, &mut staged, &mut batches, now, rep, counts).await.map_err(dbe)?
+            }
+            Payload::Reissue(rec) => {
+                reissue_one(conn, &mut head, &mut staged, now, rec).await.map_err(dbe)?;
+                Ok(Outcome::Reissue)
             }
         };
         out.push(r);
@@ -230,11 +255,12 @@ async fn cached_batch<'a>(
     Ok(cache.entry(id.to_owned()).or_insert(None))
 }
 
-/// Licences already stored for the group's (batch, device) pairs: one query per batch and 256 devices.
+/// Licences already stored for the group's (batch, device) pairs, with the station each was first issued to:
+/// one query per batch and 256 devices.
 async fn existing_for(
     conn: &mut AnyConnection,
     items: &[&Payload],
-) -> Result<HashMap<(String, String), Vec<u8>>, sqlx::Error> {
+) -> Result<HashMap<(String, String), (Vec<u8>, String)>, sqlx::Error> {
     let mut by_batch: HashMap<&str, Vec<&str>> = HashMap::new();
     for item in items {
         if let Payload::Issue(r) = item {
@@ -246,7 +272,7 @@ async fn existing_for(
         for chunk in devices.chunks(256) {
             let placeholders: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
             let sql = format!(
-                "SELECT device_id, licence FROM licences WHERE batch_id = $1 AND device_id IN ({})",
+                "SELECT device_id, licence, station FROM licences WHERE batch_id = $1 AND device_id IN ({})",
                 placeholders.join(", ")
             );
             let mut q = sqlx::query(&sql).bind(batch_id);
@@ -254,7 +280,7 @@ async fn existing_for(
                 q = q.bind(*d);
             }
             for row in q.fetch_all(&mut *conn).await? {
-                found.insert((batch_id.to_owned(), row.try_get(0)?), row.try_get(1)?);
+                found.insert((batch_id.to_owned(), row.try_get(0)?), (row.try_get(1)?, row.try_get(2)?));
             }
         }
     }
@@ -312,6 +338,45 @@ fn stage_refusal(head: &mut Head, now: i64, r: &RefusalRecord) -> AuditRecord {
             }),
         },
     )
+}
+
+/// Notes `rec.station` as a holder of the licence and audits `licence.reissued`, the first time only.
+async fn reissue_one(
+    conn: &mut AnyConnection,
+    head: &mut Head,
+    staged: &mut Vec<AuditRecord>,
+    now: i64,
+    rec: &ReissueRecord,
+) -> Result<(), sqlx::Error> {
+    let n = sqlx::query(
+        "INSERT INTO licence_reissues (batch_id, device_id, station, site, reissued_at) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (batch_id, device_id, station) DO NOTHING",
+    )
+    .bind(&rec.batch_id)
+    .bind(&rec.device_id)
+    .bind(&rec.station)
+    .bind(&rec.site)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if n == 1 {
+        staged.push(audit::stage(
+            head,
+            now,
+            AuditEvent {
+                actor: &rec.actor,
+                event: "licence.reissued",
+                subject: format!("batch/{}/device/{}", rec.batch_id, rec.device_id),
+                details: serde_json::json!({
+                    "station": rec.station,
+                    "site": rec.site,
+                    "first_station": rec.first_station,
+                }),
+            },
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) async fn existing_licence(

@@ -587,7 +587,7 @@ impl AdminService for Admin {
                     .revoke_station(&serial, &identity, &body.reason, &caller.uri)
                     .await
                     .map_err(lst)?;
-                self.state.revoked().revoke(&r.serial);
+                self.state.revoke_now(&r.serial);
                 tracing::warn!(serial = %r.serial, identity = %r.identity, reason = %r.reason, "station certificate revoked");
                 serials.push(r.serial);
             }

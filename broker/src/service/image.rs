@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use super::licence::observe;
 use super::status::{ledger_status, refused};
-use super::{BrokerState, auth, metric};
+use super::{BrokerState, auth, metric, validate};
 use crate::ledger::{ANY_SITE, BatchState, IMAGE_CHUNK, RefusalReason};
 
 /// Largest chunk sent in one message.
@@ -42,6 +42,7 @@ impl Images {
         let st = self.state.clone();
         let caller = auth::station(&st, &req)?;
         let r = req.into_inner();
+        validate::image_sha256("image_sha256", &r.image_sha256)?;
         let meta = st.image_meta(&r.image_sha256).await.map_err(|e| ledger_status(e, "", ""))?;
         let batches = st.ledger().batches().await.map_err(|e| ledger_status(e, "", ""))?;
         let allowed = batches.iter().any(|b| {

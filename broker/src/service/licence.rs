@@ -19,11 +19,15 @@ use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
 use super::status::{hsm_status, ledger_status, refused};
-use super::{BrokerState, auth, metric};
+use super::{BrokerState, auth, metric, validate};
 use crate::ledger::{
     ImageMeta, InstallOutcome, InstallReport, IssueOutcome, IssueRecord, Precheck, PrecheckRequest, RefusalReason,
     RefusalRecord,
 };
+
+/// Status code the broker records for an install reported as successful whose flash CRC differs from
+/// the image's expected CRC (outside the device's `0x01xx` range; docs/protocol.md).
+pub const CRC_MISMATCH: u16 = 0xF001;
 
 /// The `LicenceService` implementation.
 #[derive(Debug, Clone)]
@@ -61,10 +65,22 @@ impl Licences {
         let caller = auth::station(st, &req)?;
         st.note_station(&caller.uri, &caller.site, &caller.serial).await;
         let body = req.into_inner();
-        let batch_id = body.batch_id;
-        if batch_id.is_empty() {
-            return Err(Status::invalid_argument("batch_id is empty"));
+        // Every field bounded before anything else sees it.
+        validate::batch_id("batch_id", &body.batch_id)?;
+        if body.chip_certificate.len() > validate::MAX_CHIP_CERTIFICATE {
+            return Err(validate::invalid(
+                "chip_certificate",
+                format!(
+                    "is {} bytes long, the limit is {}",
+                    body.chip_certificate.len(),
+                    validate::MAX_CHIP_CERTIFICATE
+                ),
+            ));
         }
+        if let Some(p) = &body.probe {
+            validate::probe("probe", p)?;
+        }
+        let batch_id = body.batch_id;
         let span = tracing::Span::current();
         span.record("batch", batch_id.as_str());
 
@@ -164,7 +180,11 @@ impl Licences {
         };
         let image: ImageMeta = st.image_meta(&image_sha).await.map_err(|e| ledger_status(e, &batch_id, ""))?;
         let reissued = matches!(outcome, IssueOutcome::Existing(_));
-        metrics::counter!(metric::LICENCES, "outcome" => if reissued { "reissued" } else { "issued" }).increment(1);
+        // New licences are counted by the ledger writer when they commit (so the metric equals the ledger
+        // even when a caller gives up waiting); reissues here.
+        if reissued {
+            metrics::counter!(metric::LICENCES, "outcome" => "reissued").increment(1);
+        }
         tracing::debug!(station = %caller.uri, device = %device_id, reissued, "licence returned");
         Ok(IssueLicenceResponse {
             licence: outcome.into_licence(),
@@ -184,48 +204,86 @@ impl Licences {
         let caller = auth::station(st, &req)?;
         st.note_station(&caller.uri, &caller.site, &caller.serial).await;
         let r = req.into_inner();
+        // Every field bounded before anything else sees it.
+        validate::identifier("result_id", &r.result_id, validate::MAX_RESULT_ID)?;
+        validate::batch_id("batch_id", &r.batch_id)?;
+        validate::device_id("device_id", &r.device_id)?;
+        validate::text("message", &r.message, validate::MAX_MESSAGE)?;
+        if r.timings.len() > validate::MAX_TIMINGS {
+            return Err(validate::invalid(
+                "timings",
+                format!("has {} entries, the limit is {}", r.timings.len(), validate::MAX_TIMINGS),
+            ));
+        }
+        for (i, t) in r.timings.iter().enumerate() {
+            validate::identifier(&format!("timings[{i}].stage"), &t.stage, validate::MAX_STAGE)?;
+        }
+        if let Some(p) = &r.probe {
+            validate::probe("probe", p)?;
+        }
+        let status_code = u16::try_from(r.status_code)
+            .map_err(|_| validate::invalid("status_code", format!("{:#x} does not fit in 16 bits", r.status_code)))?;
         let span = tracing::Span::current();
         span.record("batch", r.batch_id.as_str());
         span.record("device", r.device_id.as_str());
-        if r.result_id.is_empty() {
-            return Err(Status::invalid_argument("result_id is empty (the idempotency key of the report)"));
-        }
-        if r.device_id.len() != 32 || !r.device_id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Status::invalid_argument(format!(
-                "device_id {:?} is not 32 hex characters (hex(SHA-256(chip_pub))[0..32])",
-                r.device_id
-            )));
-        }
-        let status_code = u16::try_from(r.status_code).map_err(|_| {
-            Status::invalid_argument(format!("status_code {:#x} does not fit in 16 bits", r.status_code))
-        })?;
         // A station may report only on batches its site may use.
         let batch = st.ledger().batch(&r.batch_id).await.map_err(|e| ledger_status(e, &r.batch_id, &r.device_id))?;
         if !batch.allowed_sites.iter().any(|s| s == crate::ledger::ANY_SITE || *s == caller.site) {
+            tracing::warn!(station = %caller.uri, "install report refused: site {:?} may not use batch {:?}",
+                caller.site, batch.id);
             return Err(refused(
                 RefusalReason::SiteNotAllowed,
-                format!(
-                    "site {:?} is not in batch {:?} allowed sites {:?}",
-                    caller.site, batch.id, batch.allowed_sites
-                ),
+                format!("site {:?} may not use batch {:?}", caller.site, batch.id),
                 &r.batch_id,
                 &r.device_id,
             ));
         }
-        // Installs are counted for licensed devices only: a report for a device the batch never
-        // licensed is refused (the station's reporter marks it rejected and moves on).
-        if st
+        // Installs are counted for licensed devices only, and only from a site whose stations hold the licence
+        // (its first station's site, or the site of a station it was reissued to): a station cannot make
+        // another site's device "installed".
+        match st
             .ledger()
-            .licence(&r.batch_id, &r.device_id)
+            .licence_site_ok(&r.batch_id, &r.device_id, &caller.site)
             .await
             .map_err(|e| ledger_status(e, &r.batch_id, &r.device_id))?
-            .is_none()
         {
-            return Err(Status::failed_precondition(format!(
-                "device {} holds no licence of batch {:?}: there is no install to report",
-                r.device_id, r.batch_id
-            )));
+            None => {
+                return Err(refused(
+                    RefusalReason::NotLicensed,
+                    format!(
+                        "device {} holds no licence of batch {:?}: there is no install to report",
+                        r.device_id, r.batch_id
+                    ),
+                    &r.batch_id,
+                    &r.device_id,
+                ));
+            }
+            Some(false) => {
+                tracing::warn!(station = %caller.uri, device = %r.device_id,
+                    "install report refused: no station of site {:?} holds the device's licence", caller.site);
+                return Err(refused(
+                    RefusalReason::NotLicenceHolder,
+                    format!("no station of site {:?} holds the licence of device {}", caller.site, r.device_id),
+                    &r.batch_id,
+                    &r.device_id,
+                ));
+            }
+            Some(true) => {}
         }
+        // A success whose flash CRC is not the image's is not a success.
+        let (status_code, message) = match (status_code, st.image_meta(&batch.image_sha256).await) {
+            (0, Ok(image)) => match (image.expected_crc, r.flash_crc) {
+                (Some(expected), got) if got != Some(expected) => {
+                    let got = got.map_or_else(|| "none".to_owned(), |c| format!("{c:#010x}"));
+                    tracing::warn!(station = %caller.uri, device = %r.device_id,
+                        "install reported ok with flash CRC {got}, image expects {expected:#010x}: recorded as failed");
+                    (CRC_MISMATCH, format!("CRC mismatch: flash CRC {got}, image expects {expected:#010x}"))
+                }
+                _ => (0, r.message.clone()),
+            },
+            (0, Err(e)) => return Err(ledger_status(e, &r.batch_id, &r.device_id)),
+            (code, _) => (code, r.message.clone()),
+        };
         let mut timings = serde_json::Map::new();
         for t in &r.timings {
             timings.insert(format!("{}_us", t.stage), serde_json::Value::from(t.micros));
@@ -241,7 +299,7 @@ impl Licences {
                 batch_id: r.batch_id.clone(),
                 device_id: r.device_id.clone(),
                 status_code,
-                message: r.message.clone(),
+                message,
                 flash_crc: r.flash_crc,
                 attempt: r.attempt,
                 timings_json: serde_json::Value::Object(timings).to_string(),

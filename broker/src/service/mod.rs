@@ -10,6 +10,7 @@ pub mod image;
 pub mod licence;
 pub mod station;
 pub mod status;
+pub mod validate;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -58,7 +59,7 @@ struct StateInner {
     /// When each (identity, serial) was last written to the ledger's stations table.
     stations_noted: Mutex<HashMap<(String, String), Instant>>,
     /// Stations attached to this broker and the latest station assignments.
-    stations: StationHub,
+    stations: Arc<StationHub>,
 }
 
 impl std::fmt::Debug for BrokerState {
@@ -95,7 +96,7 @@ impl BrokerState {
                 revoked,
                 images: RwLock::new(HashMap::new()),
                 stations_noted: Mutex::new(HashMap::new()),
-                stations: StationHub::new(),
+                stations: Arc::new(StationHub::new()),
             }),
         }
     }
@@ -116,7 +117,7 @@ impl BrokerState {
     }
 
     /// The stations attached to this broker and the latest station assignments.
-    pub fn stations(&self) -> &StationHub {
+    pub fn stations(&self) -> &Arc<StationHub> {
         &self.inner.stations
     }
 
@@ -164,6 +165,13 @@ impl BrokerState {
         }
     }
 
+    /// Revokes `serial` on this broker at once (after the ledger recorded it): new handshakes and requests
+    /// are refused and the open `Attach` streams of that certificate end.
+    pub fn revoke_now(&self, serial: &str) {
+        self.inner.revoked.revoke(serial);
+        self.inner.stations.end_revoked(self.inner.revoked.as_ref());
+    }
+
     /// Reloads the revocation list from the ledger (other brokers on a shared ledger may have revoked
     /// certificates). Returns how many serials are revoked.
     pub async fn refresh_revocations(&self) -> Result<usize, LedgerError> {
@@ -171,6 +179,9 @@ impl BrokerState {
         for r in &list {
             self.inner.revoked.revoke(&r.serial);
         }
+        // Open control streams of a certificate revoked anywhere on the ledger end now (their next request
+        // would be refused anyway; a stream that only receives must not wait for one).
+        self.inner.stations.end_revoked(self.inner.revoked.as_ref());
         Ok(self.inner.revoked.len())
     }
 }

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use flashgate_proto::transport::RevocationList;
 use flashgate_proto::v1 as pb;
@@ -31,7 +31,7 @@ use tracing::Instrument;
 use super::auth::{self, StationCaller};
 use super::licence::observe;
 use super::status::refused;
-use super::{BrokerState, metric};
+use super::{BrokerState, metric, validate};
 use crate::ledger::{Assignment, Ledger, LedgerError, RefusalReason, StationProbe, StationStatus, now_ms};
 
 /// How often the assignments in the ledger are re-read while stations are attached (changes made
@@ -41,7 +41,12 @@ pub const ASSIGNMENT_POLL: Duration = Duration::from_secs(1);
 /// in memory only).
 pub const STATUS_WRITE_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a new stream may take to send `Register`.
-pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most `Attach` streams one station identity may have open on one broker at once (registered or not).
+/// A station needs one; a new `Register` supersedes the older registered stream of the same identity (it
+/// ends `UNAVAILABLE`), so a reconnecting station always gets in while a flood of streams is refused
+/// `RESOURCE_EXHAUSTED` beyond this.
+pub const MAX_ATTACH_PER_STATION: usize = 4;
 
 /// The latest a station reported about one of its probes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -69,10 +74,53 @@ pub struct LiveStation {
     pub probes: BTreeMap<String, ProbeActivity>,
 }
 
+/// One open `Attach` stream in the hub.
+struct StreamHandle {
+    id: u64,
+    serial: String,
+    /// Set to the status the stream must end with.
+    end: watch::Sender<Option<Status>>,
+}
+
+/// A stream's slot in the hub; dropping it frees the slot.
+struct StreamSlot {
+    hub: Arc<StationHub>,
+    identity: String,
+    id: u64,
+    ended: watch::Receiver<Option<Status>>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut map = self.hub.streams();
+        if let Some(list) = map.get_mut(&self.identity) {
+            list.retain(|h| h.id != self.id);
+            if list.is_empty() {
+                map.remove(&self.identity);
+            }
+        }
+    }
+}
+
+/// Resolves with the status an operator-side event (revocation, a newer stream) ended this stream with.
+async fn ended(rx: &mut watch::Receiver<Option<Status>>) -> Status {
+    match rx.wait_for(Option::is_some).await {
+        Ok(s) => s.clone().unwrap_or_else(|| Status::unavailable("stream ended")),
+        // The sender lives in the hub for as long as the slot does.
+        Err(_) => Status::unavailable("stream ended"),
+    }
+}
+
+fn revoked_status(identity: &str, serial: &str) -> Status {
+    refused(RefusalReason::StationRevoked, format!("certificate serial {serial} of {identity} is revoked"), "", "")
+}
+
 /// The stations attached to this broker and the latest assignment of every station: shared by the
 /// `Attach` streams, `AdminService` (which publishes its changes) and the assignment poller.
 pub struct StationHub {
     live: Mutex<HashMap<String, LiveStation>>,
+    /// Every open `Attach` stream by identity, with the way to end it.
+    streams: Mutex<HashMap<String, Vec<StreamHandle>>>,
     assignments: watch::Sender<Arc<HashMap<String, Assignment>>>,
     closing: watch::Sender<bool>,
 }
@@ -94,6 +142,7 @@ impl StationHub {
     pub fn new() -> Self {
         Self {
             live: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
             assignments: watch::Sender::new(Arc::new(HashMap::new())),
             closing: watch::Sender::new(false),
         }
@@ -152,6 +201,56 @@ impl StationHub {
     /// new ones; called when the broker shuts down.
     pub fn close(&self) {
         self.closing.send_replace(true);
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<StreamHandle>>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens a stream slot for `identity` (certificate `serial`), or `None` when it already has
+    /// [`MAX_ATTACH_PER_STATION`] streams open. The slot is freed when the returned guard drops.
+    fn open_stream(self: &Arc<Self>, identity: &str, serial: &str) -> Option<StreamSlot> {
+        let mut map = self.streams();
+        let list = map.entry(identity.to_owned()).or_default();
+        if list.len() >= MAX_ATTACH_PER_STATION {
+            return None;
+        }
+        let id = rand::random::<u64>();
+        let (end, ended) = watch::channel(None);
+        list.push(StreamHandle { id, serial: serial.to_owned(), end });
+        Some(StreamSlot { hub: Arc::clone(self), identity: identity.to_owned(), id, ended })
+    }
+
+    /// Ends every other stream of `identity` (a newer `Register` supersedes them).
+    fn supersede(&self, identity: &str, keep: u64) {
+        if let Some(list) = self.streams().get(identity) {
+            for h in list.iter().filter(|h| h.id != keep) {
+                h.end
+                    .send_replace(Some(Status::unavailable("superseded by a newer Attach stream of the same station")));
+            }
+        }
+    }
+
+    /// Ends every open stream whose certificate serial is in `revoked`, with `STATION_REVOKED`. Returns how
+    /// many were ended.
+    pub fn end_revoked(&self, revoked: &dyn RevocationList) -> usize {
+        let mut n = 0;
+        for (identity, list) in self.streams().iter() {
+            for h in list.iter().filter(|h| revoked.is_revoked(&h.serial)) {
+                if h.end.borrow().is_none() {
+                    tracing::warn!(station = %identity, serial = %h.serial,
+                        "station certificate revoked: ending its Attach stream");
+                    h.end.send_replace(Some(revoked_status(identity, &h.serial)));
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Open `Attach` streams of `identity` (for tests and `admin stations`).
+    pub fn open_streams(&self, identity: &str) -> usize {
+        self.streams().get(identity).map_or(0, Vec::len)
     }
 
     fn attach(&self, live: LiveStation) {
@@ -259,10 +358,25 @@ struct Session {
     state: BrokerState,
     caller: StationCaller,
     tx: Outbound,
+    /// The station's status and agent version (its probes' activity lives in the hub only).
     live: LiveStation,
     last_write: Instant,
     /// Revision of the assignment last pushed.
     sent: Option<i64>,
+}
+
+/// Checks the fields of a `Register` (or the probe list and batch of a `Heartbeat`).
+fn check_station_fields(what: &str, probes: &[pb::ProbeInfo], current_batch: &str) -> Result<(), Status> {
+    validate::probes(&format!("{what}.probes"), probes)?;
+    if !current_batch.is_empty() {
+        validate::batch_id(&format!("{what}.current_batch"), current_batch)?;
+    }
+    Ok(())
+}
+
+fn check_register(r: &pb::Register) -> Result<(), Status> {
+    validate::optional_identifier("register.agent_version", &r.agent_version, validate::MAX_AGENT_VERSION)?;
+    check_station_fields("register", &r.probes, &r.current_batch)
 }
 
 impl Session {
@@ -274,6 +388,20 @@ impl Session {
         &self.live.status.session
     }
 
+    /// The station's certificate is still good: not revoked, not expired. Checked on every message and
+    /// before every push.
+    fn still_valid(&self) -> Result<(), Status> {
+        if self.state.revoked().is_revoked(&self.caller.serial) {
+            tracing::warn!(serial = %self.caller.serial, "station certificate revoked: ending its Attach stream");
+            return Err(revoked_status(&self.caller.uri, &self.caller.serial));
+        }
+        if SystemTime::now() >= self.caller.not_after {
+            tracing::warn!(serial = %self.caller.serial, "station certificate expired: ending its Attach stream");
+            return Err(auth::expired(&self.caller.uri, &self.caller.serial, self.caller.not_after));
+        }
+        Ok(())
+    }
+
     /// Writes the station's status to the ledger now; failures are logged (bookkeeping).
     async fn write_status(&mut self) {
         self.live.status.updated_at = now_ms();
@@ -283,31 +411,44 @@ impl Session {
         }
     }
 
-    /// Pushes `a` unless a newer or equal revision was pushed already. False when the station is gone.
-    async fn push(&mut self, a: &Assignment) -> bool {
+    /// Pushes `a` unless a newer or equal revision was pushed already. `Ok(false)` when the station is
+    /// gone; `Err` when its certificate was revoked or expired meanwhile.
+    async fn push(&mut self, a: &Assignment) -> Result<bool, Status> {
         if self.sent.is_some_and(|r| a.revision <= r) {
-            return true;
+            return Ok(true);
         }
+        self.still_valid()?;
         self.sent = Some(a.revision);
-        let Some(msg) = assignment_message(a) else { return true };
+        let Some(msg) = assignment_message(a) else { return Ok(true) };
         tracing::info!(batch = %a.batch_id, paused = a.paused, revision = a.revision, "assignment pushed to the station");
-        self.tx.send(Ok(msg)).await.is_ok()
+        Ok(self.tx.send(Ok(msg)).await.is_ok())
+    }
+
+    /// Applies `f` to the hub's activity of `probe_id`, refusing a probe beyond [`validate::MAX_PROBES`].
+    fn activity(&self, field: &str, probe_id: &str, f: impl FnOnce(&mut ProbeActivity)) -> Result<(), Status> {
+        let mut over = false;
+        self.state.stations().update(self.identity(), self.session(), |l| {
+            if !l.probes.contains_key(probe_id) && l.probes.len() >= validate::MAX_PROBES {
+                over = true;
+                return;
+            }
+            f(l.probes.entry(probe_id.to_owned()).or_default());
+        });
+        if over {
+            return Err(validate::invalid(
+                field,
+                format!("names more distinct probes than the limit of {}", validate::MAX_PROBES),
+            ));
+        }
+        Ok(())
     }
 
     /// Handles one agent message; `Err` ends the stream with that status.
     async fn handle(&mut self, m: pb::AgentMessage) -> Result<(), Status> {
-        if self.state.revoked().is_revoked(&self.caller.serial) {
-            tracing::warn!(serial = %self.caller.serial, "station certificate revoked: ending its Attach stream");
-            return Err(refused(
-                RefusalReason::StationRevoked,
-                format!("certificate serial {} of {} is revoked", self.caller.serial, self.caller.uri),
-                "",
-                "",
-            ));
-        }
-        let (identity, session) = (self.caller.uri.clone(), self.session().to_owned());
+        self.still_valid()?;
         match m.msg {
             Some(pb::agent_message::Msg::Register(r)) => {
+                check_register(&r)?;
                 // A repeated Register refreshes what the station has; the assignment stays as pushed.
                 self.live.agent_version = r.agent_version;
                 self.live.status.probes = r.probes.iter().map(probe_record).collect();
@@ -316,6 +457,7 @@ impl Session {
                 self.write_status().await;
             }
             Some(pb::agent_message::Msg::Heartbeat(h)) => {
+                check_station_fields("heartbeat", &h.probes, &h.current_batch)?;
                 let s = &mut self.live.status;
                 s.probes = h.probes.iter().map(probe_record).collect();
                 s.current_batch = h.current_batch;
@@ -327,32 +469,29 @@ impl Session {
                 }
             }
             Some(pb::agent_message::Msg::Progress(p)) => {
+                validate::identifier("progress.probe_id", &p.probe_id, validate::MAX_PROBE_ID)?;
+                validate::optional_identifier("progress.device_id", &p.device_id, validate::DEVICE_ID_LEN)?;
+                validate::optional_identifier("progress.stage", &p.stage, validate::MAX_STAGE)?;
                 tracing::debug!(probe = %p.probe_id, device = %p.device_id, stage = %p.stage, done = p.done,
                     total = p.total, "device progress");
-                let activity = |a: &mut ProbeActivity| {
-                    a.device_id = p.device_id.clone();
-                    a.stage = p.stage.clone();
+                return self.activity("progress.probe_id", &p.probe_id, |a| {
+                    a.device_id = p.device_id;
+                    a.stage = p.stage;
                     a.done = p.done;
                     a.total = p.total;
-                };
-                activity(self.live.probes.entry(p.probe_id.clone()).or_default());
-                self.state.stations().update(&identity, &session, |l| {
-                    activity(l.probes.entry(p.probe_id.clone()).or_default());
                 });
             }
             Some(pb::agent_message::Msg::Done(d)) => {
-                tracing::debug!(probe = %d.probe_id, device = %d.device_id, ok = d.ok, message = %d.message,
-                    "device done");
-                let activity = |a: &mut ProbeActivity| {
-                    a.device_id = d.device_id.clone();
+                validate::identifier("done.probe_id", &d.probe_id, validate::MAX_PROBE_ID)?;
+                validate::optional_identifier("done.device_id", &d.device_id, validate::DEVICE_ID_LEN)?;
+                validate::text("done.message", &d.message, validate::MAX_MESSAGE)?;
+                tracing::debug!(probe = %d.probe_id, device = %d.device_id, ok = d.ok,
+                    message = %validate::shown(&d.message), "device done");
+                return self.activity("done.probe_id", &d.probe_id, |a| {
+                    a.device_id = d.device_id;
                     a.stage = "done".into();
-                    a.last_result = Some((d.ok, d.message.clone()));
-                };
-                activity(self.live.probes.entry(d.probe_id.clone()).or_default());
-                self.state.stations().update(&identity, &session, |l| {
-                    activity(l.probes.entry(d.probe_id.clone()).or_default());
+                    a.last_result = Some((d.ok, d.message));
                 });
-                return Ok(());
             }
             None => {
                 tracing::debug!("empty agent message ignored");
@@ -362,7 +501,7 @@ impl Session {
         // Keep the hub's copy of the status in step (Register / Heartbeat).
         let status = self.live.status.clone();
         let version = self.live.agent_version.clone();
-        self.state.stations().update(&identity, &session, |l| {
+        self.state.stations().update(&self.caller.uri, &self.live.status.session, |l| {
             l.status = status;
             l.agent_version = version;
         });
@@ -376,12 +515,28 @@ async fn shut_down(closing: &mut watch::Receiver<bool>) {
     let _ = closing.wait_for(|c| *c).await;
 }
 
+/// Resolves when a certificate valid until `not_after` expires.
+async fn expiry(not_after: SystemTime) {
+    let left = not_after.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+    tokio::time::sleep(left).await;
+}
+
 /// Runs one `Attach` stream: waits for `Register`, then serves the station until it goes away.
-async fn run(state: BrokerState, caller: StationCaller, mut inbound: Streaming<pb::AgentMessage>, tx: Outbound) {
+async fn run(
+    state: BrokerState,
+    caller: StationCaller,
+    mut slot: StreamSlot,
+    mut inbound: Streaming<pb::AgentMessage>,
+    tx: Outbound,
+) {
     let mut closing = state.stations().closing.subscribe();
     let first = tokio::select! {
         first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.next()) => first,
         () = shut_down(&mut closing) => Ok(None),
+        st = ended(&mut slot.ended) => {
+            let _ = tx.send(Err(st)).await;
+            return;
+        }
     };
     let register = match first {
         Err(_) => {
@@ -412,6 +567,13 @@ async fn run(state: BrokerState, caller: StationCaller, mut inbound: Streaming<p
             }
         },
     };
+    if let Err(st) = check_register(&register) {
+        tracing::warn!(reason = %st.message(), "refused: invalid Register");
+        let _ = tx.send(Err(st)).await;
+        return;
+    }
+    // One registered stream per station: an older one (a connection the station gave up on) ends.
+    state.stations().supersede(&caller.uri, slot.id);
     let session_id = format!("{:016x}", rand::random::<u64>());
     let status = StationStatus {
         identity: caller.uri.clone(),
@@ -426,6 +588,7 @@ async fn run(state: BrokerState, caller: StationCaller, mut inbound: Streaming<p
         devices_failed: 0,
         updated_at: now_ms(),
     };
+    let not_after = caller.not_after;
     let live = LiveStation { status, agent_version: register.agent_version, probes: BTreeMap::new() };
     let mut s = Session { state: state.clone(), caller, tx, live, last_write: Instant::now(), sent: None };
     tracing::Span::current().record("session", session_id.as_str());
@@ -438,7 +601,7 @@ async fn run(state: BrokerState, caller: StationCaller, mut inbound: Streaming<p
     // while no station is attached).
     let mut assignments = state.stations().assignments.subscribe();
     assignments.borrow_and_update();
-    let mut alive = true;
+    let mut alive = Ok(true);
     match state.ledger().station_assignment(s.identity()).await {
         Ok(Some(a)) => {
             alive = s.push(&a).await;
@@ -448,12 +611,22 @@ async fn run(state: BrokerState, caller: StationCaller, mut inbound: Streaming<p
         Err(e) => tracing::warn!(error = %e, "could not read the station's assignment (the poller retries)"),
     }
     // Anything published meanwhile (or a newer revision than the one just read).
-    if alive && let Some(a) = state.stations().assignment(s.identity()) {
+    if matches!(alive, Ok(true))
+        && let Some(a) = state.stations().assignment(s.identity())
+    {
         alive = s.push(&a).await;
     }
 
     let mut end: Option<Status> = None;
-    while alive {
+    loop {
+        match alive {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(st) => {
+                end = Some(st);
+                break;
+            }
+        }
         tokio::select! {
             msg = inbound.next() => match msg {
                 None => {
@@ -461,11 +634,14 @@ async fn run(state: BrokerState, caller: StationCaller, mut inbound: Streaming<p
                     break;
                 }
                 Some(Err(st)) => {
-                    tracing::debug!(code = ?st.code(), message = %st.message(), "Attach stream broke");
+                    tracing::debug!(code = ?st.code(), message = %validate::shown(st.message()), "Attach stream broke");
                     break;
                 }
                 Some(Ok(m)) => {
                     if let Err(st) = s.handle(m).await {
+                        if st.code() == tonic::Code::InvalidArgument {
+                            tracing::warn!(reason = %st.message(), "ending the Attach stream: invalid message");
+                        }
                         end = Some(st);
                         break;
                     }
@@ -484,6 +660,14 @@ async fn run(state: BrokerState, caller: StationCaller, mut inbound: Streaming<p
                 end = Some(Status::unavailable(format!("broker {} is shutting down; reconnect", state.name())));
                 break;
             }
+            st = ended(&mut slot.ended) => {
+                tracing::info!(reason = %st.message(), "Attach stream ended by the broker");
+                end = Some(st);
+                break;
+            }
+            () = expiry(not_after) => {
+                alive = s.still_valid().map(|()| true);
+            }
             () = s.tx.closed() => {
                 tracing::debug!("station stopped reading its Attach stream");
                 break;
@@ -497,6 +681,7 @@ async fn run(state: BrokerState, caller: StationCaller, mut inbound: Streaming<p
     if let Err(e) = state.ledger().mark_station_detached(s.identity(), &session_id).await {
         tracing::warn!(error = %e, "could not mark the station detached in the ledger");
     }
+    drop(slot);
     tracing::info!("station detached");
 }
 
@@ -511,10 +696,18 @@ impl StationService for Stations {
             if *self.state.stations().closing.borrow() {
                 return Err(Status::unavailable(format!("broker {} is shutting down", self.state.name())));
             }
+            let Some(slot) = self.state.stations().open_stream(&caller.uri, &caller.serial) else {
+                tracing::warn!(station = %caller.uri, limit = MAX_ATTACH_PER_STATION,
+                    "refused: too many Attach streams of one station");
+                return Err(Status::resource_exhausted(format!(
+                    "{} already has {MAX_ATTACH_PER_STATION} Attach streams open on this broker",
+                    caller.uri
+                )));
+            };
             self.state.note_station(&caller.uri, &caller.site, &caller.serial).await;
             let (tx, rx) = mpsc::channel(16);
             let span = tracing::info_span!("station_stream", station = %caller.uri, session = tracing::field::Empty);
-            tokio::spawn(run(self.state.clone(), caller, req.into_inner(), tx).instrument(span));
+            tokio::spawn(run(self.state.clone(), caller, slot, req.into_inner(), tx).instrument(span));
             Ok(Box::pin(ReceiverStream::new(rx)) as AttachStream)
         }
         .instrument(tracing::info_span!("rpc", rpc = "Attach"))
@@ -551,7 +744,7 @@ mod tests {
 
     #[test]
     fn the_hub_keeps_the_newest_revision() {
-        let hub = StationHub::new();
+        let hub = Arc::new(StationHub::new());
         let mut rx = hub.assignments.subscribe();
         assert!(hub.merge(vec![assignment("a", "b1", false, 2)]));
         assert!(rx.has_changed().unwrap());
@@ -566,7 +759,7 @@ mod tests {
 
     #[test]
     fn only_the_current_session_detaches() {
-        let hub = StationHub::new();
+        let hub = Arc::new(StationHub::new());
         let live = |session: &str| LiveStation {
             status: StationStatus { identity: "s".into(), session: session.into(), ..Default::default() },
             ..Default::default()

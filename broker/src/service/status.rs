@@ -16,10 +16,13 @@ pub fn refusal_code(reason: RefusalReason) -> Code {
         | RefusalReason::BatchPaused
         | RefusalReason::BatchExpired
         | RefusalReason::BatchNotStarted
-        | RefusalReason::ProductMismatch => Code::FailedPrecondition,
-        RefusalReason::SiteNotAllowed | RefusalReason::StationRevoked | RefusalReason::NotAuthorised => {
-            Code::PermissionDenied
-        }
+        | RefusalReason::ProductMismatch
+        | RefusalReason::NotLicensed => Code::FailedPrecondition,
+        RefusalReason::SiteNotAllowed
+        | RefusalReason::StationRevoked
+        | RefusalReason::NotAuthorised
+        | RefusalReason::CertificateExpired
+        | RefusalReason::NotLicenceHolder => Code::PermissionDenied,
         RefusalReason::UnknownBatch => Code::NotFound,
         RefusalReason::CertUnverified => Code::InvalidArgument,
     }
@@ -47,8 +50,9 @@ pub fn ledger_status(e: LedgerError, batch_id: &str, device_id: &str) -> Status 
         LedgerError::Precondition { .. } => Status::failed_precondition(e.to_string()),
         LedgerError::AuditBroken { .. } => Status::data_loss(e.to_string()),
         LedgerError::Database { .. } | LedgerError::WriterStopped => {
+            // The database's own words stay in the broker's log; the caller learns only that it may retry.
             tracing::error!(error = %e, "ledger unavailable");
-            Status::unavailable(format!("ledger unavailable (retry is safe): {e}"))
+            Status::unavailable("ledger unavailable (retry is safe; the broker's log has the cause)")
         }
         other => {
             tracing::error!(error = %other, "ledger failure");
