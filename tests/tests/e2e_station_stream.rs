@@ -300,3 +300,80 @@ async fn an_assignment_made_through_another_broker_reaches_the_station() {
     drop(agent);
     wait_station(&two, &me, "offline", |s| !s.online).await;
 }
+
+/// What the review did: thousands of `Attach` streams and `DeviceProgress` messages with unique huge probe
+/// ids, and a revoked station's idle stream that kept receiving pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_streams_are_capped_superseded_and_ended_by_revocation() {
+    let world = World::new();
+    let b = world.start_broker(BrokerSpec::default()).await;
+    b.seed_batch("b-cap", 10, &["berlin"]).await;
+    let me = uri("berlin", 1);
+    let hub = b.running().state().stations().clone();
+
+    // A newer Register supersedes the older stream of the same station: at most one registered.
+    let mut first = FakeAgent::attach(&b, "berlin", 1, register(&["p0"])).await.unwrap();
+    wait_station(&b, &me, "online", |s| s.online).await;
+    let mut second = FakeAgent::attach(&b, "berlin", 1, register(&["p0"])).await.unwrap();
+    let e = first.next(Duration::from_secs(2)).await.expect("the older stream ends").unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("superseded"), "{e:?}");
+
+    // Streams that never register are capped per station.
+    let mut client = StationServiceClient::new(b.channel(&TestPki::station("berlin", 1)).await);
+    let mut idle = Vec::new();
+    let mut refused = None;
+    for _ in 0..10 {
+        let (tx, rx) = mpsc::channel::<pb::AgentMessage>(1);
+        match client.attach(ReceiverStream::new(rx)).await {
+            Ok(s) => idle.push((tx, s)),
+            Err(s) => {
+                refused = Some(s);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a further Attach is refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(hub.open_streams(&me), flashgate_broker::service::station::MAX_ATTACH_PER_STATION);
+    drop(idle);
+
+    // Probe ids: long ones are refused, and distinct ones are capped (the stream ends).
+    let progress = |id: String| pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Progress(pb::DeviceProgress {
+            probe_id: id,
+            device_id: String::new(),
+            stage: "identify".into(),
+            done: 0,
+            total: 1,
+        })),
+    };
+    for i in 0..256 {
+        second.send(progress(format!("p{i}"))).await;
+    }
+    second.send(progress("one-too-many".into())).await;
+    let e = second.next(Duration::from_secs(5)).await.expect("the stream ends").unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("256"), "{e:?}");
+    let mut third = FakeAgent::attach(&b, "berlin", 1, register(&["p0"])).await.unwrap();
+    third.send(progress("x".repeat(129))).await;
+    let e = third.next(Duration::from_secs(5)).await.expect("the stream ends").unwrap_err();
+    assert_eq!(e.message(), "progress.probe_id: is 129 bytes long, the limit is 128");
+
+    // A revoked station's idle stream ends at once, and gets no assignment pushed after it.
+    let mut idle = FakeAgent::attach(&b, "berlin", 2, register(&["p0"])).await.unwrap();
+    wait_station(&b, &uri("berlin", 2), "online", |s| s.online).await;
+    let serial = world.pki.serial(&TestPki::station("berlin", 2));
+    let mut admin = b.admin().await;
+    admin
+        .revoke_station(pb::RevokeStationRequest { serial, identity: String::new(), reason: "stolen".into() })
+        .await
+        .unwrap();
+    let e = idle.next(Duration::from_secs(5)).await.expect("the revoked stream ends").unwrap_err();
+    assert_eq!(reason(&e).as_deref(), Some("STATION_REVOKED"), "{e:?}");
+    admin
+        .assign_station(pb::AssignStationRequest { station: uri("berlin", 2), batch_id: "b-cap".into() })
+        .await
+        .unwrap();
+    assert!(idle.next(Duration::from_millis(500)).await.is_none_or(|m| m.is_err()));
+}
