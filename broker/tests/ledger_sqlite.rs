@@ -365,3 +365,65 @@ async fn ledger_station_assignments_and_status() {
     let other = Ledger::open(&url).await.unwrap();
     check_station_control(&l, Some(&other)).await;
 }
+
+/// A ledger with 5 licences of batch `rec` (quota 10): its last 3 audit records are `licence.issued`.
+async fn licensed_ledger(dir: &tempfile::TempDir) -> (Ledger, String) {
+    let (l, url) = sqlite_ledger(dir).await;
+    seed(&l, "rec", 10, &[SITE], (None, None)).await;
+    for i in 0..5 {
+        l.commit_issue(issue_record("rec", &device(i), 1)).await.unwrap();
+    }
+    l.verify_audit().await.unwrap();
+    (l, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_audit_verify_detects_trailing_deletion_with_the_head_moved_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, url) = licensed_ledger(&dir).await;
+    raw_sql(
+        &url,
+        &[
+            "DELETE FROM audit WHERE seq > (SELECT MAX(seq) - 3 FROM audit)",
+            "UPDATE audit_head SET seq = (SELECT MAX(seq) FROM audit), \
+             hash = (SELECT hash FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)) WHERE id = 1",
+        ],
+    )
+    .await;
+    let e = l.verify_audit().await.unwrap_err();
+    assert!(matches!(e, LedgerError::AuditBroken { why: AuditFault::Unreconciled(_), .. }), "{e}");
+    assert!(e.to_string().contains("has no licence.issued record"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_audit_verify_detects_an_edit_with_the_chain_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, url) = licensed_ledger(&dir).await;
+    // Edit one licence.issued record's device, then re-chain every record after it and the head, as
+    // someone with write access to the database would.
+    let mut records = l.audit_page(0, 10_000).await.unwrap();
+    let edited = records.iter().position(|r| r.event == "licence.issued").unwrap();
+    records[edited].subject = format!("batch/rec/device/{}", device(99));
+    let mut statements = Vec::new();
+    for i in edited..records.len() {
+        if i > 0 {
+            records[i].prev_hash = records[i - 1].hash.clone();
+        }
+        records[i].hash = records[i].compute_hash().to_vec();
+        let r = &records[i];
+        statements.push(format!(
+            "UPDATE audit SET subject = '{}', prev_hash = x'{}', hash = x'{}' WHERE seq = {}",
+            r.subject,
+            hex::encode(&r.prev_hash),
+            hex::encode(&r.hash),
+            r.seq
+        ));
+    }
+    let last = records.last().unwrap();
+    statements.push(format!("UPDATE audit_head SET hash = x'{}' WHERE id = 1", hex::encode(&last.hash)));
+    let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
+    raw_sql(&url, &refs).await;
+    let e = l.verify_audit().await.unwrap_err();
+    assert!(matches!(e, LedgerError::AuditBroken { why: AuditFault::Unreconciled(_), .. }), "{e}");
+    assert!(e.to_string().contains(&device(0)) || e.to_string().contains(&device(99)), "{e}");
+}

@@ -114,6 +114,10 @@ pub enum AuditFault {
         /// The last sequence number present in the chain.
         chain_seq: i64,
     },
+    /// The chain is intact but does not agree with the ledger's tables: a licence without its
+    /// `licence.issued` record (records deleted and the chain rebuilt), an issue record without its
+    /// licence, or a batch whose issued count differs from its issue records.
+    Unreconciled(String),
 }
 
 impl fmt::Display for AuditFault {
@@ -126,6 +130,7 @@ impl fmt::Display for AuditFault {
             Self::PrevHashMismatch => {
                 f.write_str("prev_hash is not the hash of the preceding record (records reordered or replaced)")
             }
+            Self::Unreconciled(what) => write!(f, "the chain does not match the ledger: {what}"),
             Self::HeadMismatch { head_seq, chain_seq } => write!(
                 f,
                 "audit head is at seq {head_seq} but the chain ends at seq {chain_seq} with a different hash \

@@ -23,6 +23,7 @@ pub mod model;
 mod schema;
 mod writer;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Once};
 use std::time::Duration;
@@ -1278,7 +1279,16 @@ impl Ledger {
     pub async fn verify_audit(&self) -> Result<AuditSummary, LedgerError> {
         const OP: &str = "verify audit";
         const PAGE: i64 = 2000;
-        let mut conn = self.read_conn().await?;
+        let mut pooled = self.read_conn().await?;
+        // One snapshot for the head, the chain and the tables, so that a licence committed meanwhile is
+        // neither a record without its licence nor a licence without its record.
+        let mut conn = sqlx::Connection::begin(&mut *pooled).await.map_err(LedgerError::db(OP))?;
+        if self.dialect() == Dialect::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .execute(&mut *conn)
+                .await
+                .map_err(LedgerError::db(OP))?;
+        }
         let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
             .fetch_one(&mut *conn)
             .await
@@ -1286,6 +1296,8 @@ impl Ledger {
         let head_seq: i64 = head.try_get(0).map_err(LedgerError::db(OP))?;
         let head_hash: Vec<u8> = head.try_get(1).map_err(LedgerError::db(OP))?;
         let mut v = audit::Verifier::new();
+        // Every `licence.issued` record's (batch, device), with its seq, to reconcile with the tables.
+        let mut issued: HashMap<(String, String), i64> = HashMap::new();
         let mut after = 0;
         'pages: loop {
             let page = audit::page(&mut conn, after, PAGE).await.map_err(LedgerError::db(OP))?;
@@ -1297,9 +1309,18 @@ impl Ledger {
                     break 'pages;
                 }
                 v.push(r)?;
+                if r.event == "licence.issued"
+                    && let Some((batch, device)) =
+                        r.subject.strip_prefix("batch/").and_then(|rest| rest.rsplit_once("/device/"))
+                {
+                    issued.insert((batch.to_owned(), device.to_owned()), r.seq);
+                }
             }
         }
-        v.finish(head_seq, &head_hash)
+        let summary = v.finish(head_seq, &head_hash)?;
+        reconcile(&mut conn, head_seq, issued).await?;
+        conn.rollback().await.map_err(LedgerError::db(OP))?;
+        Ok(summary)
     }
 
     /// Writes the audit log as JSON lines (hashes in hex) and returns the number of records written.
@@ -1328,6 +1349,58 @@ impl Ledger {
         self.inner.read.close().await;
         self.inner.write.close().await;
     }
+}
+
+/// Cross-checks an intact chain with the tables, in the verification's snapshot: every licence has its
+/// `licence.issued` record and every such record its licence, and each batch's issued count equals its
+/// issue records. Names the first mismatch.
+async fn reconcile(
+    conn: &mut AnyConnection,
+    head_seq: i64,
+    mut issued: HashMap<(String, String), i64>,
+) -> Result<(), LedgerError> {
+    const OP: &str = "reconcile audit with licences";
+    let broken = |seq: i64, what: String| LedgerError::AuditBroken { seq, why: AuditFault::Unreconciled(what) };
+    let mut per_batch: HashMap<String, i64> = HashMap::new();
+    for (batch, _) in issued.keys() {
+        *per_batch.entry(batch.clone()).or_default() += 1;
+    }
+    let rows = sqlx::query("SELECT batch_id, device_id FROM licences ORDER BY issued_at, batch_id, device_id")
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(LedgerError::db(OP))?;
+    for row in rows {
+        let batch: String = row.try_get(0).map_err(LedgerError::db(OP))?;
+        let device: String = row.try_get(1).map_err(LedgerError::db(OP))?;
+        if issued.remove(&(batch.clone(), device.clone())).is_none() {
+            return Err(broken(
+                head_seq,
+                format!("the licence of device {device} in batch {batch:?} has no licence.issued record"),
+            ));
+        }
+    }
+    if let Some(((batch, device), seq)) = issued.iter().min_by_key(|(_, seq)| **seq) {
+        return Err(broken(
+            *seq,
+            format!("the licence.issued record of device {device} in batch {batch:?} has no licence"),
+        ));
+    }
+    let rows = sqlx::query("SELECT id, issued FROM batches ORDER BY id")
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(LedgerError::db(OP))?;
+    for row in rows {
+        let id: String = row.try_get(0).map_err(LedgerError::db(OP))?;
+        let count: i64 = row.try_get(1).map_err(LedgerError::db(OP))?;
+        let records = per_batch.get(&id).copied().unwrap_or(0);
+        if records != count {
+            return Err(broken(
+                head_seq,
+                format!("batch {id:?} counts {count} issued licences but the chain holds {records} issue records"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
