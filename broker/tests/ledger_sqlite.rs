@@ -427,3 +427,20 @@ async fn ledger_audit_verify_detects_an_edit_with_the_chain_rebuilt() {
     assert!(matches!(e, LedgerError::AuditBroken { why: AuditFault::Unreconciled(_), .. }), "{e}");
     assert!(e.to_string().contains(&device(0)) || e.to_string().contains(&device(99)), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_files_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // A world-readable file left by an older version is narrowed too.
+    let path = dir.path().join("ledger.db");
+    std::fs::write(&path, b"").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let url = format!("sqlite://{}", path.display());
+    let l = Ledger::open(&url).await.unwrap();
+    seed(&l, "modes", 3, &[SITE], (None, None)).await;
+    for p in [path.clone(), dir.path().join("ledger.db-wal")] {
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} has mode {mode:o}", p.display());
+    }
+}

@@ -98,8 +98,22 @@ impl std::fmt::Debug for SoftHsm {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Largest argon2id memory cost a keystore file may ask for, KiB (1 GiB): the parameters are read from
+/// the file, so a tampered file could otherwise make opening it take all memory or hours.
+pub const MAX_KDF_M_COST: u32 = 1 << 20;
+/// Most argon2id passes a keystore file may ask for.
+pub const MAX_KDF_T_COST: u32 = 16;
+/// Most argon2id lanes a keystore file may ask for.
+pub const MAX_KDF_P_COST: u32 = 16;
+
 fn derive_store_key(passphrase: &str, salt: &[u8], p: KdfParams) -> Result<Zeroizing<[u8; 32]>, HsmError> {
     let kdf_err = |reason: String| HsmError::Kdf { m_cost: p.m_cost, t_cost: p.t_cost, p_cost: p.p_cost, reason };
+    if p.m_cost > MAX_KDF_M_COST || p.t_cost > MAX_KDF_T_COST || p.p_cost > MAX_KDF_P_COST {
+        return Err(kdf_err(format!(
+            "beyond the limits (memory at most {MAX_KDF_M_COST} KiB, at most {MAX_KDF_T_COST} passes and \
+             {MAX_KDF_P_COST} lanes)"
+        )));
+    }
     let params = argon2::Params::new(p.m_cost, p.t_cost, p.p_cost, Some(32)).map_err(|e| kdf_err(e.to_string()))?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut out = Zeroizing::new([0u8; 32]);
@@ -403,5 +417,20 @@ mod tests {
         assert_eq!(back[&KeyId([3; 16])].key.as_bytes(), &[4; 16]);
         let e = parse_table(&bytes[..bytes.len() - 1]).err().unwrap();
         assert!(e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn kdf_parameters_from_the_file_are_bounded() {
+        let salt = [7u8; SALT_LEN];
+        let at_edge = KdfParams { m_cost: 8, t_cost: MAX_KDF_T_COST, p_cost: 1 };
+        assert!(derive_store_key("pw", &salt, at_edge).is_ok());
+        for p in [
+            KdfParams { m_cost: MAX_KDF_M_COST + 1, t_cost: 1, p_cost: 1 },
+            KdfParams { m_cost: 8, t_cost: MAX_KDF_T_COST + 1, p_cost: 1 },
+            KdfParams { m_cost: 64, t_cost: 1, p_cost: MAX_KDF_P_COST + 1 },
+        ] {
+            let e = derive_store_key("pw", &salt, p).err().unwrap().to_string();
+            assert!(e.contains("beyond the limits"), "{e}");
+        }
     }
 }

@@ -226,6 +226,17 @@ pub enum LedgerError {
         #[source]
         source: std::io::Error,
     },
+    /// A ledger file could not be created or its mode set.
+    #[error("cannot {what} {path}: {source}")]
+    File {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// An internal invariant was violated (a bug); nothing was committed for this request.
     #[error("internal ledger error: {what}")]
     Internal {

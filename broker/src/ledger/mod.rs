@@ -297,6 +297,38 @@ pub(crate) fn multi_row_insert(prefix: &str, cols: usize, rows: usize) -> String
     sql
 }
 
+/// Mode of the SQLite ledger file (SQLite gives its `-wal` and `-shm` files the same mode).
+pub const LEDGER_FILE_MODE: u32 = 0o600;
+
+/// Creates the SQLite ledger file with [`LEDGER_FILE_MODE`] if it does not exist yet, and narrows the
+/// mode of an existing one (and of its `-wal`/`-shm` files) to it, whatever the process umask.
+fn restrict_sqlite_files(url: &str) -> Result<(), LedgerError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let Some(rest) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) else { return Ok(()) };
+    let path = rest.split('?').next().unwrap_or(rest);
+    if path.is_empty() {
+        return Ok(());
+    }
+    let io = |p: &str, source: std::io::Error| LedgerError::File {
+        what: "set the mode of the ledger file",
+        path: p.into(),
+        source,
+    };
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(LEDGER_FILE_MODE).open(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(path, e)),
+    }
+    for p in [path.to_owned(), format!("{path}-wal"), format!("{path}-shm")] {
+        match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(LEDGER_FILE_MODE)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&p, e)),
+        }
+    }
+    Ok(())
+}
+
 fn with_create_mode(url: &str) -> String {
     if url.contains("mode=") {
         url.to_owned()
@@ -360,6 +392,7 @@ impl Ledger {
                         why: "in-memory SQLite is not durable; give a file path",
                     });
                 }
+                restrict_sqlite_files(&cfg.url)?;
                 let url = with_create_mode(&cfg.url);
                 let write = sqlite_pool(&url, 1, cfg.busy_timeout).await?;
                 schema::migrate(&write, dialect).await?;
