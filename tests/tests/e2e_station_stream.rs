@@ -319,7 +319,12 @@ async fn attach_streams_are_capped_superseded_and_ended_by_revocation() {
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(e.message().contains("superseded"), "{e:?}");
 
-    // Streams that never register are capped per station.
+    // Streams that never register are capped per station (the superseded one's slot is freed first).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hub.open_streams(&me) > 1 {
+        assert!(Instant::now() < deadline, "the superseded stream never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut client = StationServiceClient::new(b.channel(&TestPki::station("berlin", 1)).await);
     let mut idle = Vec::new();
     let mut refused = None;
@@ -336,6 +341,7 @@ async fn attach_streams_are_capped_superseded_and_ended_by_revocation() {
     let refused = refused.expect("a further Attach is refused");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert_eq!(hub.open_streams(&me), flashgate_broker::service::station::MAX_ATTACH_PER_STATION);
+    assert_eq!(idle.len(), flashgate_broker::service::station::MAX_ATTACH_PER_STATION - 1);
     drop(idle);
 
     // Probe ids: long ones are refused, and distinct ones are capped (the stream ends).
@@ -355,6 +361,12 @@ async fn attach_streams_are_capped_superseded_and_ended_by_revocation() {
     let e = second.next(Duration::from_secs(5)).await.expect("the stream ends").unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("256"), "{e:?}");
+    // The ended and dropped streams free their slots once the broker has seen them go.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hub.open_streams(&me) > 0 {
+        assert!(Instant::now() < deadline, "{} streams still open", hub.open_streams(&me));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut third = FakeAgent::attach(&b, "berlin", 1, register(&["p0"])).await.unwrap();
     third.send(progress("x".repeat(129))).await;
     let e = third.next(Duration::from_secs(5)).await.expect("the stream ends").unwrap_err();
