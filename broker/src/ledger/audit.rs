@@ -207,6 +207,16 @@ pub(crate) async fn page(conn: &mut AnyConnection, after: i64, limit: i64) -> Re
         .collect()
 }
 
+/// The audit subject of a device in a batch: `batch/BATCH/device/DEVICE`.
+pub(crate) fn device_subject(batch_id: &str, device_id: &str) -> String {
+    format!("batch/{batch_id}/device/{device_id}")
+}
+
+/// The (batch, device) of a subject written by [`device_subject`].
+pub(crate) fn parse_device_subject(subject: &str) -> Option<(&str, &str)> {
+    subject.strip_prefix("batch/")?.rsplit_once("/device/")
+}
+
 /// Result of a successful verification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditSummary {

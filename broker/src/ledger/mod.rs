@@ -1343,8 +1343,7 @@ impl Ledger {
                 }
                 v.push(r)?;
                 if r.event == "licence.issued"
-                    && let Some((batch, device)) =
-                        r.subject.strip_prefix("batch/").and_then(|rest| rest.rsplit_once("/device/"))
+                    && let Some((batch, device)) = audit::parse_device_subject(&r.subject)
                 {
                     issued.insert((batch.to_owned(), device.to_owned()), r.seq);
                 }

@@ -189,7 +189,7 @@ async fn run_group(
                         let ev = AuditEvent {
                             actor: &rec.actor,
                             event: "licence.issued",
-                            subject: format!("batch/{}/device/{}", rec.batch_id, rec.device_id),
+                            subject: audit::device_subject(&rec.batch_id, &rec.device_id),
                             details,
                         };
                         staged.push(audit::stage(&mut head, now, ev));
@@ -329,7 +329,7 @@ fn stage_refusal(head: &mut Head, now: i64, r: &RefusalRecord) -> AuditRecord {
         AuditEvent {
             actor: &r.actor,
             event: "licence.refused",
-            subject: format!("batch/{}/device/{}", r.batch_id, r.device_id),
+            subject: audit::device_subject(&r.batch_id, &r.device_id),
             details: serde_json::json!({
                 "reason": r.reason.as_str(),
                 "detail": r.detail,
@@ -367,7 +367,7 @@ async fn reissue_one(
             AuditEvent {
                 actor: &rec.actor,
                 event: "licence.reissued",
-                subject: format!("batch/{}/device/{}", rec.batch_id, rec.device_id),
+                subject: audit::device_subject(&rec.batch_id, &rec.device_id),
                 details: serde_json::json!({
                     "station": rec.station,
                     "site": rec.site,
@@ -432,7 +432,7 @@ async fn install_one(
         AuditEvent {
             actor: &rep.actor,
             event: "install.reported",
-            subject: format!("batch/{}/device/{}", rep.batch_id, rep.device_id),
+            subject: audit::device_subject(&rep.batch_id, &rep.device_id),
             details: serde_json::json!({
                 "station": rep.station,
                 "result_id": rep.result_id,
