@@ -25,5 +25,5 @@ pub use server::{RunningSimulator, SimConfig, SimError, SimTarget, Simulator, Ta
 pub use state::{StateError, dump_flash, load_vendor_ca, write_vendor_ca};
 
 #[cfg(test)]
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/integration/support/mod.rs"]
 mod test_support;

@@ -19,5 +19,5 @@ pub mod hsm;
 pub mod softhsm;
 
 /// A throwaway PostgreSQL cluster (initdb + pg_ctl in a temp dir), shared with the broker's ledger tests.
-#[path = "../../broker/tests/support/pg.rs"]
+#[path = "../../broker/tests/integration/support/pg.rs"]
 pub mod pg;

@@ -2,7 +2,7 @@
 //! station revocations and the hash-chained audit log, on SQLite (default; WAL, `synchronous=FULL`) or on a
 //! PostgreSQL database shared by several brokers.
 //!
-//! Invariants (each tested in `broker/tests/ledger_*.rs`):
+//! Invariants (each tested in `broker/tests/integration/ledger_*.rs`):
 //! - one licence per (batch, device): a retry returns the stored bytes and consumes nothing;
 //! - `issued <= quota` under any concurrency: the unit is taken by a conditional row update in the same
 //!   transaction that stores the licence and its audit record, and the caller gets the licence only after that

@@ -8,16 +8,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../broker/tests/support/pg.rs"]
+#[path = "../../../broker/tests/integration/support/pg.rs"]
 mod pg;
-mod support;
 
+use crate::support::{BrokerProcess, admin, ok, write_config};
 use flashgate_common::cert::{ChipKey, VendorCa};
 use flashgate_proto::errors::Refusal;
 use flashgate_proto::transport::{TlsFiles, client_config, connect};
 use flashgate_proto::v1::IssueLicenceRequest;
 use flashgate_proto::v1::licence_service_client::LicenceServiceClient;
-use support::{BrokerProcess, admin, ok, write_config};
 
 #[test]
 fn two_broker_processes_on_one_postgres_never_exceed_a_shared_quota() {

@@ -1,16 +1,13 @@
 //! `--state-dir` persistence across simulator restarts over TCP, and the vendor CA file helpers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod host;
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
+use crate::host::Host;
 use flashgate_common::family::Family;
 use flashgate_common::protocol::{SfiOpcode, SfiState};
 use flashgate_sim::{RdpLevel, SimConfig, Simulator, StateError, dump_flash, load_vendor_ca, write_vendor_ca};
-use host::Host;
 use tokio::net::TcpStream;
 
 fn config(dir: &std::path::Path, ca_path: &std::path::Path) -> SimConfig {

@@ -2,18 +2,15 @@
 //! pacing (flash programming must overlap the link), and reproducible fault injection.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod host;
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::host::Host;
+use crate::support::{expected_flash, split_image, valid_image_of, vectors};
 use flashgate_common::family::Family;
 use flashgate_common::protocol::{SfiOpcode, SfiState};
 use flashgate_common::sfi::{AreaType, PlainArea};
 use flashgate_sim::device::ChipIdentity;
 use flashgate_sim::{FaultConfig, LinkConfig, SimTarget};
-use host::Host;
-use support::{expected_flash, split_image, valid_image_of, vectors};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn vector_target(link: LinkConfig) -> SimTarget {
@@ -61,7 +58,7 @@ async fn efficiency(family: Family, speed: f64, size: usize) -> f64 {
     let link = LinkConfig::new(115_200, speed);
     let profile = family.profile();
     let identity = ChipIdentity::certify(profile, &v.vendor_ca, v.chip.clone());
-    let licence = support::licence_for(&v, identity.certificate());
+    let licence = crate::support::licence_for(&v, identity.certificate());
     let t = SimTarget::with_identity(family, identity, link);
     let data: Vec<u8> = (0..size as u32).map(|i| (i * 31 + 7) as u8).collect();
     let areas = [PlainArea { area_type: AreaType::Firmware, address: profile.flash_base, data }];

@@ -6,12 +6,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{BIN, BrokerProcess, PASSPHRASE, admin, ok, write_config};
+use crate::support::{BIN, BrokerProcess, PASSPHRASE, admin, ok, write_config};
 
 /// A child process killed when dropped (also when an assertion fails first).
 struct Reaped(std::process::Child);

@@ -3,12 +3,10 @@
 //! ledger with the mutation applied in SQL.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod support;
-
+use crate::support::*;
 use flashgate_broker::ledger::audit::{AuditRecord, GENESIS_HASH, Verifier, record_hash};
 use flashgate_broker::ledger::{BatchState, LedgerError};
 use proptest::prelude::*;
-use support::*;
 
 #[derive(Debug, Clone)]
 enum Mutation {

@@ -3,11 +3,9 @@
 //! not asserted (they depend on the disk). `FLASHGATE_LEDGER_SMOKE_N` sets the number of licences.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ledger_throughput_smoke_sqlite_64_callers() {

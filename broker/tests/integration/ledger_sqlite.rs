@@ -3,13 +3,11 @@
 //! tamper detection of the audit chain.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod support;
-
+use crate::support::*;
 use flashgate_broker::ledger::{
     AuditFault, BatchState, InstallOutcome, InstallReport, IssueOutcome, Ledger, LedgerError, Precheck, RefusalReason,
     RefusalRecord, now_ms,
 };
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ledger_retry_returns_identical_licence_and_consumes_nothing() {

@@ -3,11 +3,9 @@
 //! `FLASHGATE_REQUIRE_POSTGRES=1`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod support;
-
+use crate::support::pg::PgCluster;
+use crate::support::*;
 use flashgate_broker::ledger::{AuditFault, IssueOutcome, Ledger, LedgerError};
-use support::pg::PgCluster;
-use support::*;
 
 /// One cluster per test binary run would leak a server if a test panics; a cluster per test is cheap enough.
 fn cluster() -> Option<PgCluster> {

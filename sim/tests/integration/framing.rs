@@ -2,15 +2,13 @@
 //! over an in-memory duplex.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{split_image, vectors};
 use flashgate_common::family::Family;
 use flashgate_common::protocol::SfiState;
 use flashgate_sim::device::ChipIdentity;
 use flashgate_sim::{LinkConfig, SimTarget};
-use support::{split_image, vectors};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 const ACK: u8 = 0x79;

@@ -1,0 +1,8 @@
+//! The cli crate's integration tests in one binary (each module's header says what it covers): one
+//! link of the crate's dependencies instead of one per file.
+
+mod support;
+
+mod agent_serve;
+mod broker_processes;
+mod lab_flow;
