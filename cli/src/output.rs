@@ -148,6 +148,83 @@ pub fn ms_time(ms: i64) -> String {
     }
 }
 
+/// A file a command produces: a path, written whole or not at all ([`flashgate_common::atomic_file`]:
+/// a device or FIFO is written in place, never replaced), or `-` for standard output.
+pub struct OutFile {
+    name: String,
+    sink: Sink,
+}
+
+enum Sink {
+    File(std::io::BufWriter<flashgate_common::atomic_file::AtomicFile>),
+    Stdout(std::io::BufWriter<std::io::Stdout>),
+}
+
+impl OutFile {
+    /// Start writing `path` (`-`: standard output); a new regular file gets `mode`.
+    pub fn create(path: &std::path::Path, mode: u32) -> anyhow::Result<Self> {
+        if path.as_os_str() == "-" {
+            return Ok(Self {
+                name: "standard output".into(),
+                sink: Sink::Stdout(std::io::BufWriter::new(std::io::stdout())),
+            });
+        }
+        let file = flashgate_common::atomic_file::AtomicFile::create(path, mode)?;
+        Ok(Self { name: path.display().to_string(), sink: Sink::File(std::io::BufWriter::new(file)) })
+    }
+
+    /// Standard output, when no path is given.
+    pub fn stdout() -> Self {
+        Self { name: "standard output".into(), sink: Sink::Stdout(std::io::BufWriter::new(std::io::stdout())) }
+    }
+
+    /// Whether this writes to standard output (messages then go to standard error).
+    pub fn is_stdout(&self) -> bool {
+        matches!(self.sink, Sink::Stdout(_))
+    }
+
+    /// The path, or "standard output".
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Flush, sync and put the file in place.
+    pub fn commit(self) -> anyhow::Result<()> {
+        use anyhow::Context;
+        match self.sink {
+            Sink::File(w) => {
+                let file =
+                    w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", self.name))?;
+                file.commit()?;
+            }
+            Sink::Stdout(mut w) => std::io::Write::flush(&mut w).context("writing to standard output")?,
+        }
+        Ok(())
+    }
+}
+
+impl std::io::Write for OutFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.sink {
+            Sink::File(w) => w.write(buf),
+            Sink::Stdout(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.sink {
+            Sink::File(w) => w.flush(),
+            Sink::Stdout(w) => w.flush(),
+        }
+    }
+}
+
+/// Write a whole file a command produces (`-`: standard output); see [`OutFile`].
+pub fn write_out(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut out = OutFile::create(path, flashgate_common::atomic_file::PUBLIC_MODE)?;
+    std::io::Write::write_all(&mut out, bytes).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.name()))?;
+    out.commit()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 //! AN3155 bootloader constants with the Flashgate SFI opcodes, and the X.509 identities and
 //! development PKI of the networked components (`pki`).
 
+pub mod atomic_file;
 pub mod cert;
 pub mod family;
 pub mod firmware;

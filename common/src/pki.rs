@@ -20,7 +20,6 @@
 
 use std::fmt;
 use std::fs;
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -76,6 +75,9 @@ pub enum PkiError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A file could not be written whole.
+    #[error(transparent)]
+    Write(#[from] crate::atomic_file::WriteError),
     /// A file or directory could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -627,8 +629,8 @@ fn check_dns_name(name: &str) -> Result<(), PkiError> {
     Ok(())
 }
 
-/// Write a file atomically: `path.partial` (created fresh, `mode`), fsync, rename over `path`.
-/// With `exclusive`, refuse if `path` already exists.
+/// Write a file atomically ([`crate::atomic_file`]), creating its directory; with `exclusive`, refuse
+/// if `path` already exists.
 fn write_file(path: &Path, bytes: &[u8], mode: u32, exclusive: bool) -> Result<(), PkiError> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(io_err(parent))?;
@@ -639,27 +641,10 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32, exclusive: bool) -> Result<(
             source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "already exists; refusing to overwrite"),
         });
     }
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".partial");
-    let tmp = PathBuf::from(tmp_name);
-    let _ = fs::remove_file(&tmp);
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(mode);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut file = options.open(&tmp).map_err(io_err(&tmp))?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io_err(&tmp))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(io_err(path))
+    Ok(crate::atomic_file::write(path, bytes, mode)?)
 }
 
-const PRIVATE_MODE: u32 = 0o600;
-const PUBLIC_MODE: u32 = 0o644;
+use crate::atomic_file::{PRIVATE_MODE, PUBLIC_MODE};
 
 /// The loaded CA: its certificate PEM, its key, and its expiry.
 struct LoadedCa {

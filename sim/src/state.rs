@@ -10,8 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -38,6 +36,9 @@ pub const VENDOR_CA_PUB: &str = "vendor-ca.pub";
 /// A state or key file that could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    /// A state file could not be written whole.
+    #[error(transparent)]
+    Write(#[from] flashgate_common::atomic_file::WriteError),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
@@ -195,17 +196,9 @@ pub fn target_paths(dir: &Path, index: usize) -> (PathBuf, PathBuf) {
     (dir.join(format!("target-{index}.json")), dir.join(format!("target-{index}.flash")))
 }
 
-/// Write `bytes` to `path` atomically (temporary file in the same directory, fsync, rename).
+/// Write `bytes` to `path` atomically ([`flashgate_common::atomic_file`]).
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateError> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let mut f =
-        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    Ok(())
+    Ok(flashgate_common::atomic_file::write(path, bytes, mode)?)
 }
 
 /// Save target `index` into `dir`.

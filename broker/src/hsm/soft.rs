@@ -11,11 +11,8 @@
 //! file with mode 0600, fsync, rename, fsync of the directory); keys in memory are zeroized on drop.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use aes_gcm::aead::{Aead, Payload};
@@ -95,8 +92,6 @@ impl std::fmt::Debug for SoftHsm {
         f.debug_struct("SoftHsm").field("path", &self.path).field("params", &self.params).finish_non_exhaustive()
     }
 }
-
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Largest argon2id memory cost a keystore file may ask for, KiB (1 GiB): the parameters are read from
 /// the file, so a tampered file could otherwise make opening it take all memory or hours.
@@ -249,36 +244,8 @@ impl SoftHsm {
         };
         let text = serde_json::to_string_pretty(&env)
             .map_err(|e| HsmError::KeystoreFormat { path: self.path.clone(), reason: e.to_string() })?;
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let file_name = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = dir.join(format!(
-            ".{file_name}.tmp.{}.{}",
-            std::process::id(),
-            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io("create temporary file"))?;
-            f.write_all(text.as_bytes()).map_err(io("write temporary file"))?;
-            f.sync_all().map_err(io("fsync temporary file"))?;
-            std::fs::rename(&tmp, &self.path).map_err(io("rename temporary file over"))?;
-            // Make the rename durable; some filesystems refuse fsync on directories: ignore that.
-            if let Ok(d) = std::fs::File::open(&dir) {
-                let _ = d.sync_all();
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        flashgate_common::atomic_file::write(&self.path, text.as_bytes(), flashgate_common::atomic_file::PRIVATE_MODE)
+            .map_err(|e| io(e.op)(e.source))
     }
 
     /// Add a key: write the new table to disk first, then publish it in memory (no partial state).

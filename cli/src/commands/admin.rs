@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 use super::client::{ConnectArgs, MAX_RESPONSE_BYTES, RpcResultExt};
-use crate::output::{Table, human_bytes, ms_time};
+use crate::output::{OutFile, Table, human_bytes, ms_time};
 
 /// `flashgate admin …`
 #[derive(Debug, Args)]
@@ -243,7 +243,7 @@ pub struct RevokeArgs {
 pub enum AuditCommand {
     /// Write audit records as JSON lines (one record per line), in sequence order.
     Export {
-        /// Output file (default: standard output).
+        /// Output file, written whole or not at all (default, or `-`: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Only records with a sequence number greater than this.
@@ -710,17 +710,11 @@ async fn revoke(client: &mut Client, a: RevokeArgs, json: bool) -> Result<()> {
 async fn audit_export(client: &mut Client, out: Option<PathBuf>, after: i64) -> Result<()> {
     let mut stream =
         client.export_audit(pb::ExportAuditRequest { after_seq: after }).await.rpc("exporting the audit log")?;
-    let (tmp, mut writer): (Option<PathBuf>, Box<dyn Write>) = match &out {
-        Some(path) => {
-            let mut name = path.as_os_str().to_owned();
-            name.push(".partial");
-            let tmp = PathBuf::from(name);
-            let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            (Some(tmp), Box::new(std::io::BufWriter::new(file)))
-        }
-        None => (None, Box::new(std::io::BufWriter::new(std::io::stdout().lock()))),
+    let mut writer = match &out {
+        Some(path) => OutFile::create(path, flashgate_common::atomic_file::PUBLIC_MODE)?,
+        None => OutFile::stdout(),
     };
-    let target = out.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "standard output".into());
+    let target = writer.name().to_string();
     let (mut count, mut first, mut last) = (0u64, None, None);
     loop {
         let record = match stream.message().await {
@@ -740,11 +734,7 @@ async fn audit_export(client: &mut Client, out: Option<PathBuf>, after: i64) -> 
         writeln!(writer, "{}", audit_json(&record)).with_context(|| format!("writing to {target}"))?;
         count += 1;
     }
-    writer.flush().with_context(|| format!("writing to {target}"))?;
-    drop(writer);
-    if let (Some(tmp), Some(path)) = (tmp, &out) {
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    }
+    writer.commit()?;
     match (first, last) {
         (Some(a), Some(b)) => eprintln!("exported {count} audit records (seq {a}..={b}) to {target}"),
         _ => eprintln!("no audit records after seq {after}"),

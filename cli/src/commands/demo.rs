@@ -170,7 +170,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let mut pass = Zeroizing::new([0u8; 24]);
     rand::rngs::OsRng.fill_bytes(pass.as_mut());
     let passphrase = Zeroizing::new(hex::encode(pass.as_ref()));
-    std::fs::write(dir.join("keystore-passphrase"), passphrase.as_bytes())?;
+    flashgate_common::atomic_file::write(
+        &dir.join("keystore-passphrase"),
+        passphrase.as_bytes(),
+        flashgate_common::atomic_file::PRIVATE_MODE,
+    )?;
     let cfg = broker_config(&dir)?;
     let env = |k: &str| (k == PASSPHRASE_ENV).then(|| passphrase.to_string());
     let broker = flashgate_broker::server::start(&cfg, &dir, &env).await.context("starting the broker")?;

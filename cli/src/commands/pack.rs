@@ -7,7 +7,7 @@ use clap::Args;
 use flashgate_common::family::Family;
 use flashgate_common::{firmware, keyfile, sfi};
 
-use crate::output::human_bytes;
+use crate::output::{OutFile, human_bytes};
 
 /// Arguments of `flashgate pack`.
 #[derive(Debug, Args)]
@@ -33,7 +33,8 @@ pub struct PackArgs {
     /// Split areas larger than this (bytes; `0x…`, `K`, `M` accepted).
     #[arg(long, default_value = "64K", value_parser = super::parse_size)]
     pub max_area: u32,
-    /// Output `.sfi` file.
+    /// Output `.sfi` file, written whole or not at all; `-` for standard output. A device or FIFO
+    /// given here is written in place, never replaced.
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -59,26 +60,42 @@ pub fn run(args: PackArgs) -> Result<()> {
     let (key, nonce) = match (&args.generate_key, &args.key, &args.nonce) {
         (Some(dir), _, _) => {
             let (key, nonce, kp, np) = keyfile::generate_key_files(dir)?;
-            println!("generated key {} and nonce {} (mode 0600)", kp.display(), np.display());
+            let note = format!("generated key {} and nonce {} (mode 0600)", kp.display(), np.display());
+            if args.out.as_os_str() == "-" {
+                eprintln!("{note}")
+            } else {
+                println!("{note}")
+            }
             (key, nonce)
         }
         (None, Some(k), Some(n)) => (keyfile::read_key_file(k)?, keyfile::read_nonce_file(n)?),
         _ => bail!("give --key and --nonce, or --generate-key DIR"),
     };
 
-    let tmp = args.out.with_extension("sfi.partial");
-    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut writer = std::io::BufWriter::new(file);
-    let size = sfi::write_image(&key, &nonce, &areas, &mut writer)?;
-    let file = writer.into_inner().map_err(|e| e.into_error()).context("flushing image")?;
-    file.sync_all().context("syncing image")?;
-    std::fs::rename(&tmp, &args.out).with_context(|| format!("renaming to {}", args.out.display()))?;
+    let mut out = OutFile::create(&args.out, flashgate_common::atomic_file::PUBLIC_MODE)?;
+    let size = sfi::write_image(&key, &nonce, &areas, &mut out)?;
+    let target = out.name().to_string();
+    let to_stdout = out.is_stdout();
+    out.commit()?;
 
-    println!("{} ({}, {} areas, family {})", args.out.display(), human_bytes(size), areas.len(), args.family);
-    println!("  {:>3} {:>4} {:>10} {:>10}", "#", "type", "address", "size");
+    let mut summary = format!("{target} ({}, {} areas, family {})\n", human_bytes(size), areas.len(), args.family);
+    summary.push_str(&format!("  {:>3} {:>4} {:>10} {:>10}\n", "#", "type", "address", "size"));
     for (i, a) in areas.iter().enumerate() {
-        println!("  {:>3} {:>4} 0x{:08X} {:>10}", i + 1, a.area_type.as_byte() as char, a.address, a.data.len());
+        summary.push_str(&format!(
+            "  {:>3} {:>4} 0x{:08X} {:>10}\n",
+            i + 1,
+            a.area_type.as_byte() as char,
+            a.address,
+            a.data.len()
+        ));
     }
-    println!("expected flash CRC-32 after install: 0x{:08X}", sfi::expected_flash_crc(profile, &areas));
+    summary
+        .push_str(&format!("expected flash CRC-32 after install: 0x{:08X}", sfi::expected_flash_crc(profile, &areas)));
+    // With the image on standard output, what a person reads goes to standard error.
+    if to_stdout {
+        eprintln!("{summary}");
+    } else {
+        println!("{summary}");
+    }
     Ok(())
 }

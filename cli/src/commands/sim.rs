@@ -5,7 +5,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use flashgate_common::family::Family;
 use flashgate_sim::{SimConfig, Simulator};
@@ -90,7 +90,7 @@ pub async fn run(args: SimArgs) -> Result<()> {
         }
         Some(SimCommand::Dump { state_dir, target, out }) => {
             let flash = flashgate_sim::dump_flash(&state_dir, target)?;
-            std::fs::write(&out, &flash).with_context(|| format!("writing {}", out.display()))?;
+            crate::output::write_out(&out, &flash)?;
             println!("{}: {} bytes of target {target}'s flash", out.display(), flash.len());
             Ok(())
         }
