@@ -69,6 +69,8 @@ pub struct DaemonSummary {
     pub refused: u64,
     /// Devices failed.
     pub failed: u64,
+    /// Readout-protected boards found (nothing done to them).
+    pub locked: u64,
     /// Journal entries the broker had not acknowledged when the daemon returned.
     pub unreported: usize,
 }
@@ -200,6 +202,7 @@ where
                         DeviceOutcome::Installed { .. } => summary.installed += 1,
                         DeviceOutcome::Refused { .. } => summary.refused += 1,
                         DeviceOutcome::Failed { .. } | DeviceOutcome::BrokerUnreachable { .. } => summary.failed += 1,
+                        DeviceOutcome::Locked { .. } => summary.locked += 1,
                     }
                     link.update_status(|s| if ok { s.devices_ok += 1 } else { s.devices_failed += 1 });
                 }
@@ -452,7 +455,7 @@ mod tests {
         assert_eq!(script.log().last(), Some(&entry("b4", "ended")));
         assert_eq!(
             summary,
-            DaemonSummary { runs: 4, installed: 4, refused: 4, failed: 0, unreported: 0 },
+            DaemonSummary { runs: 4, installed: 4, refused: 4, failed: 0, locked: 0, unreported: 0 },
             "b1, b2, b3, b4: one installed and one refused each"
         );
         let status = link.status();

@@ -161,6 +161,19 @@ pub enum JournalError {
         /// The journal file.
         path: PathBuf,
     },
+    /// The result could not be made durable: the journal file cannot be written (a full disk, a
+    /// read-only mount, an I/O error). The result is held in memory, pending, with its own result id
+    /// (never one a later append could reuse); it is written to the journal as soon as a write
+    /// succeeds again, and may be delivered to a broker directly meanwhile.
+    #[error("journal not writable: {}: {reason}", path.display())]
+    NotDurable {
+        /// The journal file.
+        path: PathBuf,
+        /// What the OS said.
+        reason: String,
+        /// The result as it is held, with its seq and result id.
+        entry: Box<JournalEntry>,
+    },
     /// A blocking journal task panicked or was cancelled.
     #[error("journal task failed: {0}")]
     Task(String),
@@ -183,6 +196,15 @@ struct Inner {
     /// Results not yet reported or rejected, by seq.
     pending: BTreeMap<u64, JournalEntry>,
     poisoned: bool,
+    /// Results that could not be written yet, by seq, with the acknowledgement line to write after
+    /// each (when a broker acknowledged it meanwhile). Written back, in order, before any new line.
+    held: BTreeMap<u64, (JournalEntry, Option<Line>)>,
+    /// Why the journal cannot be written now ("PATH: reason"), while it cannot.
+    fault: Option<String>,
+    /// Writes that failed since the journal was opened.
+    faults_seen: u64,
+    /// Fault injection: every write fails with this error kind until cleared.
+    inject: Option<std::io::ErrorKind>,
 }
 
 /// The local result journal. Share it as `Arc<Journal>`; every method takes `&self`.
@@ -227,12 +249,12 @@ fn load_or_create_id(dir: &Path) -> Result<String, JournalError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = hex::encode(rand::random::<[u8; 8]>());
-            let tmp = dir.join(format!("{ID_FILE}.tmp"));
-            let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
-            f.write_all(format!("{id}\n").as_bytes()).map_err(io_err("writing", &tmp))?;
-            f.sync_all().map_err(io_err("syncing", &tmp))?;
-            std::fs::rename(&tmp, &path).map_err(io_err("renaming into place", &path))?;
-            sync_dir(dir)?;
+            flashgate_common::atomic_file::write(
+                &path,
+                format!("{id}\n").as_bytes(),
+                flashgate_common::atomic_file::PRIVATE_MODE,
+            )
+            .map_err(|e| JournalError::Io { op: e.op, path: e.path, source: e.source })?;
             tracing::info!(journal = %dir.display(), journal_id = %id, "created a new journal id");
             Ok(id)
         }
@@ -353,7 +375,17 @@ impl Journal {
             dir: dir.to_path_buf(),
             path,
             journal_id,
-            inner: Mutex::new(Inner { file, len: scan.valid_len, next_seq, pending, poisoned: false }),
+            inner: Mutex::new(Inner {
+                file,
+                len: scan.valid_len,
+                next_seq,
+                pending,
+                poisoned: false,
+                held: BTreeMap::new(),
+                fault: None,
+                faults_seen: 0,
+                inject: None,
+            }),
         })
     }
 
@@ -393,7 +425,11 @@ impl Journal {
             source: std::io::Error::other(e),
         })?;
         bytes.push(b'\n');
-        let mut result = inner.file.write_all(&bytes).map_err(io_err("writing", &self.path));
+        let mut result = match inner.inject {
+            Some(kind) => Err(std::io::Error::new(kind, "injected write fault")),
+            None => inner.file.write_all(&bytes),
+        }
+        .map_err(io_err("writing", &self.path));
         if result.is_ok() && sync {
             result = inner.file.sync_data().map_err(io_err("syncing", &self.path));
         }
@@ -403,6 +439,11 @@ impl Journal {
                 Ok(())
             }
             Err(e) => {
+                inner.faults_seen += 1;
+                inner.fault = Some(match &e {
+                    JournalError::Io { source, .. } => format!("{}: {source}", self.path.display()),
+                    other => other.to_string(),
+                });
                 // Roll back whatever part of the line reached the file, so that later lines never
                 // follow a torn one (which recovery would refuse as a malformed line).
                 let len = inner.len;
@@ -417,18 +458,98 @@ impl Journal {
     }
 
     /// Append `r` with the next sequence number and make it durable (`fsync`) before returning.
-    /// Only after this returns may the result be reported to a broker.
+    /// Only after this returns may the result be reported to a broker. When the file cannot be
+    /// written the result is held in memory and [`JournalError::NotDurable`] returned with it.
     pub fn append(&self, r: DeviceResult) -> Result<JournalEntry, JournalError> {
         let mut inner = self.lock();
+        self.flush_held(&mut inner);
         let seq = inner.next_seq;
-        let result_id = format!("{}-{seq}", self.journal_id);
-        let line = Line::Result { seq, result_id: result_id.clone(), result: r.clone() };
-        self.write_line(&mut inner, &line, true)?;
+        if inner.held.is_empty() && !inner.poisoned {
+            let result_id = format!("{}-{seq}", self.journal_id);
+            let line = Line::Result { seq, result_id: result_id.clone(), result: r.clone() };
+            if self.write_line(&mut inner, &line, true).is_ok() {
+                let entry = JournalEntry { seq, result_id, result: r };
+                inner.next_seq = seq + 1;
+                inner.fault = None;
+                inner.pending.insert(seq, entry.clone());
+                metrics::counter!("flashgate_agent_journal_appends_total").increment(1);
+                return Ok(entry);
+            }
+        }
+        // Held: a result id of its own, so that a restart (which assigns seqs from the file) can never
+        // give a later result the id this one may already have at a broker.
+        let result_id = format!("{}-{seq}-{}", self.journal_id, hex::encode(rand::random::<[u8; 4]>()));
         let entry = JournalEntry { seq, result_id, result: r };
         inner.next_seq = seq + 1;
         inner.pending.insert(seq, entry.clone());
-        metrics::counter!("flashgate_agent_journal_appends_total").increment(1);
-        Ok(entry)
+        inner.held.insert(seq, (entry.clone(), None));
+        metrics::gauge!("flashgate_agent_journal_held").set(inner.held.len() as f64);
+        let reason = inner.fault.clone().unwrap_or_else(|| "journal is unusable".into());
+        tracing::error!(journal = %self.path.display(), seq, result_id = %entry.result_id, %reason, "result not durable; held in memory");
+        Err(JournalError::NotDurable { path: self.path.clone(), reason, entry: Box::new(entry) })
+    }
+
+    /// Write held results back (in seq order, each with its acknowledgement); stops at the first
+    /// failure. Clears the fault when nothing is left held.
+    fn flush_held(&self, inner: &mut Inner) {
+        while let Some((&seq, _)) = inner.held.first_key_value() {
+            let Some((entry, after)) = inner.held.get(&seq).cloned() else { break };
+            let line = Line::Result { seq, result_id: entry.result_id.clone(), result: entry.result.clone() };
+            if self.write_line(inner, &line, after.is_none()).is_err() {
+                return;
+            }
+            if let Some(after) = &after
+                && self.write_line(inner, after, true).is_err()
+            {
+                // The result is on disk; its acknowledgement is not: it stays pending and is sent
+                // again (a harmless duplicate the broker recognises by result id).
+                inner.pending.insert(seq, entry);
+                inner.held.remove(&seq);
+                return;
+            }
+            inner.held.remove(&seq);
+            tracing::info!(journal = %self.path.display(), seq, "held result written to the journal");
+        }
+        metrics::gauge!("flashgate_agent_journal_held").set(0.0);
+        if !inner.poisoned && inner.inject.is_none() {
+            inner.fault = None;
+        }
+    }
+
+    /// Try to write held results back now; `Err` with the reason while the journal still cannot be
+    /// written.
+    pub fn retry(&self) -> Result<(), String> {
+        let mut inner = self.lock();
+        self.flush_held(&mut inner);
+        match &inner.fault {
+            Some(f) => Err(f.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Why the journal cannot be written, while it cannot ("PATH: reason").
+    pub fn fault(&self) -> Option<String> {
+        self.lock().fault.clone()
+    }
+
+    /// Writes that failed since the journal was opened.
+    pub fn faults_seen(&self) -> u64 {
+        self.lock().faults_seen
+    }
+
+    /// Results held in memory, not yet written to the journal.
+    pub fn held_count(&self) -> usize {
+        self.lock().held.len()
+    }
+
+    /// Fault injection, for tests and drills: from now on every write fails with `kind` (as a full
+    /// disk fails with `StorageFull`), until called with `None`.
+    pub fn inject_write_fault(&self, kind: Option<std::io::ErrorKind>) {
+        let mut inner = self.lock();
+        inner.inject = kind;
+        if kind.is_none() && inner.held.is_empty() && !inner.poisoned {
+            inner.fault = None;
+        }
     }
 
     /// Append a result that is for this station's history only and must never be sent to a broker
@@ -438,6 +559,13 @@ impl Journal {
     /// refuses the report — no licence for that device — and the reporter marks it rejected.)
     pub fn append_local(&self, r: DeviceResult, why: &str) -> Result<JournalEntry, JournalError> {
         let mut inner = self.lock();
+        self.flush_held(&mut inner);
+        if !inner.held.is_empty() {
+            // Held results go first; a history-only line is not held (it is never reported).
+            let reason = inner.fault.clone().unwrap_or_default();
+            let entry = JournalEntry { seq: 0, result_id: String::new(), result: r };
+            return Err(JournalError::NotDurable { path: self.path.clone(), reason, entry: Box::new(entry) });
+        }
         let seq = inner.next_seq;
         let result_id = format!("{}-{seq}", self.journal_id);
         let line = Line::Result { seq, result_id: result_id.clone(), result: r.clone() };
@@ -481,6 +609,12 @@ impl Journal {
         if !inner.pending.contains_key(&seq) {
             return Ok(());
         }
+        if let Some(held) = inner.held.get_mut(&seq) {
+            // Not on disk yet: the acknowledgement follows the result when it is written.
+            held.1 = Some(Line::Reported { seq });
+            inner.pending.remove(&seq);
+            return Ok(());
+        }
         self.write_line(&mut inner, &Line::Reported { seq }, false)?;
         inner.pending.remove(&seq);
         Ok(())
@@ -492,6 +626,11 @@ impl Journal {
         let mut inner = self.lock();
         self.check_seq(&inner, seq)?;
         if !inner.pending.contains_key(&seq) {
+            return Ok(());
+        }
+        if let Some(held) = inner.held.get_mut(&seq) {
+            held.1 = Some(Line::Rejected { seq, reason: reason.to_owned() });
+            inner.pending.remove(&seq);
             return Ok(());
         }
         self.write_line(&mut inner, &Line::Rejected { seq, reason: reason.to_owned() }, true)?;
@@ -569,6 +708,54 @@ pub(crate) mod tests {
             timings: vec![("connect".into(), 1200), ("install".into(), u64::from(i) * 7)],
             finished_at_ms: 1_700_000_000_000 + i64::from(i),
         }
+    }
+
+    /// Issue 11 item 1: a result the journal cannot write is never silently dropped. It is held in
+    /// memory (pending, under a result id a restart can never reuse), the fault is named with the
+    /// path, no other line is written out of order meanwhile, and once writes succeed again the held
+    /// results reach the file in seq order with their acknowledgements; a reopen sees all of them.
+    #[test]
+    fn a_result_that_cannot_be_written_is_held_then_written_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let first = j.append(sample(1)).unwrap();
+        j.inject_write_fault(Some(std::io::ErrorKind::StorageFull));
+        let e = j.append(sample(2)).unwrap_err();
+        let JournalError::NotDurable { entry, .. } = &e else { panic!("{e}") };
+        let msg = e.to_string();
+        assert!(msg.starts_with("journal not writable: ") && msg.contains(LOG_FILE), "{msg}");
+        assert_eq!(entry.seq, 2);
+        assert_ne!(entry.result_id, format!("{}-2", j.journal_id()), "a held result has an id of its own");
+        let held2 = entry.result_id.clone();
+        let fault = j.fault().unwrap();
+        assert!(fault.contains(LOG_FILE) && fault.contains("injected"), "{fault}");
+        assert!(j.faults_seen() >= 1);
+        let e3 = j.append(sample(3)).unwrap_err();
+        let JournalError::NotDurable { entry: e3, .. } = e3 else { panic!() };
+        assert_eq!(j.held_count(), 2);
+        assert_eq!(j.unreported().iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        // A broker acknowledged seq 2 meanwhile (delivered directly).
+        j.mark_reported(2).unwrap();
+        // History-only lines wait for the held ones.
+        assert!(matches!(j.append_local(sample(9), "local").unwrap_err(), JournalError::NotDurable { .. }));
+        assert!(j.retry().is_err());
+
+        j.inject_write_fault(None);
+        j.retry().unwrap();
+        assert_eq!(j.fault(), None);
+        assert_eq!(j.held_count(), 0);
+        let fourth = j.append(sample(4)).unwrap();
+        assert_eq!(fourth.seq, 4);
+        drop(j);
+
+        let j = Journal::open(dir.path()).unwrap();
+        let entries = j.entries().unwrap();
+        let ids: Vec<_> = entries.iter().map(|(e, _)| e.result_id.clone()).collect();
+        assert_eq!(ids, vec![first.result_id, held2, e3.result_id.clone(), fourth.result_id]);
+        let states: Vec<_> = entries.iter().map(|(_, s)| s.clone()).collect();
+        assert_eq!(states[1], EntryState::Reported);
+        assert_eq!(states[2], EntryState::Unreported);
+        assert_eq!(j.unreported().iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 3, 4]);
     }
 
     #[test]

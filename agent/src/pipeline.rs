@@ -21,7 +21,7 @@ use crate::bootloader::{
 };
 use crate::broker_client::{BrokerClient, BrokerError, ReporterHandle};
 use crate::images::ImageCache;
-use crate::journal::{DeviceResult, Journal};
+use crate::journal::{DeviceResult, Journal, JournalError};
 
 pub use crate::journal::HOST_FAILURE;
 
@@ -78,6 +78,11 @@ pub enum StageEvent {
     Image,
     /// No broker answered; the device waits on its fixture until one does.
     WaitingForBroker,
+    /// The journal cannot be written ("PATH: reason"): the probe takes no new board until it can.
+    JournalFault {
+        /// The path and the reason.
+        message: String,
+    },
     /// Installing: bytes sent of total.
     Install {
         /// The stage.
@@ -118,6 +123,12 @@ pub enum DeviceOutcome {
         /// The last error, in words.
         message: String,
     },
+    /// The board on the fixture is readout protected (already installed, most likely): its certificate
+    /// cannot be read, so no licence was asked for and nothing was written to it.
+    Locked {
+        /// What the probe shows.
+        message: String,
+    },
     /// The install failed (device status or host-side failure); the device holds no plaintext.
     Failed {
         /// The device, when its certificate was read.
@@ -137,6 +148,7 @@ impl DeviceOutcome {
             | Self::Refused { device_id, .. }
             | Self::BrokerUnreachable { device_id, .. } => Some(device_id),
             Self::Failed { device_id, .. } => device_id.as_deref(),
+            Self::Locked { .. } => None,
         }
     }
 }
@@ -158,6 +170,55 @@ pub struct Identified {
     pub certificate: Vec<u8>,
     /// `hex(SHA-256(chip_pub))[0..32]`.
     pub device_id: String,
+}
+
+/// What the message of a locked board says on its probe and in the journal.
+pub const LOCKED_MESSAGE: &str = "device is readout protected (already installed?)";
+
+/// An open bootloader session on an identified device: one session per board, from the runner's look
+/// at the fixture to the verdict, passed into [`install_device`] (a board swapped in between would
+/// otherwise go unnoticed until the chip refused its licence).
+pub struct Session {
+    /// The open, synchronised bootloader.
+    pub bootloader: Bootloader<Box<dyn crate::bootloader::Transport>>,
+    /// What identification found.
+    pub device: Identified,
+    /// How long connecting and identifying took (the journal's `identify` timing).
+    pub identified_in: Duration,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("device", &self.device.device_id).finish_non_exhaustive()
+    }
+}
+
+/// What a look at a probe's fixture found.
+#[derive(Debug)]
+pub enum Found {
+    /// No bootloader answered, or it answered something that is no device of the profile.
+    Nothing {
+        /// Why, in words (for logs).
+        why: String,
+    },
+    /// A readout-protected board: [`LOCKED_MESSAGE`].
+    Locked,
+    /// An identified device, its session open.
+    Device(Box<Session>),
+}
+
+/// Connect, sync and identify the device on `addr`, keeping the session open.
+pub async fn look(addr: &TargetAddr, cfg: &ClientConfig) -> Found {
+    let started = Instant::now();
+    let mut bl = match open(addr, cfg).await {
+        Ok(bl) => bl,
+        Err(e) => return Found::Nothing { why: e.to_string() },
+    };
+    match identify(&mut bl).await {
+        Ok(device) => Found::Device(Box::new(Session { bootloader: bl, device, identified_in: started.elapsed() })),
+        Err((code, _)) if code == SfiStatus::ReadoutProtected.code() => Found::Locked,
+        Err((_, why)) => Found::Nothing { why },
+    }
 }
 
 /// Connects to a target and syncs; returns the bootloader session.
@@ -188,33 +249,43 @@ pub async fn identify<T: crate::bootloader::Transport>(bl: &mut Bootloader<T>) -
     Ok(Identified { family, certificate: raw.to_vec(), device_id: cert.device_id().to_string() })
 }
 
-/// Runs the pipeline for the device on `target` for `batch_id` (attempt number `attempt` for this device
-/// on this station), journals the result and hands it to the reporter. `events` receives progress.
+/// Runs the pipeline for the device of `session` on `target` for `batch_id` (attempt number `attempt`
+/// for this device on this station), journals the result and hands it to the reporter. `events`
+/// receives progress.
 pub async fn install_device(
     ctx: &PipelineContext,
     target: &ProbeTarget,
+    session: Session,
     batch_id: &str,
     attempt: u32,
     events: &(dyn Fn(StageEvent) + Send + Sync),
 ) -> DeviceOutcome {
-    let span = tracing::info_span!("device", probe = %target.id, batch = %batch_id, device = tracing::field::Empty);
+    let span = tracing::info_span!("device", probe = %target.id, batch = %batch_id, device = %session.device.device_id);
     async {
         let started = Instant::now();
         let mut timings: Vec<(String, u64)> = Vec::new();
         let mut licensed = false;
-        let outcome = run(ctx, target, batch_id, events, &mut timings, &mut licensed).await;
+        let outcome = run(ctx, target, session, batch_id, events, &mut timings, &mut licensed).await;
         timings.push(("total".into(), started.elapsed().as_micros() as u64));
         let result = match &outcome {
             DeviceOutcome::Installed { .. } => "installed",
             DeviceOutcome::Refused { .. } => "refused",
             DeviceOutcome::BrokerUnreachable { .. } => "broker_unreachable",
             DeviceOutcome::Failed { .. } => "failed",
+            DeviceOutcome::Locked { .. } => "locked",
         };
         metrics::counter!("flashgate_agent_devices_total", "result" => result).increment(1);
         metrics::histogram!("flashgate_agent_device_seconds", "result" => result)
             .record(started.elapsed().as_secs_f64());
-        record(ctx, target, batch_id, attempt, &outcome, licensed, timings).await;
-        outcome
+        match record(ctx, target, batch_id, attempt, &outcome, licensed, timings).await {
+            Ok(()) => outcome,
+            // A result that cannot be made durable is never counted as done.
+            Err(why) => DeviceOutcome::Failed {
+                device_id: outcome.device_id().map(str::to_owned),
+                status_code: HOST_FAILURE,
+                message: format!("{}, but the result is not durable: {why}", outcome_word(&outcome)),
+            },
+        }
     }
     .instrument(span)
     .await
@@ -228,6 +299,7 @@ fn lap(timings: &mut Vec<(String, u64)>, stage: &str, since: &mut Instant) {
 async fn run(
     ctx: &PipelineContext,
     target: &ProbeTarget,
+    session: Session,
     batch_id: &str,
     events: &(dyn Fn(StageEvent) + Send + Sync),
     timings: &mut Vec<(String, u64)>,
@@ -238,18 +310,9 @@ async fn run(
         status_code,
         message,
     };
+    let Session { bootloader: mut bl, device: id, identified_in } = session;
+    timings.push(("identify".to_owned(), identified_in.as_micros() as u64));
     let mut t = Instant::now();
-    events(StageEvent::Identify);
-    let mut bl = match open(&target.addr, &ctx.bootloader).await {
-        Ok(bl) => bl,
-        Err(e) => return failed(None, describe_bootloader_error(&e)),
-    };
-    let id = match identify(&mut bl).await {
-        Ok(id) => id,
-        Err(e) => return failed(None, e),
-    };
-    tracing::Span::current().record("device", id.device_id.as_str());
-    lap(timings, "identify", &mut t);
 
     events(StageEvent::Licence { device_id: id.device_id.clone() });
     let req = IssueLicenceRequest {
@@ -329,7 +392,18 @@ async fn run(
     DeviceOutcome::Installed { device_id: id.device_id, crc: report.crc }
 }
 
-/// Journals the outcome (fsync) and wakes the reporter. Devices that got no licence (refused, or the
+fn outcome_word(o: &DeviceOutcome) -> &'static str {
+    match o {
+        DeviceOutcome::Installed { .. } => "installed",
+        DeviceOutcome::Refused { .. } => "refused",
+        DeviceOutcome::Locked { .. } => "locked",
+        DeviceOutcome::Failed { .. } | DeviceOutcome::BrokerUnreachable { .. } => "failed",
+    }
+}
+
+/// Journals the outcome (fsync) and wakes the reporter. When the journal cannot be written, the
+/// result is held in memory and delivered to a broker directly; `Err` (why, in words) when it is
+/// neither on disk nor acknowledged by a broker. Devices that got no licence (refused, or the
 /// broker unreachable) are journalled for this station's history only: the broker counts installs of
 /// licensed devices, and recorded every refusal itself.
 async fn record(
@@ -340,23 +414,29 @@ async fn record(
     outcome: &DeviceOutcome,
     licensed: bool,
     timings: Vec<(String, u64)>,
-) {
+) -> Result<(), String> {
     let (status_code, message, flash_crc) = match outcome {
         DeviceOutcome::Installed { crc, .. } => (SfiStatus::Ok.code(), "installed".to_owned(), *crc),
         DeviceOutcome::Refused { reason, message, .. } => {
             (HOST_FAILURE, format!("refused ({reason}): {message}"), None)
         }
         DeviceOutcome::Failed { status_code, message, .. } => (*status_code, message.clone(), None),
+        DeviceOutcome::Locked { message } => (SfiStatus::ReadoutProtected.code(), message.clone(), None),
         DeviceOutcome::BrokerUnreachable { device_id, message } => {
             // Nothing happened to the device: there is no result to keep, it will be tried again.
             tracing::warn!(probe = %target.id, device = %device_id, %message, "no broker reachable; nothing written to the device");
-            return;
+            return Ok(());
         }
     };
-    let Some(device_id) = outcome.device_id() else {
+    // A locked board's certificate could not be read: journalled under no device id, on this station only.
+    let device_id = match outcome {
+        DeviceOutcome::Locked { .. } => Some(""),
+        other => other.device_id(),
+    };
+    let Some(device_id) = device_id else {
         // Nothing identified the device: there is nothing to count against a batch.
         tracing::warn!(probe = %target.id, %message, "device failed before it was identified");
-        return;
+        return Ok(());
     };
     let result = DeviceResult {
         batch_id: batch_id.to_owned(),
@@ -373,15 +453,45 @@ async fn record(
     };
     if !licensed {
         let why = "local only: no licence was issued for this device (nothing to report)".to_owned();
+        // History only (the broker recorded the refusal itself): a failure here loses nothing the
+        // broker needs, but the station still stops taking boards until the journal is writable.
         if let Err(e) = ctx.journal.append_local_async(result, why).await {
             tracing::error!(error = %e, device = device_id, "could not journal the device result");
         }
-        return;
+        return Ok(());
     }
     match ctx.journal.append_async(result).await {
-        Ok(_) => ctx.reporter.notify(),
-        Err(e) => tracing::error!(error = %e, device = device_id, "could not journal the device result"),
+        Ok(_) => {
+            ctx.reporter.notify();
+            Ok(())
+        }
+        Err(JournalError::NotDurable { reason, entry, path }) => {
+            // Held in memory: deliver it now, and count it only once a broker acknowledged it.
+            let why = format!("journal not writable: {}: {reason}", path.display());
+            match ctx.broker.report_install(crate::journal::to_report(&entry)).await {
+                Ok(_) => {
+                    let _ = ctx.journal.mark_reported(entry.seq);
+                    tracing::warn!(device = device_id, result_id = %entry.result_id, "{why}; the result was delivered to the broker directly");
+                    Ok(())
+                }
+                Err(e) => {
+                    ctx.reporter.notify();
+                    Err(format!("{why}; no broker acknowledged it either ({e}); held in memory"))
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, device = device_id, "could not journal the device result");
+            Err(e.to_string())
+        }
     }
+}
+
+/// Journal a readout-protected board found on `target` (its own outcome; no licence was asked for).
+pub async fn record_locked(ctx: &PipelineContext, target: &ProbeTarget, batch_id: &str) -> DeviceOutcome {
+    let outcome = DeviceOutcome::Locked { message: LOCKED_MESSAGE.to_owned() };
+    let _ = record(ctx, target, batch_id, 1, &outcome, false, Vec::new()).await;
+    outcome
 }
 
 fn now_ms() -> i64 {

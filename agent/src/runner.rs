@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::pipeline::{DeviceOutcome, PipelineContext, ProbeTarget, StageEvent, identify, install_device, open};
+use crate::pipeline::{
+    DeviceOutcome, Found, PipelineContext, ProbeTarget, StageEvent, install_device, look, record_locked,
+};
 
 /// When a probe's run ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +120,10 @@ impl RunSummary {
     pub fn refused(&self) -> usize {
         self.devices.iter().filter(|d| matches!(d.outcome, DeviceOutcome::Refused { .. })).count()
     }
+    /// Readout-protected boards found on a fixture (already installed, most likely; nothing done to them).
+    pub fn locked(&self) -> usize {
+        self.devices.iter().filter(|d| matches!(d.outcome, DeviceOutcome::Locked { .. })).count()
+    }
     /// Devices that failed, or were still waiting for a broker when the run was stopped.
     pub fn failed(&self) -> usize {
         self.devices
@@ -126,6 +132,9 @@ impl RunSummary {
             .count()
     }
 }
+
+/// Pause between tries of a journal that cannot be written, while a probe waits for it.
+pub const JOURNAL_RETRY: Duration = Duration::from_secs(1);
 
 /// Longest pause between tries of a device that is waiting for a broker.
 pub const BROKER_WAIT_MAX: Duration = Duration::from_secs(15);
@@ -293,26 +302,76 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
     let mut records = Vec::new();
     let mut handled: HashSet<String> = HashSet::new();
     let mut waiting_announced = false;
+    let mut locked_seen = false;
+    let mut fault_announced = false;
     // A board already on the fixture when the batch runs out still gets its verdict (the broker refuses
     // it, consuming nothing), so that every board the run saw is either installed or refused; only
     // waiting for *new* boards ends with the batch. The operator's stop ends the loop at once.
     while !*shared.stop.borrow() && !gone(&mine) {
+        // A result that cannot be made durable is never counted as done: while the journal cannot be
+        // written no new board is taken (held results are retried; a once-per-probe run ends).
+        if shared.ctx.journal.fault().is_some() {
+            let journal = shared.ctx.journal.clone();
+            let retried = tokio::task::spawn_blocking(move || journal.retry()).await;
+            if let Ok(Err(message)) = retried {
+                if !fault_announced {
+                    tracing::error!(probe = %probe.id, "journal not writable: {message}; taking no new board");
+                    shared.emit(RunEvent::Stage {
+                        probe: probe.id.clone(),
+                        attempt: 0,
+                        event: StageEvent::JournalFault { message },
+                    });
+                    fault_announced = true;
+                    waiting_announced = false;
+                }
+                if shared.opts.mode == RunMode::OncePerProbe || shared.batch_ended() {
+                    break;
+                }
+                sleep_or_stop(&shared, &mine, JOURNAL_RETRY).await;
+                continue;
+            }
+        }
+        fault_announced = false;
         if !waiting_announced {
             shared.emit(RunEvent::Waiting { probe: probe.id.clone() });
             waiting_announced = true;
         }
-        // A responding bootloader with a device this run has not handled yet?
-        let device = match open(&probe.addr, &shared.ctx.bootloader).await {
-            Ok(mut bl) => identify(&mut bl).await.ok().map(|id| id.device_id),
-            Err(_) => None,
-        };
-        let Some(device) = device else {
-            if shared.batch_ended() {
-                break;
+        // A responding bootloader with a device this run has not handled yet? Its session stays
+        // open into the install.
+        let session = match look(&probe.addr, &shared.ctx.bootloader).await {
+            Found::Device(session) => {
+                locked_seen = false;
+                *session
             }
-            sleep_or_stop(&shared, &mine, shared.opts.poll_interval).await;
-            continue;
+            Found::Locked => {
+                // Journalled and shown once per board: it stays locked until someone takes it off.
+                if !locked_seen {
+                    locked_seen = true;
+                    let outcome = record_locked(&shared.ctx, &probe, &shared.opts.batch_id).await;
+                    tracing::warn!(probe = %probe.id, "{}", crate::pipeline::LOCKED_MESSAGE);
+                    shared.emit(RunEvent::Finished { probe: probe.id.clone(), attempts: 0, outcome: outcome.clone() });
+                    records.push(DeviceRecord { probe: probe.id.clone(), attempts: 0, outcome });
+                    waiting_announced = false;
+                    if shared.opts.mode == RunMode::OncePerProbe {
+                        break;
+                    }
+                }
+                if shared.batch_ended() {
+                    break;
+                }
+                sleep_or_stop(&shared, &mine, shared.opts.poll_interval).await;
+                continue;
+            }
+            Found::Nothing { .. } => {
+                locked_seen = false;
+                if shared.batch_ended() {
+                    break;
+                }
+                sleep_or_stop(&shared, &mine, shared.opts.poll_interval).await;
+                continue;
+            }
         };
+        let device = session.device.device_id.clone();
         if handled.contains(&device) {
             if shared.opts.mode == RunMode::OncePerProbe || shared.batch_ended() {
                 break;
@@ -324,13 +383,54 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
         if *shared.stop.borrow() || gone(&mine) {
             break;
         }
+        if shared.ctx.journal.fault().is_some() {
+            // The journal failed while this board waited for a slot: it is not taken.
+            continue;
+        }
         let mut attempt = 1;
         let mut broker_waits = 0u32;
+        let mut session = Some(session);
         let outcome = loop {
             let s2 = shared.clone();
             let pid = probe.id.clone();
             let emit = move |event: StageEvent| s2.emit(RunEvent::Stage { probe: pid.clone(), attempt, event });
-            let outcome = install_device(&shared.ctx, &probe, &shared.opts.batch_id, attempt, &emit).await;
+            // A retry opens a new session and must find the same board (the one the licence is for).
+            let current = match session.take() {
+                Some(s) => s,
+                None => match look(&probe.addr, &shared.ctx.bootloader).await {
+                    Found::Device(s) if s.device.device_id == device => *s,
+                    Found::Device(s) => {
+                        tracing::warn!(probe = %probe.id, was = %device, now = %s.device.device_id, "a different board is on the fixture; leaving the previous one");
+                        break DeviceOutcome::Failed {
+                            device_id: Some(device.clone()),
+                            status_code: crate::pipeline::HOST_FAILURE,
+                            message: format!(
+                                "the board was replaced by device {} before it was installed",
+                                s.device.device_id
+                            ),
+                        };
+                    }
+                    other => {
+                        let why = match other {
+                            Found::Nothing { why } => why,
+                            _ => crate::pipeline::LOCKED_MESSAGE.to_owned(),
+                        };
+                        let outcome = DeviceOutcome::Failed {
+                            device_id: None,
+                            status_code: crate::pipeline::HOST_FAILURE,
+                            message: format!("device {device} no longer answers: {why}"),
+                        };
+                        if attempt < shared.opts.max_attempts && !*shared.stop.borrow() && !gone(&mine) {
+                            attempt += 1;
+                            sleep_or_stop(&shared, &mine, shared.opts.poll_interval).await;
+                            continue;
+                        }
+                        break outcome;
+                    }
+                },
+            };
+            emit(StageEvent::Identify);
+            let outcome = install_device(&shared.ctx, &probe, current, &shared.opts.batch_id, attempt, &emit).await;
             match &outcome {
                 DeviceOutcome::BrokerUnreachable { message, .. } if !*shared.stop.borrow() && !gone(&mine) => {
                     broker_waits += 1;
@@ -346,7 +446,9 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
                     sleep_or_stop(&shared, &mine, pause).await;
                 }
                 DeviceOutcome::Failed { message, .. }
-                    if attempt < shared.opts.max_attempts && !*shared.stop.borrow() =>
+                    if attempt < shared.opts.max_attempts
+                        && !*shared.stop.borrow()
+                        && shared.ctx.journal.fault().is_none() =>
                 {
                     tracing::warn!(probe = %probe.id, attempt, %message, "install failed; retrying with the same licence");
                     attempt += 1;
@@ -367,6 +469,9 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
         shared.emit(RunEvent::Finished { probe: probe.id.clone(), attempts: attempt, outcome: outcome.clone() });
         records.push(DeviceRecord { probe: probe.id.clone(), attempts: attempt, outcome });
         waiting_announced = false;
+        // The board just handled stays on the fixture, and an installed one is now readout
+        // protected: that is not a new locked board (only one put there after the fixture was empty).
+        locked_seen = true;
         if shared.opts.mode == RunMode::OncePerProbe {
             break;
         }

@@ -347,6 +347,7 @@ fn stage_of(event: &StageEvent) -> (&'static str, u64, u64) {
         StageEvent::Licence { .. } => ("licence", 0, 0),
         StageEvent::Image => ("image", 0, 0),
         StageEvent::WaitingForBroker => ("waiting for broker", 0, 0),
+        StageEvent::JournalFault { .. } => ("journal not writable", 0, 0),
         StageEvent::Install { stage, done, total } => match stage {
             InstallStage::SetLicence
             | InstallStage::SetImageHeader
@@ -368,6 +369,7 @@ fn done_message(outcome: &DeviceOutcome) -> (bool, String) {
         DeviceOutcome::BrokerUnreachable { message, .. } => {
             (false, format!("not installed, stopped while waiting for a broker: {message}"))
         }
+        DeviceOutcome::Locked { message } => (false, format!("not installed: {message}")),
     }
 }
 

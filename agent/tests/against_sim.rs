@@ -243,3 +243,37 @@ async fn tcp_and_serial_transports_reach_the_simulator() {
     drop(bl);
     sim.shutdown().await.unwrap();
 }
+
+/// Issue 11 item 3: an install interrupted after the licence and the header were accepted (the host
+/// killed, the link dropped) leaves the device's SFI session open; the next install on a new
+/// connection reads GET_STATE, aborts that session and installs at its first try, instead of failing
+/// once with SET_LICENCE "command out of sequence". An installed board is refused before its licence
+/// is sent.
+#[tokio::test(start_paused = true)]
+async fn an_interrupted_session_is_aborted_before_the_next_install() {
+    let v = vectors();
+    let target = vector_target(&v, LinkConfig::default());
+    let family = Family::Stm32L4.profile();
+    {
+        let mut bl = Bootloader::new(target.connect(), fast_config());
+        bl.sync().await.unwrap();
+        bl.set_licence(&v.licence).await.unwrap();
+        let image = MemoryImage::from_bytes(&v.image, Some(family)).unwrap();
+        use flashgate_agent::bootloader::AreaSource;
+        bl.set_image_header(&image.header_bytes()).await.unwrap();
+        // The connection drops here, mid-session.
+    }
+    assert_eq!(target.handle().sfi_state(), SfiState::HeaderAccepted);
+
+    let mut bl = Bootloader::new(target.connect(), fast_config());
+    bl.sync().await.unwrap();
+    let mut image = MemoryImage::from_bytes(&v.image, Some(family)).unwrap();
+    let report = bl.install_image(&mut image, &v.licence, &mut NoProgress).await.unwrap();
+    assert_eq!(report.crc, Some(expected_flash_crc(family, &v.areas)));
+    assert_eq!(target.handle().sfi_state(), SfiState::Installed);
+
+    // Installed and readout protected: refused at GET_STATE, nothing sent.
+    let mut image = MemoryImage::from_bytes(&v.image, Some(family)).unwrap();
+    let e = bl.install_image(&mut image, &v.licence, &mut NoProgress).await.unwrap_err();
+    assert!(e.to_string().contains("readout protected"), "{e}");
+}

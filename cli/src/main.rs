@@ -4,9 +4,10 @@
 //! owns argument parsing, terminal output and process exit codes only.
 
 mod commands;
+mod exit;
 mod output;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Flashgate: networked Secure Firmware Installation for STM32 production.
 #[derive(Debug, Parser)]
@@ -58,7 +59,15 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 64 (sysexits); the exit codes are listed under `flashgate --help`.
+    let parsed = Cli::command().after_help(exit::help()).try_get_matches().and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return std::process::ExitCode::from(if e.exit_code() == 0 { 0 } else { exit::Exit::Usage as u8 });
+        }
+    };
     let default_filter = match cli.command {
         Command::Broker(_) => "info,sqlx=warn",
         // The station daemon says what it was assigned, when the broker link drops or returns, and
@@ -73,7 +82,7 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            return std::process::ExitCode::from(exit::Exit::Software as u8);
         }
     };
     let result = runtime.block_on(async move {
@@ -96,7 +105,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(exit::classify(&e) as u8)
         }
     }
 }

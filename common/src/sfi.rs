@@ -31,6 +31,9 @@ pub const AREA_VERSION: u8 = 0x17;
 pub const MAX_AREAS: u16 = 1024;
 /// Largest payload of one area (16 MiB).
 pub const MAX_AREA_SIZE: u32 = 16 << 20;
+/// Largest `.sfi` file a host loads whole before installing it (64 MiB): far above any family's
+/// flash (2 MiB at most) with its headers and tags, small enough to hold in memory.
+pub const MAX_IMAGE_FILE: u64 = 64 << 20;
 /// Length of a GCM tag.
 pub const TAG_LEN: usize = 16;
 /// Size of one `C` area record (`u32 id, u32 value`).

@@ -310,7 +310,32 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Bootloader<T> {
         }
     }
 
-    /// Install an encrypted image: SET_LICENCE, SET_IMAGE_HEADER, then for each area
+    /// Before a new session: GET_STATE, and an SFI session left open by an interrupted install (the
+    /// host killed, the link dropped, Ctrl-C) is ended with ABORT — the device mass-erases what that
+    /// session wrote — so SET_LICENCE is not refused as out of sequence and the attempt is not lost.
+    /// A device already installed is refused here, before its licence is sent.
+    pub async fn end_interrupted_session(&mut self) -> Result<(), BootloaderError> {
+        let (state, last_status) = self.get_state().await?;
+        match state {
+            SfiState::Idle | SfiState::Failed => Ok(()),
+            SfiState::Installed => {
+                Err(BootloaderError::Device { opcode: SfiOpcode::SetLicence, status: SfiStatus::ReadoutProtected })
+            }
+            SfiState::LicenceAccepted
+            | SfiState::HeaderAccepted
+            | SfiState::AreaInProgress
+            | SfiState::AreasComplete => {
+                tracing::warn!(
+                    %state,
+                    last_status = format_args!("{last_status:#06x}"),
+                    "an interrupted SFI session is still open on the device; aborting it before installing"
+                );
+                self.abort().await
+            }
+        }
+    }
+
+    /// Install an encrypted image: GET_STATE (an interrupted session is aborted first), SET_LICENCE, SET_IMAGE_HEADER, then for each area
     /// START_AREA and WRITE_CHUNKs of at most 1024 bytes, then INSTALL, then GET_STATE, which
     /// must say `installed`. Progress goes to `progress` at every stage and after every chunk.
     ///
@@ -338,6 +363,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Bootloader<T> {
         let before = self.stats();
         let total = image.total_ciphertext();
         let mut done = 0u64;
+        self.end_interrupted_session().await?;
         progress.report(&Progress { stage: InstallStage::SetLicence, done, total });
         self.set_licence(licence).await?;
         let result = self.install_after_licence(image, progress, total, &mut done).await;

@@ -468,10 +468,13 @@ fn acceptor() -> (DuplexStream, Seen) {
                 log.lock().unwrap().push((opcode, b1, b2));
                 let _ = dev.write_all(&[ACK, 0, 2, 0, 0, ACK]).await;
             } else {
+                let licensed = log.lock().unwrap().iter().any(|s| s.0 == 0x5F02);
                 log.lock().unwrap().push((opcode, b1, vec![]));
                 let data: &[u8] = match opcode {
                     0x5F06 => &[0xCA, 0xFE, 0xF0, 0x0D],
-                    0x5F07 => &[5, 0, 0],
+                    // Idle before the session, installed after it.
+                    0x5F07 if licensed => &[5, 0, 0],
+                    0x5F07 => &[0, 0, 0],
                     _ => &[],
                 };
                 let mut answer = vec![ACK];
@@ -514,8 +517,9 @@ async fn install_image_sends_everything_in_order_with_progress() {
     let ops: Vec<u16> = seen.iter().map(|s| s.0).collect();
     assert_eq!(
         ops,
-        vec![0x5F02, 0x5F03, 0x5F04, 0x5F05, 0x5F05, 0x5F05, 0x5F04, 0x5F05, 0x5F04, 0x5F05, 0x5F06, 0x5F07]
+        vec![0x5F07, 0x5F02, 0x5F03, 0x5F04, 0x5F05, 0x5F05, 0x5F05, 0x5F04, 0x5F05, 0x5F04, 0x5F05, 0x5F06, 0x5F07]
     );
+    let seen = &seen[1..];
     assert_eq!(seen[0].2, vec![3; LICENCE_LEN]);
     assert_eq!(seen[1].2, file[..28].to_vec());
     assert_eq!(seen[2].2, file[28..58].to_vec());
@@ -549,6 +553,7 @@ async fn install_image_stops_at_device_error_without_abort() {
     let file = image_to_vec(&key, &nonce, &areas).unwrap();
     let mut image = MemoryImage::from_bytes(&file, None).unwrap();
     let mut script = sync_steps();
+    special_ok(&mut script, 0x5F07, &[0, 0, 0], 0);
     ext_special_ok(&mut script, 0x5F02, &[], &[4; LICENCE_LEN], 0);
     ext_special_ok(&mut script, 0x5F03, &[], &file[..28], 0x0104);
     run(script, |mut bl| async move {
@@ -582,5 +587,5 @@ async fn install_image_aborts_when_the_source_fails() {
     let e = bl.install_image(&mut Failing, &[0; LICENCE_LEN], &mut NoProgress).await.unwrap_err();
     assert!(matches!(e, BootloaderError::Image(_)), "{e:?}");
     let ops: Vec<u16> = seen.lock().unwrap().iter().map(|s| s.0).collect();
-    assert_eq!(ops, vec![0x5F02, 0x5F03, SfiOpcode::Abort.code()]);
+    assert_eq!(ops, vec![0x5F07, 0x5F02, 0x5F03, SfiOpcode::Abort.code()]);
 }

@@ -247,6 +247,7 @@ async fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
 async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     let Station { cfg, ctx, probes, watcher } = Station::setup(&a.common.config, &a.probes, true)?;
     let reporter = ctx.reporter.clone();
+    let journal = ctx.journal.clone();
     eprintln!("batch {}: {} probe(s), broker {}", a.batch, probes.len(), ctx.broker.current_endpoint());
     let opts = RunOptions {
         batch_id: a.batch.clone(),
@@ -281,8 +282,44 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         summary.stopped_by.as_deref().map(|r| format!("; stopped: {r}")).unwrap_or_default()
     );
     warn_unreported(&cfg, left);
+    run_exit(&summary, &journal)
+}
+
+/// How `agent run` ends: a result that could not be journalled (74) first, then failed devices (81),
+/// then refusals (80); 0 when every device seen was installed.
+fn run_exit(
+    summary: &flashgate_agent::runner::RunSummary,
+    journal: &flashgate_agent::journal::Journal,
+) -> anyhow::Result<()> {
+    use crate::exit::{Exit, with};
+    if journal.faults_seen() > 0 {
+        let now = journal.fault().map(|f| format!("; still failing: {f}")).unwrap_or_default();
+        return Err(with(
+            Exit::Io,
+            anyhow::anyhow!(
+                "the journal could not be written during the run ({} result(s) still held in memory){now}",
+                journal.held_count()
+            ),
+        ));
+    }
     if summary.failed() > 0 {
-        bail!("{} device(s) failed (see the table above and `flashgate agent journal --pending`)", summary.failed());
+        return Err(with(
+            Exit::DeviceFailed,
+            anyhow::anyhow!(
+                "{} device(s) failed (see the table above and `flashgate agent journal --pending`)",
+                summary.failed()
+            ),
+        ));
+    }
+    if summary.refused() > 0 {
+        return Err(with(
+            Exit::Refused,
+            anyhow::anyhow!(
+                "{} device(s) refused by the broker{}",
+                summary.refused(),
+                summary.stopped_by.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+            ),
+        ));
     }
     Ok(())
 }

@@ -21,6 +21,7 @@ fn stage_name(e: &StageEvent) -> String {
         StageEvent::Licence { .. } => "licence".into(),
         StageEvent::Image => "image".into(),
         StageEvent::WaitingForBroker => "waiting for a broker".into(),
+        StageEvent::JournalFault { message } => format!("journal not writable: {message}"),
         StageEvent::Install { stage, .. } => match stage {
             InstallStage::SetLicence => "set licence".into(),
             InstallStage::SetImageHeader => "header".into(),
@@ -42,6 +43,7 @@ pub fn outcome_words(o: &DeviceOutcome) -> String {
         DeviceOutcome::BrokerUnreachable { message, .. } => {
             format!("not installed: stopped while waiting for a broker ({message})")
         }
+        DeviceOutcome::Locked { message } => format!("not installed: {message}"),
     }
 }
 
@@ -113,6 +115,7 @@ pub async fn display(mut events: mpsc::UnboundedReceiver<RunEvent>, label: Strin
                     DeviceOutcome::Installed { .. } => ok += 1,
                     DeviceOutcome::Refused { .. } => refused += 1,
                     DeviceOutcome::Failed { .. } | DeviceOutcome::BrokerUnreachable { .. } => failed += 1,
+                    DeviceOutcome::Locked { .. } => {}
                 }
                 let words = outcome_words(&outcome);
                 let device = outcome.device_id().unwrap_or("?").to_owned();
@@ -121,6 +124,7 @@ pub async fn display(mut events: mpsc::UnboundedReceiver<RunEvent>, label: Strin
                     DeviceOutcome::Refused { reason, .. } => reason.to_lowercase(),
                     DeviceOutcome::Failed { .. } => "FAILED".to_owned(),
                     DeviceOutcome::BrokerUnreachable { .. } => "NOT INSTALLED".to_owned(),
+                    DeviceOutcome::Locked { .. } => "LOCKED".to_owned(),
                 });
                 if tty {
                     multi.println(format!("{label}/{probe}: device {device}: {words}")).ok();

@@ -160,7 +160,8 @@ pub trait RpcResultExt<T> {
 
 impl<T> RpcResultExt<T> for Result<tonic::Response<T>, tonic::Status> {
     fn rpc(self, what: &str) -> Result<T> {
-        self.map(tonic::Response::into_inner).map_err(|s| anyhow!("{what}: {}", status_text(&s)))
+        self.map(tonic::Response::into_inner)
+            .map_err(|s| crate::exit::with(crate::exit::from_status(&s), anyhow!("{what}: {}", status_text(&s))))
     }
 }
 

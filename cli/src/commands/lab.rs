@@ -7,14 +7,14 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use flashgate_agent::bootloader::{
-    self, Bootloader, ClientConfig, InstallProgress, InstallStage, Progress, TargetAddr,
+    self, Bootloader, ClientConfig, InstallProgress, InstallStage, MemoryImage, Progress, TargetAddr,
 };
 use flashgate_common::cert::{ChipCertificate, VendorCaPublicKey};
 use flashgate_common::family::Family;
 use flashgate_common::keyfile;
 use flashgate_common::licence::{KeyId, Licence, SoftIssuer};
 use flashgate_common::protocol::SfiStatus;
-use flashgate_common::sfi::{AsyncImageReader, ReaderOptions};
+use flashgate_common::sfi;
 
 use crate::output::{byte_bar, human_bytes};
 
@@ -81,7 +81,7 @@ pub async fn cert(args: CertArgs) -> Result<()> {
     let mut bl = open(&args.target).await?;
     let cert = bl.get_certificate().await.context("reading the chip certificate")?;
     let parsed = ChipCertificate::parse(&cert)?;
-    std::fs::write(&args.out, cert).with_context(|| format!("writing {}", args.out.display()))?;
+    crate::output::write_out(&args.out, &cert)?;
     println!(
         "{}: product {} device {}",
         args.out.display(),
@@ -114,7 +114,7 @@ pub fn licence(cmd: LicenceCommand) -> Result<()> {
     };
     let issuer = SoftIssuer::new(key_id, key, nonce);
     let licence = issuer.issue(&cert, &mut rand::rngs::OsRng)?;
-    std::fs::write(&args.out, licence.to_bytes()).with_context(|| format!("writing {}", args.out.display()))?;
+    crate::output::write_out(&args.out, &licence.to_bytes())?;
     println!(
         "{}: licence for device {} (product {}, key id {})",
         args.out.display(),
@@ -129,13 +129,17 @@ pub fn licence(cmd: LicenceCommand) -> Result<()> {
 pub async fn flash(args: FlashArgs) -> Result<()> {
     let lic_bytes = std::fs::read(&args.licence).with_context(|| format!("reading {}", args.licence.display()))?;
     let licence = Licence::parse(&lic_bytes).with_context(|| format!("parsing {}", args.licence.display()))?;
-    let file = tokio::fs::File::open(&args.image).await.with_context(|| format!("opening {}", args.image.display()))?;
-    let len = file.metadata().await?.len();
+    // The whole image is read and checked (structure, sizes, the family's memory map) before the
+    // first byte goes to the chip: a short or damaged file never costs an erase.
+    let len = std::fs::metadata(&args.image).with_context(|| format!("reading {}", args.image.display()))?.len();
+    if len > sfi::MAX_IMAGE_FILE {
+        bail!("{} is {len} bytes; an image file is at most {} bytes", args.image.display(), sfi::MAX_IMAGE_FILE);
+    }
+    let bytes = std::fs::read(&args.image).with_context(|| format!("reading {}", args.image.display()))?;
     let family = Family::from_product_id(&licence.product_id);
-    let opts = ReaderOptions { file_len: Some(len), memory_map: family.map(Family::profile) };
-    let mut reader = AsyncImageReader::new(tokio::io::BufReader::new(file), opts)
-        .await
-        .with_context(|| format!("reading {}", args.image.display()))?;
+    let mut reader = MemoryImage::from_bytes(&bytes, family.map(Family::profile))
+        .with_context(|| format!("{} is not a valid image", args.image.display()))?;
+    drop(bytes);
 
     let mut bl = open(&args.target).await?;
     let pid = bl.get_id().await.context("Get ID")?;
@@ -152,13 +156,21 @@ pub async fn flash(args: FlashArgs) -> Result<()> {
     let mut progress = BarProgress { bar: bar.clone(), area: None };
     let started = Instant::now();
     let result = bl.install_image(&mut reader, &licence.to_bytes(), &mut progress).await;
+    let result_status = result.as_ref().err().and_then(|e| e.device_status());
+    let text = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
     bar.finish_and_clear();
     let report = match result {
         Ok(report) => report,
-        Err(e) => match (e.device_status(), progress.area) {
-            (Some(SfiStatus::AreaNotAuthentic), Some(index)) => bail!("install failed: area {index} not authentic"),
-            _ => bail!("install failed: {e}"),
-        },
+        Err(e) => {
+            let code = crate::exit::classify(&anyhow::Error::new(e));
+            let words = match (code, progress.area) {
+                (_, Some(index)) if matches!(result_status, Some(SfiStatus::AreaNotAuthentic)) => {
+                    format!("install failed: area {index} not authentic")
+                }
+                _ => format!("install failed: {text}"),
+            };
+            return Err(crate::exit::with(code, anyhow::anyhow!(words)));
+        }
     };
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     let crc = match report.crc {
@@ -175,7 +187,12 @@ pub async fn flash(args: FlashArgs) -> Result<()> {
     if let Some(expected) = args.expect_crc {
         match report.crc {
             Some(crc) if crc == expected => println!("flash CRC-32 matches the expected value"),
-            Some(crc) => bail!("flash CRC-32 0x{crc:08X} differs from the expected 0x{expected:08X}"),
+            Some(crc) => {
+                return Err(crate::exit::with(
+                    crate::exit::Exit::DeviceFailed,
+                    anyhow::anyhow!("flash CRC-32 0x{crc:08X} differs from the expected 0x{expected:08X}"),
+                ));
+            }
             None => bail!("cannot confirm the expected flash CRC-32 0x{expected:08X}: INSTALL's answer was lost"),
         }
     }

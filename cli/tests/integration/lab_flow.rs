@@ -31,6 +31,14 @@ fn fails(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Fails with exit code `code` (issue 11 item 7: a script tells the failures apart); its stderr.
+fn fails_with(dir: &Path, code: i32, args: &[&str]) -> String {
+    let out = flashgate(dir, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "flashgate {args:?}: {stderr}");
+    stderr
+}
+
 /// A `flashgate sim` child process; killed with SIGTERM (state saved) on drop.
 struct SimProcess {
     child: Child,
@@ -203,12 +211,27 @@ fn lab_flow_installs_and_refuses_in_words() {
     assert!(flashed.contains("flash CRC-32 matches the expected value"), "{flashed}");
 
     // Target 0 is now readout protected: a second install is refused in words.
-    let err = fails(&dir, &["flash", "--target", &sim.tcp(0), "--image", "fw.sfi", "--licence", "lic0.bin"]);
+    let err = fails_with(&dir, 81, &["flash", "--target", &sim.tcp(0), "--image", "fw.sfi", "--licence", "lic0.bin"]);
     assert!(err.contains("readout protected"), "{err}");
 
     // Target 1 refuses target 0's licence.
-    let err = fails(&dir, &["flash", "--target", &sim.tcp(1), "--image", "fw.sfi", "--licence", "lic0.bin"]);
+    let err = fails_with(&dir, 81, &["flash", "--target", &sim.tcp(1), "--image", "fw.sfi", "--licence", "lic0.bin"]);
     assert!(err.contains("licence invalid"), "{err}");
+
+    // Issue 11 item 4: a truncated image is refused before anything reaches a chip — here before any
+    // connection is even tried (the target address does not answer).
+    let image = std::fs::read(dir.join("fw.sfi")).unwrap();
+    std::fs::write(dir.join("short.sfi"), &image[..image.len() - 100]).unwrap();
+    let err = fails_with(
+        &dir,
+        65,
+        &["flash", "--target", "tcp://127.0.0.1:1", "--image", "short.sfi", "--licence", "lic0.bin"],
+    );
+    assert!(err.contains("short.sfi is not a valid image"), "{err}");
+    let err = fails_with(&dir, 66, &["flash", "--target", &sim.tcp(1), "--image", "none.sfi", "--licence", "lic0.bin"]);
+    assert!(err.contains("none.sfi"), "{err}");
+    let err = fails_with(&dir, 64, &["flash", "--no-such-flag"]);
+    assert!(err.contains("--no-such-flag"), "{err}");
 
     // Target 2 with its own licence but area 2 tampered: refused, named, nothing left in flash.
     ok(&dir, &["cert", "--target", &sim.tcp(2), "--out", "chip2.cert"]);
@@ -289,8 +312,11 @@ fn pack_refuses_bad_input_with_clear_errors() {
         "--nonce",
         "nonce.bin",
     ]);
-    let err = fails(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = fails_with(&dir, 65, &args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(err.contains("overlaps") && err.contains("0x08000800"), "{err}");
+    let args = with(&["--firmware", "missing.bin@0x08000000", "--key", "key.bin", "--nonce", "nonce.bin"]);
+    let err = fails_with(&dir, 66, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("missing.bin"), "{err}");
 
     let args = with(&["--firmware", "a.bin@0x08080000", "--key", "key.bin", "--nonce", "nonce.bin"]);
     let err = fails(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -354,4 +380,48 @@ fn demo_runs_to_its_table() {
     assert!(stdout.contains("ledger: batch demo-lot-1 issued 3 of 3, 3 installed reports, 0 remaining"), "{stdout}");
     assert!(stdout.contains("audit chain verified"), "{stdout}");
     assert!(tmp.path().join("demo/ledger.db").exists());
+}
+
+/// Issue 11 item 8: writing a file never replaces what is not a regular file. `pack --out FIFO`
+/// writes the image into the FIFO (a reader gets all of it) and the FIFO is still a FIFO; `--out -`
+/// writes the image to standard output and the summary to standard error. (Never `/dev/null` in a
+/// test: that is exactly the device node a rename once replaced.)
+#[test]
+fn pack_writes_into_a_fifo_in_place_and_to_standard_output() {
+    use std::os::unix::fs::FileTypeExt;
+    let (_tmp, dir) = setup();
+    std::fs::write(dir.join("a.bin"), vec![1u8; 4096]).unwrap();
+    std::fs::write(dir.join("key.bin"), [7u8; 16]).unwrap();
+    std::fs::write(dir.join("nonce.bin"), [9u8; 12]).unwrap();
+    let args = |out: &str| -> Vec<String> {
+        ["pack", "--family", "stm32l4", "--firmware", "a.bin@0x08000000", "--key", "key.bin", "--nonce", "nonce.bin"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--out".to_string(), out.to_string()])
+            .collect()
+    };
+    let reference = {
+        let a = args("ref.sfi");
+        ok(&dir, &a.iter().map(String::as_str).collect::<Vec<_>>());
+        std::fs::read(dir.join("ref.sfi")).unwrap()
+    };
+
+    let fifo = dir.join("pipe.sfi");
+    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(&fifo).unwrap())
+    };
+    let a = args("pipe.sfi");
+    ok(&dir, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(reader.join().unwrap(), reference);
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO was replaced");
+
+    let a = args("-");
+    let out = flashgate(&dir, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, reference, "the image, and only the image, on standard output");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected flash CRC-32"));
+    assert!(!dir.join("-").exists());
 }

@@ -14,4 +14,5 @@ mod licences;
 mod pool_and_ledger;
 mod refusals;
 mod service_lifecycle;
+mod station_faults;
 mod station_stream;
