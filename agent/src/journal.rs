@@ -710,6 +710,52 @@ pub(crate) mod tests {
         }
     }
 
+    /// The same on a real full disk: the journal on a 16 KiB tmpfs (mounted where the machine
+    /// allows it, as root in CI; skipped with the reason otherwise). Appends fill it, the first that
+    /// does not fit is held with the OS's "No space left on device", nothing already durable is lost.
+    #[test]
+    fn a_full_tmpfs_holds_results_instead_of_losing_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("small");
+        std::fs::create_dir(&mnt).unwrap();
+        let out =
+            std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=16k", "tmpfs"]).arg(&mnt).output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                eprintln!("SKIPPED: cannot mount a tmpfs here: {}", String::from_utf8_lossy(&o.stderr).trim());
+                return;
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount: {e}");
+                return;
+            }
+        }
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _unmount = Unmount(mnt.clone());
+        let j = Journal::open(&mnt).unwrap();
+        let mut durable = Vec::new();
+        let held = loop {
+            assert!(durable.len() < 1000, "a 16 KiB tmpfs never filled");
+            match j.append(sample(durable.len() as u32 + 1)) {
+                Ok(e) => durable.push(e.seq),
+                Err(JournalError::NotDurable { reason, entry, .. }) => break (reason, entry),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(held.0.contains("No space left on device"), "{}", held.0);
+        assert_eq!(j.held_count(), 1);
+        assert_eq!(j.unreported_count(), durable.len() + 1);
+        drop(j);
+        let j = Journal::open(&mnt).unwrap();
+        assert_eq!(j.unreported().iter().map(|e| e.seq).collect::<Vec<_>>(), durable, "every durable result survives");
+    }
+
     /// Issue 11 item 1: a result the journal cannot write is never silently dropped. It is held in
     /// memory (pending, under a result id a restart can never reuse), the fault is named with the
     /// path, no other line is written out of order meanwhile, and once writes succeed again the held
