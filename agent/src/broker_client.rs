@@ -371,14 +371,19 @@ impl BrokerClient {
 
     /// Fetch image `sha256` into `cache` (resuming partial downloads), failing over between
     /// endpoints on retryable failures, at most `attempts × endpoints` tries in all.
-    pub async fn fetch_image(&self, cache: &ImageCache, sha256: &str) -> Result<PathBuf, ImageError> {
+    pub async fn fetch_image(
+        &self,
+        cache: &ImageCache,
+        sha256: &str,
+        expect: crate::images::Expect,
+    ) -> Result<PathBuf, ImageError> {
         let n = self.endpoints.len();
         let total = n * self.policy.attempts.max(1) as usize;
         let mut attempt = 0usize;
         loop {
             let idx = self.current_index();
             let mut client = ImageServiceClient::new(self.endpoints[idx].1.clone());
-            match cache.fetch(&mut client, sha256).await {
+            match cache.fetch_expecting(&mut client, sha256, expect).await {
                 Ok(path) => return Ok(path),
                 Err(e) if e.is_retryable() && attempt + 1 < total => {
                     tracing::warn!(endpoint = %self.endpoints[idx].0, attempt, error = %e, "image fetch failed; retrying");
@@ -846,7 +851,7 @@ mod tests {
         let cache_dir = tempfile::tempdir().unwrap();
         let cache = ImageCache::new(cache_dir.path()).unwrap();
         let (sha, data) = crate::images::tests::fixed_image();
-        let path = c.fetch_image(&cache, &sha).await.unwrap();
+        let path = c.fetch_image(&cache, &sha, crate::images::Expect::any()).await.unwrap();
         assert_eq!(std::fs::read(path).unwrap(), data);
         assert_eq!(c.current_endpoint(), format!("http://{l}"));
     }

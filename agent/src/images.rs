@@ -106,6 +106,28 @@ pub enum ImageError {
         /// True when the download resumed an earlier partial file (whose bytes may be the bad ones).
         resumed: bool,
     },
+    /// The broker announced a size other than the licence response's, or above the family's bound.
+    #[error("image {sha256}: the broker announces {announced} bytes but {reason}")]
+    Size {
+        /// The image.
+        sha256: String,
+        /// The size in the stream's `ImageInfo`.
+        announced: u64,
+        /// What it was checked against, in words.
+        reason: String,
+    },
+    /// Not enough free space in the cache directory for the rest of the image.
+    #[error("image {sha256}: {needed} more bytes needed in {} but only {available} are free", path.display())]
+    NoSpace {
+        /// The image.
+        sha256: String,
+        /// The cache directory.
+        path: PathBuf,
+        /// Bytes still to download.
+        needed: u64,
+        /// Bytes available to this process.
+        available: u64,
+    },
     /// A blocking task (hashing) failed.
     #[error("image {sha256}: hashing task failed: {reason}")]
     Task {
@@ -252,13 +274,24 @@ impl ImageCache {
     /// earlier partial download) and verified. A broken stream leaves the partial file for the
     /// next attempt; a hash mismatch deletes it.
     pub async fn fetch(&self, client: &mut ImageServiceClient<Channel>, sha256: &str) -> Result<PathBuf, ImageError> {
+        self.fetch_expecting(client, sha256, Expect::any()).await
+    }
+
+    /// [`ImageCache::fetch`], refusing a stream whose announced size differs from `expect`'s or
+    /// exceeds its bound (a broker that announces 2^64−1 bytes gets nothing written).
+    pub async fn fetch_expecting(
+        &self,
+        client: &mut ImageServiceClient<Channel>,
+        sha256: &str,
+        expect: Expect,
+    ) -> Result<PathBuf, ImageError> {
         let sha = canonical_sha(sha256)?;
         let lock = self.lock_for(&sha);
         let _guard = lock.lock().await;
         if let Some(path) = self.check_cached(&sha).await? {
             return Ok(path);
         }
-        self.download(client, &sha).await
+        self.download(client, &sha, expect).await
     }
 
     /// [`ImageCache::fetch`] retried (resuming) up to `policy.attempts` times with backoff while the
@@ -317,7 +350,12 @@ impl ImageCache {
         }
     }
 
-    async fn download(&self, client: &mut ImageServiceClient<Channel>, sha: &str) -> Result<PathBuf, ImageError> {
+    async fn download(
+        &self,
+        client: &mut ImageServiceClient<Channel>,
+        sha: &str,
+        expect: Expect,
+    ) -> Result<PathBuf, ImageError> {
         let partial = self.partial_path(sha);
         let final_path = self.dir.join(format!("{sha}.sfi"));
         let protocol = |reason: String| ImageError::Protocol { sha256: sha.to_owned(), reason };
@@ -334,10 +372,20 @@ impl ImageCache {
             return Err(protocol(format!("ImageInfo names image {:?}", info.image_sha256)));
         }
         let size = info.size;
+        let bad_size = |reason: String| ImageError::Size { sha256: sha.to_owned(), announced: size, reason };
+        if let Some(want) = expect.size
+            && want != size
+        {
+            return Err(bad_size(format!("the licence response said {want}")));
+        }
+        if size > expect.max {
+            return Err(bad_size(format!("no image for this family can exceed {} bytes", expect.max)));
+        }
         if offset > size {
             tokio::fs::remove_file(&partial).await.map_err(self.io(sha, "deleting", &partial))?;
             return Err(protocol(format!("partial file of {offset} bytes is longer than the image ({size} bytes)")));
         }
+        self.check_space(sha, size - offset)?;
         tracing::debug!(image = %sha, offset, size, "fetching image");
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
@@ -402,6 +450,39 @@ impl ImageCache {
     }
 }
 
+/// What a download must announce: the exact size when the licence response named it, and a bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expect {
+    /// The size the licence response names, when known.
+    pub size: Option<u64>,
+    /// The largest size accepted (see [`flashgate_common::sfi::max_image_file`]).
+    pub max: u64,
+}
+
+impl Expect {
+    /// Any size up to [`flashgate_common::sfi::MAX_IMAGE_FILE`].
+    pub fn any() -> Self {
+        Self { size: None, max: flashgate_common::sfi::MAX_IMAGE_FILE }
+    }
+}
+
+/// Free space kept beyond an image when checking the disk before a download (the journal and the
+/// state files live on the same filesystem, typically).
+pub const DISK_RESERVE: u64 = 16 << 20;
+
+impl ImageCache {
+    fn check_space(&self, sha: &str, needed: u64) -> Result<(), ImageError> {
+        let stat = nix::sys::statvfs::statvfs(&self.dir)
+            .map_err(|e| self.io(sha, "checking free space in", &self.dir)(std::io::Error::from(e)))?;
+        #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+        let available = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+        if needed.saturating_add(DISK_RESERVE) > available {
+            return Err(ImageError::NoSpace { sha256: sha.to_owned(), path: self.dir.clone(), needed, available });
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -434,6 +515,8 @@ pub(crate) mod tests {
         offsets: Mutex<Vec<u64>>,
         /// Break the next stream with UNAVAILABLE once this image offset is reached.
         break_at: Mutex<Option<u64>>,
+        /// A lying broker: announce this size in `ImageInfo` whatever the image's.
+        announce: Mutex<Option<u64>>,
     }
 
     /// An in-process `ImageService` serving [`fixed_image`] and whatever tests add.
@@ -447,6 +530,7 @@ pub(crate) mod tests {
                 images: Mutex::new(HashMap::from([(sha, data)])),
                 offsets: Mutex::default(),
                 break_at: Mutex::default(),
+                announce: Mutex::default(),
             }))
         }
     }
@@ -472,7 +556,8 @@ pub(crate) mod tests {
             if r.offset > size {
                 return Err(Status::out_of_range(format!("offset {} is beyond the image size {size}", r.offset)));
             }
-            let info = ImageInfo { image_sha256: r.image_sha256, size, ..Default::default() };
+            let announced = self.0.announce.lock().unwrap().unwrap_or(size);
+            let info = ImageInfo { image_sha256: r.image_sha256, size: announced, ..Default::default() };
             let mut items = vec![Ok(GetImageResponse { item: Some(get_image_response::Item::Info(info)) })];
             let stop = self.0.break_at.lock().unwrap().take();
             let end = stop.map_or(size, |s| s.clamp(r.offset, size)) as usize;
@@ -506,6 +591,31 @@ pub(crate) mod tests {
 
     fn client(addr: SocketAddr) -> ImageServiceClient<Channel> {
         ImageServiceClient::new(Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy())
+    }
+
+    /// Issue 10 item 9: a server holding a broker certificate announces an image of 2^64−1 bytes.
+    /// The size must equal the licence response's and stay under the family's bound: refused before a
+    /// byte is written, naming both sizes.
+    #[tokio::test]
+    async fn an_announced_size_other_than_the_licence_s_is_refused_before_writing() {
+        let fake = FakeImages::default();
+        *fake.0.announce.lock().unwrap() = Some(u64::MAX);
+        let addr = serve(fake.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::new(dir.path()).unwrap();
+        let (sha, data) = fixed_image();
+        let mut c = client(addr);
+        let expect = Expect { size: Some(data.len() as u64), max: 4 << 20 };
+        let err = cache.fetch_expecting(&mut c, &sha, expect).await.unwrap_err();
+        assert!(matches!(err, ImageError::Size { announced: u64::MAX, .. }), "{err:?}");
+        assert!(err.to_string().contains("the licence response said 200000"), "{err}");
+        let err = cache.fetch_expecting(&mut c, &sha, Expect { size: None, max: 4 << 20 }).await.unwrap_err();
+        assert!(err.to_string().contains("no image for this family can exceed 4194304 bytes"), "{err}");
+        let partial_len = std::fs::metadata(cache.partial_path(&sha)).map(|m| m.len()).unwrap_or(0);
+        assert_eq!(partial_len, 0, "nothing was downloaded");
+        // The honest size passes.
+        *fake.0.announce.lock().unwrap() = None;
+        assert!(cache.fetch_expecting(&mut c, &sha, expect).await.is_ok());
     }
 
     #[tokio::test]

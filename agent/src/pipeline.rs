@@ -16,9 +16,9 @@ use flashgate_common::protocol::SfiStatus;
 use flashgate_proto::v1::{IssueLicenceRequest, ProbeInfo as PbProbe};
 use tracing::Instrument;
 
-use crate::bootloader::{
-    Bootloader, BootloaderError, ClientConfig, InstallStage, MemoryImage, Progress, TargetAddr, connect,
-};
+use flashgate_common::sfi::{AsyncImageReader, ImageReader, ReaderOptions};
+
+use crate::bootloader::{Bootloader, BootloaderError, ClientConfig, InstallStage, Progress, TargetAddr, connect};
 use crate::broker_client::{BrokerClient, BrokerError, ReporterHandle};
 use crate::images::ImageCache;
 use crate::journal::{DeviceResult, Journal, JournalError};
@@ -353,7 +353,11 @@ async fn run(
     };
 
     events(StageEvent::Image);
-    let path = match ctx.broker.fetch_image(&ctx.images, &lic.image_sha256).await {
+    let expect = crate::images::Expect {
+        size: Some(lic.image_size),
+        max: flashgate_common::sfi::max_image_file(id.family.profile()),
+    };
+    let path = match ctx.broker.fetch_image(&ctx.images, &lic.image_sha256, expect).await {
         Ok(p) => p,
         Err(e) if e.is_retryable() => {
             return DeviceOutcome::BrokerUnreachable {
@@ -363,18 +367,18 @@ async fn run(
         }
         Err(e) => return failed(Some(id.device_id), (HOST_FAILURE, format!("image {}: {e}", lic.image_sha256))),
     };
-    let bytes = match tokio::fs::read(&path).await {
-        Ok(b) => b,
-        Err(e) => return failed(Some(id.device_id), (HOST_FAILURE, format!("reading {}: {e}", path.display()))),
+    // The whole image is checked (structure, sizes, the family's memory map) before the first byte
+    // goes to the chip, then streamed from disk for the install: never held in memory whole.
+    let total = match check_image(&path, id.family).await {
+        Ok(total) => total,
+        Err(e) => return failed(Some(id.device_id), (HOST_FAILURE, format!("image {}: {e}", lic.image_sha256))),
     };
-    let mut image = match MemoryImage::from_bytes(&bytes, Some(id.family.profile())) {
+    let mut image = match open_image(&path, id.family).await {
         Ok(i) => i,
         Err(e) => return failed(Some(id.device_id), (HOST_FAILURE, format!("image {}: {e}", lic.image_sha256))),
     };
-    drop(bytes);
     lap(timings, "image", &mut t);
 
-    let total = image.areas().map(|a| a.ciphertext.len() as u64).sum::<u64>();
     let mut progress = |p: &Progress| events(StageEvent::Install { stage: p.stage, done: p.done, total });
     let report = match bl.install_image(&mut image, &licence, &mut progress).await {
         Ok(r) => r,
@@ -390,6 +394,35 @@ async fn run(
         );
     }
     DeviceOutcome::Installed { device_id: id.device_id, crc: report.crc }
+}
+
+type ImageFile = AsyncImageReader<tokio::io::BufReader<tokio::fs::File>>;
+
+/// Read the whole image at `path` once, checking its structure against `family`'s memory map
+/// without keeping it; its ciphertext length.
+async fn check_image(path: &std::path::Path, family: Family) -> Result<u64, String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+        let len = file.metadata().map_err(|e| format!("reading {}: {e}", path.display()))?.len();
+        let opts = ReaderOptions { file_len: Some(len), memory_map: Some(family.profile()) };
+        let mut reader = ImageReader::new(std::io::BufReader::new(file), opts).map_err(|e| e.to_string())?;
+        let mut total = 0u64;
+        while let Some(area) = reader.next_area().map_err(|e| e.to_string())? {
+            total += area.ciphertext.len() as u64;
+        }
+        Ok(total)
+    })
+    .await
+    .map_err(|e| format!("checking the image: {e}"))?
+}
+
+/// Open the image at `path` to stream it area by area.
+async fn open_image(path: &std::path::Path, family: Family) -> Result<ImageFile, String> {
+    let file = tokio::fs::File::open(path).await.map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let len = file.metadata().await.map_err(|e| format!("reading {}: {e}", path.display()))?.len();
+    let opts = ReaderOptions { file_len: Some(len), memory_map: Some(family.profile()) };
+    AsyncImageReader::new(tokio::io::BufReader::new(file), opts).await.map_err(|e| e.to_string())
 }
 
 fn outcome_word(o: &DeviceOutcome) -> &'static str {

@@ -78,6 +78,11 @@ fn main() -> std::process::ExitCode {
         _ => "warn",
     };
     output::init_tracing(cli.log.as_deref().unwrap_or(default_filter), cli.log_format == "json");
+    // Secrets leave the environment before any thread exists.
+    let broker_secrets = match &cli.command {
+        Command::Broker(args) => Some(commands::broker::SecretEnv::take(args)),
+        _ => None,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -96,7 +101,11 @@ fn main() -> std::process::ExitCode {
             Command::Pki(args) => commands::pki::run(args),
             Command::Demo(args) => commands::demo::run(args).await,
             Command::Admin(args) => commands::admin::run(args).await,
-            Command::Broker(args) => commands::broker::run(args).await,
+            Command::Broker(args) => {
+                // Set above for exactly this command.
+                let secrets = broker_secrets.unwrap_or_else(commands::broker::SecretEnv::empty);
+                commands::broker::run(args, secrets).await
+            }
             Command::Agent(cmd) => commands::agent::run(cmd).await,
             Command::Bench(cmd) => commands::bench::run(cmd).await,
         }

@@ -36,6 +36,16 @@ pub const MAX_AREA_SIZE: u32 = 16 << 20;
 pub const MAX_IMAGE_FILE: u64 = 64 << 20;
 /// Length of a GCM tag.
 pub const TAG_LEN: usize = 16;
+
+/// Room for option bytes in an image bound: far more than any family's `C` area.
+const CONFIG_ROOM: u64 = 64 << 10;
+
+/// The largest `.sfi` file that can hold an image for `profile`: its whole flash, the header, the
+/// largest number of area descriptors and tags, and option bytes. A size announced above this is
+/// refused before a byte is downloaded.
+pub fn max_image_file(profile: &crate::family::FamilyProfile) -> u64 {
+    profile.flash_size as u64 + HEADER_LEN as u64 + MAX_AREAS as u64 * (DESCRIPTOR_LEN + TAG_LEN) as u64 + CONFIG_ROOM
+}
 /// Size of one `C` area record (`u32 id, u32 value`).
 pub const CONFIG_RECORD_LEN: u32 = 8;
 

@@ -2,12 +2,14 @@
 //! shuts down gracefully (in-flight requests finish). `--check` validates the configuration and
 //! exits. The daemon itself lives in `flashgate_broker::server`.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
 use flashgate_broker::config::BrokerConfig;
 use flashgate_broker::ledger::redact_url;
+use zeroize::Zeroizing;
 
 /// Arguments of `flashgate broker`.
 #[derive(Debug, Args)]
@@ -44,11 +46,54 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The secret environment variables of a broker configuration (the keystore passphrase, the PKCS#11
+/// PIN variables), taken out of the process environment so that they do not stay readable there
+/// (`/proc/PID/environ`, child processes) for the broker's whole life.
+pub struct SecretEnv(HashMap<String, Zeroizing<String>>);
+
+impl SecretEnv {
+    /// Read and remove the secret variables `args`' configuration names. Must run before any other
+    /// thread exists (it changes the process environment): `main` calls it before the runtime starts.
+    /// A configuration that does not load leaves the environment alone (the error comes from `run`).
+    pub fn take(args: &BrokerArgs) -> Self {
+        let mut names = vec![flashgate_broker::config::PASSPHRASE_ENV.to_owned()];
+        if let Ok(cfg) = BrokerConfig::load(&args.config) {
+            for m in &cfg.hsm.members {
+                if let flashgate_broker::config::HsmMemberConfig::Pkcs11 { pin_env: Some(v), .. } = m {
+                    names.push(v.clone());
+                }
+            }
+        }
+        let mut taken = HashMap::new();
+        for name in names {
+            if let Some(value) = std::env::var_os(&name) {
+                taken.insert(name.clone(), Zeroizing::new(value.to_string_lossy().into_owned()));
+                // SAFETY: called from `main` before the tokio runtime or any other thread starts, so
+                // nothing reads the environment concurrently.
+                #[allow(unsafe_code)]
+                unsafe {
+                    std::env::remove_var(&name)
+                };
+            }
+        }
+        Self(taken)
+    }
+
+    /// No secrets (the environment was not read).
+    pub fn empty() -> Self {
+        Self(HashMap::new())
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.0.get(name).map(|v| v.to_string())
+    }
+}
+
 /// Runs `flashgate broker`.
-pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
+pub async fn run(args: BrokerArgs, secrets: SecretEnv) -> anyhow::Result<()> {
     let cfg = BrokerConfig::load(&args.config)?;
     let base = args.config.parent().map(PathBuf::from).unwrap_or_default();
-    let env = |k: &str| std::env::var(k).ok();
+    let env = |k: &str| secrets.get(k);
     if args.check {
         // Secrets must be present too: open nothing, but read them.
         for m in &cfg.hsm.members {

@@ -56,7 +56,8 @@ pub struct DemoArgs {
     /// Leave the broker running afterwards and print how to try `flashgate admin` (Ctrl-C to stop).
     #[arg(long)]
     pub keep: bool,
-    /// Directory for the demo's files (default: a new directory under the system temp dir).
+    /// Directory for the demo's files, created with mode 0700; must not exist yet (default: a new,
+    /// randomly named directory under the system temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
 }
@@ -72,10 +73,29 @@ fn demo_areas(family: Family) -> Vec<pb::PlainArea> {
     ]
 }
 
+/// The demo's directory, created fresh with mode 0700 (it holds the keystore passphrase and private
+/// keys): a new randomly named directory under the temp dir, or `--dir`, which must not exist yet (a
+/// directory someone else prepared could be readable by them).
 fn demo_dir(given: Option<PathBuf>) -> Result<PathBuf> {
-    let dir = given.unwrap_or_else(|| std::env::temp_dir().join(format!("flashgate-demo-{}", std::process::id())));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
+    use std::os::unix::fs::DirBuilderExt;
+    match given {
+        None => {
+            let dir = tempfile::Builder::new()
+                .prefix("flashgate-demo-")
+                .tempdir()
+                .context("creating the demo directory under the temp dir")?;
+            Ok(dir.keep())
+        }
+        Some(dir) => {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            }
+            std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| {
+                format!("creating --dir {} (it must not exist yet: the demo writes secrets into it)", dir.display())
+            })?;
+            Ok(dir)
+        }
+    }
 }
 
 fn broker_config(dir: &Path) -> Result<BrokerConfig> {

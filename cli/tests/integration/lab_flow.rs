@@ -380,6 +380,17 @@ fn demo_runs_to_its_table() {
     assert!(stdout.contains("ledger: batch demo-lot-1 issued 3 of 3, 3 installed reports, 0 remaining"), "{stdout}");
     assert!(stdout.contains("audit chain verified"), "{stdout}");
     assert!(tmp.path().join("demo/ledger.db").exists());
+    // Issue 10 item 10: the secrets sit in a fresh 0700 directory, the passphrase file is 0600, and a
+    // directory that already exists (someone may have prepared it) is refused.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| std::fs::metadata(tmp.path().join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("demo"), 0o700);
+    assert_eq!(mode("demo/keystore-passphrase"), 0o600);
+    assert_eq!(mode("demo/ledger.db"), 0o600);
+    let again =
+        Command::new(BIN).args(["demo", "--speed", "0", "--dir"]).arg(tmp.path().join("demo")).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("must not exist yet"));
 }
 
 /// Issue 11 item 8: writing a file never replaces what is not a regular file. `pack --out FIFO`
