@@ -134,6 +134,18 @@ pub enum BrokerError {
         /// The last failure in words.
         last: String,
     },
+    /// The TLS handshake was refused for authorisation reasons (our certificate revoked, expired or of
+    /// an unknown CA; or the broker's certificate not valid for its name) by every endpoint tried:
+    /// not an outage, and final for the call.
+    #[error("{rpc} at broker {endpoint}: {why}")]
+    Unauthorised {
+        /// The RPC.
+        rpc: &'static str,
+        /// The endpoint that refused last.
+        endpoint: String,
+        /// Why, in words.
+        why: flashgate_proto::tls_alert::AuthFailure,
+    },
     /// The broker answered with an error status that is not a refusal (e.g. `INVALID_ARGUMENT`,
     /// or `RESOURCE_EXHAUSTED` load shedding that outlasted the retry policy).
     #[error("{rpc} at broker {endpoint}: {}", describe_status(.status))]
@@ -298,6 +310,7 @@ impl BrokerClient {
                 tokio::time::sleep(self.policy.delay(round - 1)).await;
             }
             let mut tried = 0;
+            let mut unauthorised = None;
             while tried < n {
                 let idx = self.current_index();
                 let (endpoint, channel) = &self.endpoints[idx];
@@ -321,6 +334,9 @@ impl BrokerClient {
                         return Err(BrokerError::Status { rpc, endpoint: endpoint.clone(), status: Box::new(status) });
                     }
                     Failure::Connection => {
+                        if let Some(why) = flashgate_proto::tls_alert::auth_failure(&status) {
+                            unauthorised = Some((endpoint.clone(), why));
+                        }
                         tracing::debug!(rpc, endpoint = %endpoint, round, status = %describe_status(&status), "broker call failed; trying the next endpoint");
                         self.rotate_from(idx);
                         last = Some((idx, status));
@@ -332,6 +348,12 @@ impl BrokerClient {
                         break;
                     }
                 }
+            }
+            // Every endpoint failed and one refused us at the handshake: no round will change that.
+            if tried == n
+                && let Some((endpoint, why)) = unauthorised
+            {
+                return Err(BrokerError::Unauthorised { rpc, endpoint, why });
             }
         }
         match last {

@@ -172,6 +172,9 @@ pub struct Identified {
     pub device_id: String,
 }
 
+/// The refusal reason of a device whose station the broker refused at the TLS handshake.
+pub const STATION_REFUSED: &str = "STATION_REFUSED";
+
 /// What the message of a locked board says on its probe and in the journal.
 pub const LOCKED_MESSAGE: &str = "device is readout protected (already installed?)";
 
@@ -327,6 +330,15 @@ async fn run(
                 device_id: id.device_id,
                 reason: refusal.reason,
                 message: refusal.message,
+            };
+        }
+        Err(BrokerError::Unauthorised { why, .. }) => {
+            // The station itself is refused (revoked, expired, foreign CA, broker name mismatch):
+            // a refusal that ends the run, not an outage to wait out.
+            return DeviceOutcome::Refused {
+                device_id: id.device_id,
+                reason: STATION_REFUSED.to_owned(),
+                message: why.to_string(),
             };
         }
         Err(e @ BrokerError::Unreachable { .. }) => {

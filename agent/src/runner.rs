@@ -146,7 +146,17 @@ fn broker_wait(n: u32) -> Duration {
 
 /// Refusals after which no device of this batch can get a licence in this run.
 fn ends_batch(reason: &str) -> bool {
-    matches!(reason, "QUOTA_EXHAUSTED" | "BATCH_CLOSED" | "BATCH_EXPIRED" | "UNKNOWN_BATCH" | "SITE_NOT_ALLOWED")
+    matches!(
+        reason,
+        "QUOTA_EXHAUSTED"
+            | "BATCH_CLOSED"
+            | "BATCH_EXPIRED"
+            | "UNKNOWN_BATCH"
+            | "SITE_NOT_ALLOWED"
+            | "STATION_REVOKED"
+            | "NOT_AUTHORISED"
+            | crate::pipeline::STATION_REFUSED
+    )
 }
 
 struct Shared {

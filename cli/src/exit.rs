@@ -93,6 +93,16 @@ pub fn with(exit: Exit, error: impl Into<anyhow::Error>) -> anyhow::Error {
 
 /// The exit code of a gRPC status from a broker.
 pub fn from_status(s: &tonic::Status) -> Exit {
+    if let Some(r) = flashgate_proto::errors::Refusal::from_status(s) {
+        return match r.reason.as_str() {
+            "STATION_REVOKED" | "NOT_AUTHORISED" | "CERTIFICATE_EXPIRED" => Exit::NoPerm,
+            _ => Exit::Refused,
+        };
+    }
+    if let Some(auth) = flashgate_proto::tls_alert::auth_failure(s) {
+        // Our certificate refused: permission; the broker's certificate refused: our configuration.
+        return if auth.refused_by_broker() { Exit::NoPerm } else { Exit::Config };
+    }
     match s.code() {
         Code::Ok => Exit::Ok,
         Code::Unavailable => Exit::Unavailable,
@@ -132,6 +142,8 @@ pub fn classify(e: &anyhow::Error) -> Exit {
             return match b {
                 BrokerError::Refused { .. } => Exit::Refused,
                 BrokerError::Unreachable { .. } => Exit::Unavailable,
+                BrokerError::Unauthorised { why, .. } if why.refused_by_broker() => Exit::NoPerm,
+                BrokerError::Unauthorised { .. } => Exit::Config,
                 BrokerError::Status { status, .. } => from_status(status),
                 BrokerError::NoEndpoints | BrokerError::Endpoint { .. } => Exit::Config,
             };

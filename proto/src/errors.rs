@@ -56,10 +56,14 @@ pub fn refusal<'a>(
 
 /// A one-line description of a status for people: the refusal reason when there is one, else the code.
 pub fn describe_status(status: &Status) -> String {
-    match Refusal::from_status(status) {
-        Some(r) => r.to_string(),
-        None => format!("{:?}: {}", status.code(), status.message()),
+    if let Some(r) = Refusal::from_status(status) {
+        return r.to_string();
     }
+    // A TLS alert (certificate revoked, unknown CA, …) hides behind `Unknown: transport error`.
+    if let Some(auth) = crate::tls_alert::auth_failure(status) {
+        return auth.to_string();
+    }
+    format!("{:?}: {}", status.code(), status.message())
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod v1 {
 pub mod admission;
 pub mod deadline;
 pub mod errors;
+pub mod tls_alert;
 pub mod transport;
 
 /// Encoded `FileDescriptorSet` of every Flashgate proto, for gRPC server reflection.

@@ -175,6 +175,8 @@ pub enum TransportError {
         server_name: String,
         /// What went wrong.
         reason: String,
+        /// The authorisation failure, when that is what it was.
+        auth: Option<Box<crate::tls_alert::AuthFailure>>,
     },
     /// tonic could not set up the channel.
     #[error("gRPC channel to {uri}: {reason}")]
@@ -392,6 +394,10 @@ fn certificate_reason(e: &rustls::Error) -> String {
                 "certificate not valid for this purpose (extended key usage)".into()
             }
             CertificateError::Other(OtherError(inner)) => format!("unusable identity: {inner}"),
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                crate::tls_alert::auth_failure(e)
+                    .map_or_else(|| "not valid for the server name".into(), |a| a.to_string())
+            }
             other => format!("invalid certificate: {other:?}"),
         },
         E::AlertReceived(alert) => format!("peer sent TLS alert {alert:?}"),
@@ -952,20 +958,22 @@ impl Service<Uri> for MtlsConnector {
                 .map_err(|source| TransportError::Connect { addr: addr.clone(), source })?;
             let _ = tcp.set_nodelay(true);
             let name_text = server_name.to_str().into_owned();
-            let handshake_err = |reason: String| TransportError::Handshake {
+            let handshake_err = |reason: String, auth| TransportError::Handshake {
                 addr: addr.clone(),
                 server_name: name_text.clone(),
                 reason,
+                auth,
             };
             let stream = tokio::time::timeout(timeout, tls.connect(server_name, tcp))
                 .await
-                .map_err(|_| handshake_err(format!("no answer within {timeout:?}")))?
+                .map_err(|_| handshake_err(format!("no answer within {timeout:?}"), None))?
                 .map_err(|e| {
+                    let auth = crate::tls_alert::auth_failure(&e).map(Box::new);
                     let reason = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                         Some(tls) => certificate_reason(tls),
                         None => e.to_string(),
                     };
-                    handshake_err(reason)
+                    handshake_err(reason, auth)
                 })?;
             Ok(TokioIo::new(stream))
         })

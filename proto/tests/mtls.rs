@@ -200,7 +200,8 @@ async fn lazy_channel_reconnects_and_reports_errors() {
     let e = transport::connect("http://127.0.0.1:1", tls.clone(), None).await.unwrap_err().to_string();
     assert!(e.contains("only https"), "{e}");
     let e = transport::connect(&server.uri(), tls.clone(), Some("wrong.test")).await.unwrap_err().to_string();
-    assert!(e.contains("wrong.test") && e.contains("NotValidForName"), "{e}");
+    assert!(e.contains("broker name mismatch") && e.contains("not valid for wrong.test; it names"), "{e}");
+    assert!(e.contains("localhost"), "the names the certificate carries: {e}");
     server.stop().await;
 }
 
@@ -405,4 +406,52 @@ async fn configuration_errors_name_the_file() {
     let ca_as_leaf = TlsFiles { cert: files.ca.clone(), key: pki::ca_key_path(dir.path()), ca: files.ca.clone() };
     let e = transport::client_config(&ca_as_leaf).unwrap_err().to_string();
     assert!(e.contains("ca.pem") && e.contains("CA certificate"), "{e}");
+}
+
+/// Issue 11 item 2: the station is told why, in words, instead of `Unknown: transport error`. The
+/// alert each refusal sends reaches the client inside the transport error; `tls_alert` names it.
+#[tokio::test]
+async fn a_refused_client_is_told_why_in_words() {
+    use flashgate_proto::errors::describe_status;
+    use flashgate_proto::tls_alert::{AuthFailure, auth_failure};
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dev_pki(dir.path());
+    let revoked_id = station("berlin", 2);
+    let list = Arc::new(RevokedSerials::new([layout.find(&revoked_id).unwrap().serial_hex.clone()]));
+    let server = start_server(dir.path(), list, AdmissionLimits::default()).await;
+    let status_of = |tls: Arc<rustls::ClientConfig>| {
+        let uri = server.uri();
+        async move {
+            let channel = transport::connect_lazy(&uri, tls, None).unwrap();
+            HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.unwrap_err()
+        }
+    };
+
+    let s = status_of(client_tls(dir.path(), &revoked_id)).await;
+    assert_eq!(auth_failure(&s), Some(AuthFailure::Revoked), "{s:?}");
+    assert_eq!(describe_status(&s), "refused by the broker: certificate revoked");
+
+    let other = tempfile::tempdir().unwrap();
+    dev_pki(other.path());
+    let id = station("berlin", 1);
+    let (cert, key) = pki::identity_paths(other.path(), &id);
+    let foreign = transport::client_config(&TlsFiles::new(cert, key, pki::ca_cert_path(dir.path()))).unwrap();
+    let s = status_of(foreign).await;
+    assert_eq!(auth_failure(&s), Some(AuthFailure::UnknownCa), "{s:?}");
+
+    let old = station("berlin", 9);
+    let now = SystemTime::now();
+    let window = ValidityWindow::explicit(now - Duration::from_secs(2 * 86_400), now - Duration::from_secs(86_400));
+    pki::issue_cert_window(dir.path(), &old, &[], &[], window).unwrap();
+    let s = status_of(client_tls(dir.path(), &old)).await;
+    assert_eq!(auth_failure(&s), Some(AuthFailure::Expired), "{s:?}");
+    assert!(describe_status(&s).contains("expired"), "{}", describe_status(&s));
+
+    // A broker name the certificate does not carry: the names it does carry are listed.
+    let channel = transport::connect_lazy(&server.uri(), client_tls(dir.path(), &id), Some("wrong.test")).unwrap();
+    let s = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.unwrap_err();
+    let words = describe_status(&s);
+    assert!(words.starts_with("broker name mismatch: its certificate is not valid for wrong.test"), "{words}");
+    assert!(words.contains("localhost"), "{words}");
+    server.stop().await;
 }

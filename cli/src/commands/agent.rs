@@ -302,6 +302,17 @@ fn run_exit(
             ),
         ));
     }
+    let station_refused = summary.devices.iter().find_map(|d| match &d.outcome {
+        flashgate_agent::pipeline::DeviceOutcome::Refused { reason, message, .. }
+            if reason == flashgate_agent::pipeline::STATION_REFUSED =>
+        {
+            Some(message.clone())
+        }
+        _ => None,
+    });
+    if let Some(why) = station_refused {
+        return Err(with(Exit::NoPerm, anyhow::anyhow!("this station is {why}")));
+    }
     if summary.failed() > 0 {
         return Err(with(
             Exit::DeviceFailed,

@@ -142,6 +142,10 @@ pub async fn channel(broker: &str, files: &TlsFiles, server_name: Option<&str>) 
 /// and message, followed by the transport cause when there is one.
 pub fn status_text(status: &tonic::Status) -> String {
     let mut text = describe_status(status);
+    if flashgate_proto::tls_alert::auth_failure(status).is_some() {
+        // Already in words; the transport chain only repeats it in Rust's syntax.
+        return text;
+    }
     if let Some(source) = std::error::Error::source(status) {
         let chain = transport::error_chain(source);
         if !text.contains(&chain) {

@@ -92,3 +92,41 @@ async fn a_locked_board_is_named_and_journalled_without_a_licence() {
     assert!(matches!(entries[1].1, EntryState::Rejected { .. }), "history only: {:?}", entries[1].1);
     sim.shutdown().await.unwrap();
 }
+
+/// Issue 11 item 2: an authorisation failure is not an outage. A revoked station is refused at the
+/// TLS handshake; its probes say "refused by the broker: certificate revoked" and the run ends at
+/// once, instead of waiting for a broker forever; nothing is written to the boards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_station_is_told_so_and_stops() {
+    use flashgate_agent::pipeline::{DeviceOutcome, STATION_REFUSED};
+    use flashgate_proto::v1 as pb;
+    use flashgate_tests::broker::TestPki;
+    let vendor = VendorCa::generate(&mut rand::rngs::OsRng);
+    let sim = Simulator::start(sim_config(&vendor, 2)).await.unwrap();
+    let world = World::with_vendor(vendor);
+    let broker = world.start_broker(BrokerSpec::default()).await;
+    seed_sized(&broker, "b-rev", 4, &["berlin"], 2048, 7).await;
+    broker.seed_batch("b-seen", 1, &["berlin"]).await;
+    // The ledger has seen the station's certificate; then it is revoked.
+    broker.station("berlin", 1).await.issue("b-seen", &world.chip()).await.unwrap();
+    let serial = world.pki.serial(&TestPki::station("berlin", 1));
+    let req = pb::RevokeStationRequest { serial, identity: String::new(), reason: "stolen".into() };
+    broker.admin().await.revoke_station(req).await.unwrap();
+
+    let station = TestStation::new(&world, StationSpec::new(vec![broker.url()]));
+    let started = std::time::Instant::now();
+    let (summary, _) = station.run(tcp_probes(&sim, "sim"), once_per_probe("b-rev"), Duration::from_secs(60)).await;
+    assert!(started.elapsed() < Duration::from_secs(30), "the run waited for a broker: {summary:#?}");
+    assert_eq!(summary.devices.len(), 2, "{summary:#?}");
+    for d in &summary.devices {
+        match &d.outcome {
+            DeviceOutcome::Refused { reason, message, .. } => {
+                assert_eq!(reason, STATION_REFUSED);
+                assert_eq!(message, "refused by the broker: certificate revoked");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(sim.targets().iter().all(|t| t.sfi_state() == SfiState::Idle));
+    sim.shutdown().await.unwrap();
+}
