@@ -8,7 +8,11 @@
 //! - `journal.id`: a random id (16 hex digits) created once, so result ids `"{journal_id}-{seq}"`
 //!   are unique per station even if the journal is ever recreated;
 //! - `journal.jsonl`: one JSON object per line, `{"kind":"result","seq":…,"result_id":…,"result":{…}}`,
-//!   `{"kind":"reported","seq":…}` or `{"kind":"rejected","seq":…,"reason":…}`.
+//!   `{"kind":"reported","seq":…}`, `{"kind":"rejected","seq":…,"reason":…}`, or
+//!   `{"kind":"begin","probe_id":…,"batch_id":…,"device_id":…}`: an install about to start on a
+//!   probe (synced before the first SFI command), so that a board the agent was killed on after
+//!   INSTALL took effect — readout protected, its certificate unreadable — is recognised on restart
+//!   ([`Journal::interrupted`]) and its result recovered instead of lost.
 //!
 //! Durability: [`Journal::append`] writes the result line and `fsync`s it (and the directory when
 //! the file was just created) before returning, so a caller reports to the broker only results
@@ -21,7 +25,7 @@
 //! The journal file is locked (`flock`-style, exclusive) while open, so two daemons cannot share
 //! one journal; [`Journal::read_entries`] reads it without the lock (for `flashgate agent journal`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -186,6 +190,18 @@ enum Line {
     Result { seq: u64, result_id: String, result: DeviceResult },
     Reported { seq: u64 },
     Rejected { seq: u64, reason: String },
+    Begin { probe_id: String, batch_id: String, device_id: String },
+}
+
+/// An install that began on a probe and has no result yet (see [`Journal::begin`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    /// The probe.
+    pub probe_id: String,
+    /// The batch.
+    pub batch_id: String,
+    /// The device being installed.
+    pub device_id: String,
 }
 
 struct Inner {
@@ -203,8 +219,11 @@ struct Inner {
     fault: Option<String>,
     /// Writes that failed since the journal was opened.
     faults_seen: u64,
-    /// Fault injection: every write fails with this error kind until cleared.
-    inject: Option<std::io::ErrorKind>,
+    /// Fault injection: after this many more writes succeed, every write fails with this error kind
+    /// until cleared.
+    inject: Option<(u64, std::io::ErrorKind)>,
+    /// Installs begun without a result yet, by probe.
+    intents: HashMap<String, Intent>,
 }
 
 /// The local result journal. Share it as `Arc<Journal>`; every method takes `&self`.
@@ -266,6 +285,8 @@ fn load_or_create_id(dir: &Path) -> Result<String, JournalError> {
 struct Scan {
     /// Every result in seq order with its state.
     entries: BTreeMap<u64, (JournalEntry, EntryState)>,
+    /// Installs begun and not followed by a result of their device, by probe.
+    intents: HashMap<String, Intent>,
     /// Length of the valid prefix (everything but a torn last line).
     valid_len: u64,
     /// Bytes of a torn last line, if there was one, and its line number.
@@ -278,6 +299,7 @@ fn scan(file: &File, path: &Path) -> Result<Scan, JournalError> {
     let mut reader = BufReader::new(file);
     reader.seek(SeekFrom::Start(0)).map_err(io_err("reading", path))?;
     let mut entries: BTreeMap<u64, (JournalEntry, EntryState)> = BTreeMap::new();
+    let mut intents: HashMap<String, Intent> = HashMap::new();
     let mut offset = 0u64;
     let mut line_no = 0u64;
     let mut buf = Vec::new();
@@ -285,7 +307,7 @@ fn scan(file: &File, path: &Path) -> Result<Scan, JournalError> {
         buf.clear();
         let n = reader.read_until(b'\n', &mut buf).map_err(io_err("reading", path))?;
         if n == 0 {
-            return Ok(Scan { entries, valid_len: offset, torn: None });
+            return Ok(Scan { entries, valid_len: offset, torn: None, intents });
         }
         line_no += 1;
         let parsed = match buf.strip_suffix(b"\n") {
@@ -297,7 +319,7 @@ fn scan(file: &File, path: &Path) -> Result<Scan, JournalError> {
             Err(reason) => {
                 let at_end = reader.fill_buf().map_err(io_err("reading", path))?.is_empty();
                 if at_end {
-                    return Ok(Scan { entries, valid_len: offset, torn: Some((line_no, n as u64)) });
+                    return Ok(Scan { entries, valid_len: offset, torn: Some((line_no, n as u64)), intents });
                 }
                 return Err(JournalError::Malformed { path: path.to_path_buf(), line: line_no, reason });
             }
@@ -309,6 +331,7 @@ fn scan(file: &File, path: &Path) -> Result<Scan, JournalError> {
                 if seq != next_seq {
                     return Err(bad(format!("result seq {seq}, expected {next_seq}")));
                 }
+                intents.retain(|_, i| i.device_id != result.device_id);
                 entries.insert(seq, (JournalEntry { seq, result_id, result }, EntryState::Unreported));
             }
             Line::Reported { seq } => match entries.get_mut(&seq) {
@@ -328,6 +351,9 @@ fn scan(file: &File, path: &Path) -> Result<Scan, JournalError> {
                 }
                 None => return Err(bad(format!("rejection of seq {seq}, which has no result before it"))),
             },
+            Line::Begin { probe_id, batch_id, device_id } => {
+                intents.insert(probe_id.clone(), Intent { probe_id, batch_id, device_id });
+            }
         }
         offset += n as u64;
     }
@@ -385,6 +411,7 @@ impl Journal {
                 fault: None,
                 faults_seen: 0,
                 inject: None,
+                intents: scan.intents,
             }),
         })
     }
@@ -426,7 +453,11 @@ impl Journal {
         })?;
         bytes.push(b'\n');
         let mut result = match inner.inject {
-            Some(kind) => Err(std::io::Error::new(kind, "injected write fault")),
+            Some((0, kind)) => Err(std::io::Error::new(kind, "injected write fault")),
+            Some((left, kind)) => {
+                inner.inject = Some((left - 1, kind));
+                inner.file.write_all(&bytes)
+            }
             None => inner.file.write_all(&bytes),
         }
         .map_err(io_err("writing", &self.path));
@@ -471,6 +502,8 @@ impl Journal {
                 let entry = JournalEntry { seq, result_id, result: r };
                 inner.next_seq = seq + 1;
                 inner.fault = None;
+                let device = entry.result.device_id.clone();
+                inner.intents.retain(|_, i| i.device_id != device);
                 inner.pending.insert(seq, entry.clone());
                 metrics::counter!("flashgate_agent_journal_appends_total").increment(1);
                 return Ok(entry);
@@ -481,6 +514,8 @@ impl Journal {
         let result_id = format!("{}-{seq}-{}", self.journal_id, hex::encode(rand::random::<[u8; 4]>()));
         let entry = JournalEntry { seq, result_id, result: r };
         inner.next_seq = seq + 1;
+        let device = entry.result.device_id.clone();
+        inner.intents.retain(|_, i| i.device_id != device);
         inner.pending.insert(seq, entry.clone());
         inner.held.insert(seq, (entry.clone(), None));
         metrics::gauge!("flashgate_agent_journal_held").set(inner.held.len() as f64);
@@ -516,6 +551,38 @@ impl Journal {
         }
     }
 
+    /// Record, durably, that an install of `device_id` (batch `batch_id`) is about to start on
+    /// `probe_id`; a later result of that device closes it. Written before the first SFI command.
+    pub fn begin(&self, probe_id: &str, batch_id: &str, device_id: &str) -> Result<(), JournalError> {
+        let mut inner = self.lock();
+        self.flush_held(&mut inner);
+        if !inner.held.is_empty() {
+            return Err(JournalError::Io {
+                op: "writing",
+                path: self.path.clone(),
+                source: std::io::Error::other(inner.fault.clone().unwrap_or_default()),
+            });
+        }
+        let line = Line::Begin { probe_id: probe_id.into(), batch_id: batch_id.into(), device_id: device_id.into() };
+        self.write_line(&mut inner, &line, true)?;
+        inner.intents.insert(
+            probe_id.to_owned(),
+            Intent { probe_id: probe_id.into(), batch_id: batch_id.into(), device_id: device_id.into() },
+        );
+        Ok(())
+    }
+
+    /// The install that began on `probe_id` and has no result: the agent was stopped in the middle.
+    pub fn interrupted(&self, probe_id: &str) -> Option<Intent> {
+        self.lock().intents.get(probe_id).cloned()
+    }
+
+    /// Forget the interrupted install on `probe_id` (its board turned out not to be installed; the
+    /// next install on it begins afresh). In memory only: a later result or begin supersedes the line.
+    pub fn clear_interrupted(&self, probe_id: &str) {
+        self.lock().intents.remove(probe_id);
+    }
+
     /// Try to write held results back now; `Err` with the reason while the journal still cannot be
     /// written.
     pub fn retry(&self) -> Result<(), String> {
@@ -545,8 +612,14 @@ impl Journal {
     /// Fault injection, for tests and drills: from now on every write fails with `kind` (as a full
     /// disk fails with `StorageFull`), until called with `None`.
     pub fn inject_write_fault(&self, kind: Option<std::io::ErrorKind>) {
+        self.inject_write_fault_after(0, kind);
+    }
+
+    /// [`Journal::inject_write_fault`] once `writes` more writes have succeeded (the disk fills up
+    /// part way through a device: its install began, its result does not fit).
+    pub fn inject_write_fault_after(&self, writes: u64, kind: Option<std::io::ErrorKind>) {
         let mut inner = self.lock();
-        inner.inject = kind;
+        inner.inject = kind.map(|k| (writes, k));
         if kind.is_none() && inner.held.is_empty() && !inner.poisoned {
             inner.fault = None;
         }

@@ -391,6 +391,13 @@ async fn run(
     };
     lap(timings, "image", &mut t);
 
+    // Durably noted before the first SFI command: if the agent dies after INSTALL took effect, the
+    // board (then readout protected) is recognised on restart and its result recovered.
+    if let Err(e) = ctx.journal.begin(&target.id, batch_id, &id.device_id) {
+        // Nothing was written to the device: no result to journal or report (the board is not
+        // taken; the runner sees the journal fault and takes no other either).
+        return failed(None, (HOST_FAILURE, format!("device {} not installed: {e}", id.device_id)));
+    }
     let mut progress = |p: &Progress| events(StageEvent::Install { stage: p.stage, done: p.done, total });
     let report = match bl.install_image(&mut image, &licence, &mut progress).await {
         Ok(r) => r,
@@ -529,6 +536,34 @@ async fn record(
             tracing::error!(error = %e, device = device_id, "could not journal the device result");
             Err(e.to_string())
         }
+    }
+}
+
+/// A locked board on `target` whose install the journal shows as begun and never finished (the agent
+/// was killed after INSTALL took effect): if GET_STATE says installed, its result is recorded as
+/// installed (INSTALL's CRC was never seen) and reported like any other. `None` when the board is
+/// not installed after all (the intent is then forgotten).
+pub async fn recover_interrupted(
+    ctx: &PipelineContext,
+    target: &ProbeTarget,
+    intent: &crate::journal::Intent,
+) -> Option<DeviceOutcome> {
+    let mut bl = open(&target.addr, &ctx.bootloader).await.ok()?;
+    let (state, _) = bl.get_state().await.ok()?;
+    if state != flashgate_common::protocol::SfiState::Installed {
+        ctx.journal.clear_interrupted(&target.id);
+        return None;
+    }
+    tracing::warn!(probe = %target.id, device = %intent.device_id, batch = %intent.batch_id, "recovered an install interrupted after INSTALL: the board reports installed");
+    let outcome = DeviceOutcome::Installed { device_id: intent.device_id.clone(), crc: None };
+    let timings = vec![("recovered".to_owned(), 0)];
+    match record(ctx, target, &intent.batch_id, 1, &outcome, true, timings).await {
+        Ok(()) => Some(outcome),
+        Err(why) => Some(DeviceOutcome::Failed {
+            device_id: Some(intent.device_id.clone()),
+            status_code: HOST_FAILURE,
+            message: format!("installed, but the result is not durable: {why}"),
+        }),
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::pipeline::{
     DeviceOutcome, Found, PipelineContext, ProbeTarget, StageEvent, install_device, look, record_locked,
+    recover_interrupted,
 };
 
 /// When a probe's run ends.
@@ -354,6 +355,20 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
                 *session
             }
             Found::Locked => {
+                // A board the agent was stopped on after INSTALL took effect: its result is recovered.
+                if let Some(intent) = shared.ctx.journal.interrupted(&probe.id)
+                    && let Some(outcome) = recover_interrupted(&shared.ctx, &probe, &intent).await
+                {
+                    handled.insert(intent.device_id.clone());
+                    shared.emit(RunEvent::Finished { probe: probe.id.clone(), attempts: 1, outcome: outcome.clone() });
+                    records.push(DeviceRecord { probe: probe.id.clone(), attempts: 1, outcome });
+                    locked_seen = true;
+                    waiting_announced = false;
+                    if shared.opts.mode == RunMode::OncePerProbe {
+                        break;
+                    }
+                    continue;
+                }
                 // Journalled and shown once per board: it stays locked until someone takes it off.
                 if !locked_seen {
                     locked_seen = true;

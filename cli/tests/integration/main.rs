@@ -5,4 +5,5 @@ mod support;
 
 mod agent_serve;
 mod broker_processes;
+mod chaos;
 mod lab_flow;

@@ -25,8 +25,9 @@ async fn a_journal_that_cannot_be_written_stops_the_station_and_loses_nothing() 
     seed_sized(&broker, "b-disk", 3, &["berlin"], 4096, 5).await;
 
     let station = TestStation::new(&world, StationSpec::new(vec![broker.url()]));
-    // The disk is full from the start (the seam a full tmpfs would hit: every write fails).
-    station.journal().inject_write_fault(Some(std::io::ErrorKind::StorageFull));
+    // The disk fills up during the first device: its install began (one line), its result does not
+    // fit (the seam a full tmpfs would hit: every later write fails).
+    station.journal().inject_write_fault_after(1, Some(std::io::ErrorKind::StorageFull));
     let opts = RunOptions { max_parallel: 1, ..once_per_probe("b-disk") };
     let (summary, events) = station.run(tcp_probes(&sim, "sim"), opts, Duration::from_secs(60)).await;
 
