@@ -26,6 +26,69 @@ pub const OPTION_WRP_A: u32 = 2;
 /// Option-byte id 3: write protection, area B.
 pub const OPTION_WRP_B: u32 = 3;
 
+/// Option-byte ids of the STM32H7 registers beyond the four every family has (model ids of the
+/// simulator; in an H7 image they travel positionally, see [`ConfigLayout::Positional`]).
+pub const OPTION_H7_OPTCCR: u32 = 4;
+/// See [`OPTION_H7_OPTCCR`].
+pub const OPTION_H7_PRAR1: u32 = 5;
+/// See [`OPTION_H7_OPTCCR`].
+pub const OPTION_H7_SCAR1: u32 = 6;
+/// See [`OPTION_H7_OPTCCR`].
+pub const OPTION_H7_BOOT: u32 = 7;
+/// See [`OPTION_H7_OPTCCR`].
+pub const OPTION_H7_PRAR2: u32 = 8;
+/// See [`OPTION_H7_OPTCCR`].
+pub const OPTION_H7_SCAR2: u32 = 9;
+
+/// How a family's `C` (configuration) area lays out its option words (profile v1.1 §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigLayout {
+    /// Flashgate's: records `u32 id, u32 value` (size a multiple of 8), ids from the family's
+    /// [`FamilyProfile::option_bytes`].
+    Pairs,
+    /// ST's: the family's option registers in this order, one `u32` each, all of them (the size is
+    /// exactly `4 ×` their number). Each word's `id` is the option byte it sets in the model.
+    Positional(&'static [OptionByteDef]),
+}
+
+impl ConfigLayout {
+    /// Size in bytes a `C` area of this layout must have: `Some(n)` for exactly `n`, `None` for a
+    /// multiple of 8.
+    pub fn exact_size(&self) -> Option<u32> {
+        match self {
+            Self::Pairs => None,
+            Self::Positional(words) => Some(words.len() as u32 * 4),
+        }
+    }
+
+    /// The option bytes a `C` area's plaintext sets, as `(id, value)`; `None` when its size does not
+    /// fit the layout. Positional: the RDP byte is bits 15:8 of the first word (H7's OPTSR).
+    pub fn records(&self, plain: &[u8]) -> Option<Vec<(u32, u32)>> {
+        let word = |c: &[u8]| u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        match self {
+            Self::Pairs => {
+                if !plain.len().is_multiple_of(8) {
+                    return None;
+                }
+                Some(plain.chunks_exact(8).map(|r| (word(&r[..4]), word(&r[4..]))).collect())
+            }
+            Self::Positional(words) => {
+                if plain.len() != words.len() * 4 {
+                    return None;
+                }
+                let mut out: Vec<(u32, u32)> =
+                    words.iter().zip(plain.chunks_exact(4)).map(|(d, c)| (d.id, word(c))).collect();
+                if let Some(&(id, optsr)) = out.first()
+                    && id == OPTION_USER
+                {
+                    out.push((OPTION_RDP, (optsr >> 8) & 0xFF));
+                }
+                Some(out)
+            }
+        }
+    }
+}
+
 /// RDP byte value for level 0 (no protection).
 pub const RDP_LEVEL0: u8 = 0xAA;
 /// RDP byte value the simulator uses for level 1.
@@ -60,6 +123,8 @@ pub struct FamilyProfile {
     pub mass_erase_time: Duration,
     /// Option-byte records a `C` area may set.
     pub option_bytes: &'static [OptionByteDef],
+    /// How this family's `C` area lays out its words.
+    pub config_layout: ConfigLayout,
 }
 
 const L4_OPTIONS: &[OptionByteDef] = &[
@@ -80,6 +145,27 @@ const H7_OPTIONS: &[OptionByteDef] = &[
     OptionByteDef { id: OPTION_RDP, name: "RDP", default: RDP_LEVEL0 as u32 },
     OptionByteDef { id: OPTION_USER, name: "FLASH_OPTSR", default: 0x1FFE_AAF0 },
     OptionByteDef { id: OPTION_WRP_A, name: "FLASH_WPSN1R", default: 0x0000_00FF },
+    OptionByteDef { id: OPTION_WRP_B, name: "FLASH_WPSN2R", default: 0x0000_00FF },
+    OptionByteDef { id: OPTION_H7_OPTCCR, name: "FLASH_OPTCCR", default: 0 },
+    OptionByteDef { id: OPTION_H7_PRAR1, name: "FLASH_PRAR1", default: 0x0000_00FF },
+    OptionByteDef { id: OPTION_H7_SCAR1, name: "FLASH_SCAR1", default: 0x0000_00FF },
+    OptionByteDef { id: OPTION_H7_BOOT, name: "FLASH_BOOT", default: 0x1FF0_0800 },
+    OptionByteDef { id: OPTION_H7_PRAR2, name: "FLASH_PRAR2", default: 0x0000_00FF },
+    OptionByteDef { id: OPTION_H7_SCAR2, name: "FLASH_SCAR2", default: 0x0000_00FF },
+];
+
+/// The STM32H7 `C` area as ST's tools write it: nine words. ST does not publish their order; this is
+/// the order Flashgate assumes (profile v1.1 §2): OPTSR, OPTCCR, PRAR1, SCAR1, WPSN1, BOOT, PRAR2,
+/// SCAR2, WPSN2 (the `_PRG` registers; RDP in bits 15:8 of OPTSR).
+const H7_POSITIONAL: &[OptionByteDef] = &[
+    OptionByteDef { id: OPTION_USER, name: "FLASH_OPTSR", default: 0x1FFE_AAF0 },
+    OptionByteDef { id: OPTION_H7_OPTCCR, name: "FLASH_OPTCCR", default: 0 },
+    OptionByteDef { id: OPTION_H7_PRAR1, name: "FLASH_PRAR1", default: 0x0000_00FF },
+    OptionByteDef { id: OPTION_H7_SCAR1, name: "FLASH_SCAR1", default: 0x0000_00FF },
+    OptionByteDef { id: OPTION_WRP_A, name: "FLASH_WPSN1R", default: 0x0000_00FF },
+    OptionByteDef { id: OPTION_H7_BOOT, name: "FLASH_BOOT", default: 0x1FF0_0800 },
+    OptionByteDef { id: OPTION_H7_PRAR2, name: "FLASH_PRAR2", default: 0x0000_00FF },
+    OptionByteDef { id: OPTION_H7_SCAR2, name: "FLASH_SCAR2", default: 0x0000_00FF },
     OptionByteDef { id: OPTION_WRP_B, name: "FLASH_WPSN2R", default: 0x0000_00FF },
 ];
 
@@ -103,6 +189,7 @@ static L4: FamilyProfile = FamilyProfile {
     page_erase_time: Duration::from_millis(22),
     mass_erase_time: Duration::from_millis(22),
     option_bytes: L4_OPTIONS,
+    config_layout: ConfigLayout::Pairs,
 };
 
 static H7: FamilyProfile = FamilyProfile {
@@ -118,6 +205,7 @@ static H7: FamilyProfile = FamilyProfile {
     page_erase_time: Duration::from_secs(1),
     mass_erase_time: Duration::from_secs(2),
     option_bytes: H7_OPTIONS,
+    config_layout: ConfigLayout::Positional(H7_POSITIONAL),
 };
 
 static L5: FamilyProfile = FamilyProfile {
@@ -133,6 +221,7 @@ static L5: FamilyProfile = FamilyProfile {
     page_erase_time: Duration::from_millis(22),
     mass_erase_time: Duration::from_millis(22),
     option_bytes: L5_OPTIONS,
+    config_layout: ConfigLayout::Pairs,
 };
 
 static WL: FamilyProfile = FamilyProfile {
@@ -148,6 +237,7 @@ static WL: FamilyProfile = FamilyProfile {
     page_erase_time: Duration::from_millis(22),
     mass_erase_time: Duration::from_millis(22),
     option_bytes: WL_OPTIONS,
+    config_layout: ConfigLayout::Pairs,
 };
 
 /// The four STM32 families of the profile.

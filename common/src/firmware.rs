@@ -506,6 +506,9 @@ pub fn layout(
 /// Each id may appear once; `RDP` takes a byte value. Returns a `C` area at address 0 whose
 /// payload is the records `u32 id, u32 value` (little-endian) in file order.
 pub fn parse_option_bytes_csv(text: &str, family: &FamilyProfile) -> Result<PlainArea, FirmwareError> {
+    if let crate::family::ConfigLayout::Positional(words) = family.config_layout {
+        return parse_positional_csv(text, family, words);
+    }
     let err = |line: usize, reason: String| FirmwareError::OptionBytes { line, reason };
     let known = || family.option_bytes.iter().map(|o| format!("{} ({})", o.name, o.id)).collect::<Vec<_>>().join(", ");
     let mut seen: Vec<u32> = Vec::new();
@@ -550,6 +553,93 @@ pub fn parse_option_bytes_csv(text: &str, family: &FamilyProfile) -> Result<Plai
     }
     if payload.is_empty() {
         return Err(err(0, "no option-byte records".into()));
+    }
+    Ok(PlainArea { area_type: AreaType::Config, address: 0, data: payload })
+}
+
+/// The `(name, value)` lines of an option-byte CSV (comments after `#`, an optional `name,value`
+/// header), with their line numbers.
+fn csv_lines(text: &str) -> Result<Vec<(usize, String, String)>, FirmwareError> {
+    let err = |line: usize, reason: String| FirmwareError::OptionBytes { line, reason };
+    let mut out = Vec::new();
+    for (i, raw_line) in text.lines().enumerate() {
+        let line = i + 1;
+        let content = raw_line.split('#').next().unwrap_or("").trim();
+        if content.is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = content.split(',').map(str::trim).collect();
+        let [key, value] = fields.as_slice() else {
+            return Err(err(line, format!("expected two fields \"name,value\", found {}", fields.len())));
+        };
+        if out.is_empty()
+            && matches!(key.to_ascii_lowercase().as_str(), "id" | "name")
+            && value.eq_ignore_ascii_case("value")
+        {
+            continue;
+        }
+        out.push((line, (*key).to_owned(), (*value).to_owned()));
+    }
+    Ok(out)
+}
+
+/// ST's positional `C` layout (STM32H7: nine words in the order of `words`): each CSV line names a
+/// register (with or without `FLASH_` and `_PRG`) or `RDP` (bits 15:8 of the first word, OPTSR);
+/// registers not named keep their factory defaults. Always exactly `4 × words` bytes.
+fn parse_positional_csv(
+    text: &str,
+    family: &FamilyProfile,
+    words: &'static [crate::family::OptionByteDef],
+) -> Result<PlainArea, FirmwareError> {
+    let err = |line: usize, reason: String| FirmwareError::OptionBytes { line, reason };
+    let bare = |n: &str| {
+        let u = n.to_ascii_uppercase();
+        let u = u.strip_prefix("FLASH_").unwrap_or(&u).to_owned();
+        let u = u.strip_suffix("_PRG").unwrap_or(&u).to_owned();
+        u.strip_suffix('R').filter(|s| s.starts_with("WPSN")).map(str::to_owned).unwrap_or(u)
+    };
+    let known = || words.iter().map(|w| w.name).collect::<Vec<_>>().join(", ");
+    let mut values: Vec<Option<u32>> = vec![None; words.len()];
+    let mut rdp: Option<u32> = None;
+    let lines = csv_lines(text)?;
+    if lines.is_empty() {
+        return Err(err(0, "no option-byte lines".into()));
+    }
+    for (line, key, value) in lines {
+        let v =
+            parse_u32(&value).ok_or_else(|| err(line, format!("value {value:?} for {key} is not a 32-bit number")))?;
+        if key.eq_ignore_ascii_case("RDP") {
+            if v > 0xFF {
+                return Err(err(line, format!("RDP is one byte, value 0x{v:X} is larger")));
+            }
+            if rdp.replace(v).is_some() {
+                return Err(err(line, "RDP set twice".into()));
+            }
+            continue;
+        }
+        let at = words.iter().position(|w| bare(w.name) == bare(&key)).ok_or_else(|| {
+            err(
+                line,
+                format!(
+                    "unknown option register {key:?} for {}; known, in the order Flashgate assumes: {}, and RDP",
+                    family.display_name,
+                    known()
+                ),
+            )
+        })?;
+        if values[at].replace(v).is_some() {
+            return Err(err(line, format!("option register {} set twice", words[at].name)));
+        }
+    }
+    let mut payload = Vec::with_capacity(words.len() * 4);
+    for (i, w) in words.iter().enumerate() {
+        let mut v = values[i].unwrap_or(w.default);
+        if i == 0
+            && let Some(r) = rdp
+        {
+            v = (v & !0xFF00) | (r << 8);
+        }
+        payload.extend_from_slice(&v.to_le_bytes());
     }
     Ok(PlainArea { area_type: AreaType::Config, address: 0, data: payload })
 }
@@ -874,8 +964,18 @@ mod tests {
         check("RDP,banana", "value \"banana\" for RDP is not a 32-bit number");
         check("RDP", "line 1: expected two fields");
         check("# nothing\n", "line 0: no option-byte records");
-        let h7 = parse_option_bytes_csv("FLASH_OPTSR,0x1FFEAAF0", Family::Stm32H7.profile()).unwrap();
-        assert_eq!(h7.data.len(), 8);
+        // STM32H7: ST's positional layout, nine words, defaults for what the CSV does not name, RDP
+        // folded into OPTSR bits 15:8 (profile v1.1 §2).
+        let h7 =
+            parse_option_bytes_csv("FLASH_OPTSR_PRG,0x1FFEAAF0\nRDP,0xBB\nBOOT,0x12345678", Family::Stm32H7.profile())
+                .unwrap();
+        assert_eq!(h7.data.len(), 36);
+        let word = |i: usize| u32::from_le_bytes(h7.data[i * 4..i * 4 + 4].try_into().unwrap());
+        assert_eq!(word(0), 0x1FFE_BBF0, "RDP in OPTSR bits 15:8");
+        assert_eq!(word(5), 0x1234_5678, "BOOT is the sixth word");
+        assert_eq!(word(8), 0x0000_00FF, "WPSN2 keeps its default");
+        let e = parse_option_bytes_csv("USER,1", Family::Stm32H7.profile()).unwrap_err().to_string();
+        assert!(e.contains("known, in the order Flashgate assumes: FLASH_OPTSR, FLASH_OPTCCR"), "{e}");
     }
 
     proptest! {

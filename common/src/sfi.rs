@@ -46,8 +46,23 @@ const CONFIG_ROOM: u64 = 64 << 10;
 pub fn max_image_file(profile: &crate::family::FamilyProfile) -> u64 {
     profile.flash_size as u64 + HEADER_LEN as u64 + MAX_AREAS as u64 * (DESCRIPTOR_LEN + TAG_LEN) as u64 + CONFIG_ROOM
 }
-/// Size of one `C` area record (`u32 id, u32 value`).
+/// Size of one `C` area record of the pairs layout (`u32 id, u32 value`).
 pub const CONFIG_RECORD_LEN: u32 = 8;
+/// Size of one option word; every `C` area is a whole number of them.
+pub const CONFIG_WORD_LEN: u32 = 4;
+
+/// The size rule of `profile`'s `C` layout (profile v1.1 §2): pairs, a multiple of 8 bytes;
+/// positional, exactly its words (STM32H7: 36 bytes).
+pub fn check_config_size(profile: &FamilyProfile, size: u32) -> Result<(), Problem> {
+    match profile.config_layout.exact_size() {
+        Some(expected) if size != expected => {
+            Err(Problem::ConfigSize { size, expected, words: expected / CONFIG_WORD_LEN, target: profile.display_name })
+        }
+        Some(_) => Ok(()),
+        None if !size.is_multiple_of(CONFIG_RECORD_LEN) => Err(Problem::NotWholeRecords { size }),
+        None => Ok(()),
+    }
+}
 
 /// The AES-128 firmware key `K`. Zeroized on drop; `Debug` never prints it; equality is
 /// constant-time.
@@ -261,11 +276,29 @@ pub enum Problem {
         /// The value found.
         found: u64,
     },
-    /// A `C` area size that is not a whole number of 8-byte records.
+    /// A `C` area size that is not a whole number of 8-byte records (a family with the pairs layout).
     #[error("{size} is not a multiple of the 8-byte option-byte record")]
     NotWholeRecords {
         /// The size found.
         size: u32,
+    },
+    /// A `C` area size that is not a whole number of 32-bit option words.
+    #[error("{size} is not a multiple of the 4-byte option word")]
+    NotWholeWords {
+        /// The size found.
+        size: u32,
+    },
+    /// A `C` area whose size is not the family's positional layout.
+    #[error("{size} bytes, but a {target} `C` area holds exactly {expected} bytes ({words} option words)")]
+    ConfigSize {
+        /// The size found.
+        size: u32,
+        /// The size the family's layout has.
+        expected: u32,
+        /// Option words in that layout.
+        words: u32,
+        /// The family.
+        target: &'static str,
     },
     /// An `F`/`M` area whose end is beyond the 32-bit address space.
     #[error("area [{start:#010x}, {end:#x}) extends past the 32-bit address space")]
@@ -542,8 +575,9 @@ impl AreaDescriptor {
                         Problem::MustBeZero { area_type, found: self.address.into() },
                     ));
                 }
-                if !self.size.is_multiple_of(CONFIG_RECORD_LEN) {
-                    return Err(malformed(offset + 4, place, "size", Problem::NotWholeRecords { size: self.size }));
+                // Structurally (no family known): any whole number of option words (profile v1.1).
+                if !self.size.is_multiple_of(CONFIG_WORD_LEN) {
+                    return Err(malformed(offset + 4, place, "size", Problem::NotWholeWords { size: self.size }));
                 }
             }
             AreaType::Pause | AreaType::Resume => {
@@ -933,6 +967,11 @@ impl ImageValidator {
         }
         if desc.area_type.is_flash() {
             self.check_flash_range(&desc, offset, place)?;
+        }
+        if desc.area_type == AreaType::Config
+            && let Some(map) = self.opts.memory_map
+        {
+            check_config_size(map, desc.size).map_err(|p| malformed(offset + 4, place, "size", p))?;
         }
         self.seen = position;
         self.position = end;
@@ -1465,12 +1504,27 @@ mod tests {
         let mut b = image(std::slice::from_ref(&config));
         patch_descriptor(&mut b, 1, |d| d[8] = 4);
         assert_eq!(read_err(&b, known_len(&b)), "offset 36: area 1 field address: must be 0 for a 'C' area, found 0x4");
+        // Profile v1.1: structurally any whole number of option words; with a family, its layout.
+        let mut b = image(std::slice::from_ref(&config));
+        patch_descriptor(&mut b, 1, |d| d[4] = 6);
+        b.truncate(b.len() - 2);
+        assert_eq!(
+            read_err(&b, known_len(&b)),
+            "offset 32: area 1 field size: 6 is not a multiple of the 4-byte option word"
+        );
         let mut b = image(std::slice::from_ref(&config));
         patch_descriptor(&mut b, 1, |d| d[4] = 4);
         b.truncate(b.len() - 4);
+        assert!(read_all(&b, known_len(&b)).is_ok(), "4 bytes: one option word, structurally fine");
+        let l4 = ReaderOptions { file_len: Some(b.len() as u64), memory_map: Some(Family::Stm32L4.profile()) };
         assert_eq!(
-            read_err(&b, known_len(&b)),
+            read_err(&b, l4),
             "offset 32: area 1 field size: 4 is not a multiple of the 8-byte option-byte record"
+        );
+        let h7 = ReaderOptions { file_len: Some(b.len() as u64), memory_map: Some(Family::Stm32H7.profile()) };
+        assert_eq!(
+            read_err(&b, h7),
+            "offset 32: area 1 field size: 4 bytes, but a STM32H7 (H753) `C` area holds exactly 36 bytes (9 option words)"
         );
         let pause = PlainArea { area_type: AreaType::Pause, address: 0x2000_0000, data: vec![] };
         let mut b = image(&[pause]);

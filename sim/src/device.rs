@@ -675,7 +675,10 @@ impl Device {
                 }
             }
             AreaType::Config => {
-                if descriptor.address != 0 || descriptor.size % 8 != 0 || descriptor.size > MAX_CONFIG_AREA {
+                if descriptor.address != 0
+                    || descriptor.size > MAX_CONFIG_AREA
+                    || flashgate_common::sfi::check_config_size(profile, descriptor.size).is_err()
+                {
                     return self.fail(SfiStatus::AddressOutOfRange);
                 }
             }
@@ -764,7 +767,8 @@ impl Device {
             r.flash_time += time;
             return r;
         }
-        let word = u64::from(self.profile.program_word);
+        let profile = self.profile;
+        let word = u64::from(profile.program_word);
         let Some(session) = self.session() else {
             return SfiReply::status(SfiStatus::BadState);
         };
@@ -777,10 +781,10 @@ impl Device {
                 }
             }
             AreaType::Config => {
-                for rec in config.chunks_exact(8) {
-                    let id = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
-                    let value = u32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
-                    session.options.push((id, value));
+                // The family's layout (pairs, or ST's positional words); the size was checked at
+                // START_AREA.
+                if let Some(records) = profile.config_layout.records(&config) {
+                    session.options.extend(records);
                 }
             }
             _ => {}

@@ -150,3 +150,56 @@ async fn fault_injection_is_reproducible_by_seed() {
     assert_eq!(clean, [0x79, 0x79, 0x01, 0x04, 0x62, 0x79]);
     assert!(a.contains(&0x1F) || a.len() < 60 * 5, "expected NACKs or lost bytes under faults");
 }
+
+/// Profile v1.1 §2: an STM32H7 image carries ST's positional `C` area (nine words, 36 bytes), as
+/// ST's tools write it; the H7 target applies it word by word (RDP from OPTSR bits 15:8), and refuses
+/// a `C` area in Flashgate's pairs layout (not 36 bytes).
+#[tokio::test(start_paused = true)]
+async fn an_h7_image_with_st_s_positional_option_words_installs() {
+    use flashgate_common::family::{OPTION_H7_BOOT, OPTION_USER};
+    let v = vectors();
+    let family = Family::Stm32H7;
+    let profile = family.profile();
+    let install = |config: Vec<u8>| {
+        let v = &v;
+        async move {
+            let identity = ChipIdentity::certify(profile, &v.vendor_ca, v.chip.clone());
+            let licence = crate::support::licence_for(v, identity.certificate());
+            let t = SimTarget::with_identity(family, identity, LinkConfig::default());
+            let areas = [
+                PlainArea { area_type: AreaType::Firmware, address: profile.flash_base, data: vec![0x42; 64] },
+                PlainArea { area_type: AreaType::Config, address: 0, data: config },
+            ];
+            let img = split_image(&valid_image_of(v, &areas));
+            let mut h = Host::new(t.connect());
+            h.sync().await;
+            let mut statuses =
+                vec![h.extended(OP_LICENCE, &[], &licence).await, h.extended(OP_HEADER, &[], &img.header).await];
+            for (desc, ct) in &img.areas {
+                statuses.push(h.extended(OP_AREA, &[], desc).await);
+                for (i, c) in ct.chunks(1024).enumerate() {
+                    statuses.push(h.extended(OP_CHUNK, &((i * 1024) as u32).to_be_bytes(), c).await);
+                }
+            }
+            statuses.push(h.special(OP_INSTALL, &[]).await.1);
+            (t, statuses)
+        }
+    };
+    let csv = "FLASH_OPTSR_PRG,0x1FFEAAF0\nRDP,0xCC\nFLASH_BOOT_PRG,0x1FF00900\n";
+    let config = flashgate_common::firmware::parse_option_bytes_csv(csv, profile).unwrap().data;
+    assert_eq!(config.len(), 36);
+    let (t, statuses) = install(config).await;
+    assert!(statuses.iter().all(|s| *s == 0), "{statuses:x?}");
+    t.handle().with_device(|d| {
+        assert_eq!(d.option_bytes()[&OPTION_USER], 0x1FFE_CCF0);
+        assert_eq!(d.option_bytes()[&OPTION_H7_BOOT], 0x1FF0_0900);
+        assert_eq!(d.rdp_level(), flashgate_sim::RdpLevel::Level2, "RDP from OPTSR bits 15:8");
+    });
+
+    // Pairs (8-byte records) are not an H7 `C` area: refused at START_AREA.
+    let mut pairs = 1u32.to_le_bytes().to_vec();
+    pairs.extend_from_slice(&0x1FFE_AAF0u32.to_le_bytes());
+    let (t, statuses) = install(pairs).await;
+    assert!(statuses.contains(&0x0106), "{statuses:x?}");
+    assert_ne!(t.handle().sfi_state(), SfiState::Installed);
+}
