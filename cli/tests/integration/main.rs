@@ -3,6 +3,8 @@
 
 mod support;
 
+mod admin_guards;
 mod agent_serve;
 mod broker_processes;
 mod lab_flow;
+mod shell_conventions;
