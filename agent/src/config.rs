@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flashgate_common::settings::{self, duration};
+use flashgate_proto::transport::{BrokerUrl, TransportError};
 use serde::Deserialize;
 
 use crate::bootloader::ClientConfig;
@@ -261,8 +262,14 @@ impl AgentConfig {
         if self.broker.endpoints.is_empty() {
             return invalid("broker.endpoints", String::new(), "at least one broker endpoint is required");
         }
-        if let Some(e) = self.broker.endpoints.iter().find(|e| !e.starts_with("https://")) {
-            return invalid("broker.endpoints", e.clone(), "endpoints are https://host:port (mutual TLS)");
+        for (i, e) in self.broker.endpoints.iter().enumerate() {
+            if let Err(err) = BrokerUrl::parse(e) {
+                let why = match err {
+                    TransportError::Endpoint { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+                return invalid(&format!("broker.endpoints[{i}]"), e.clone(), &why);
+            }
         }
         for (i, p) in self.probes.fixed.iter().enumerate() {
             if let Err(e) = p.target.parse::<crate::bootloader::TargetAddr>() {
@@ -356,7 +363,12 @@ target = "tcp://127.0.0.1:7001"
         let e = load(&GOOD.replace("tcp://127.0.0.1:7001", "usb://x"), &[]).unwrap_err().to_string();
         assert!(e.contains("probes.static[0].target"), "{e}");
         let e = load(&GOOD.replace("https://127.0.0.1:7443", "http://x:1"), &[]).unwrap_err().to_string();
-        assert!(e.contains("broker.endpoints"), "{e}");
+        assert!(e.contains("broker.endpoints[0]") && e.contains("only https"), "{e}");
+        let e = load(GOOD, &[("FLASHGATE_BROKER__ENDPOINTS", "https://a:1,https://127.0.0.1:35359.")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("broker.endpoints[1]") && e.contains("https://127.0.0.1:35359."), "{e}");
+        assert!(e.contains("port \"35359.\" is not a number from 1 to 65535"), "{e}");
         let e = load(&format!("{GOOD}\n[run]\nmax_paralel = 3\n"), &[]).unwrap_err().to_string();
         assert!(e.contains("max_paralel"), "{e}");
         let e = load(&format!("{GOOD}\n[station]\nheartbeat_interval = \"0s\"\n"), &[]).unwrap_err().to_string();
@@ -367,5 +379,19 @@ target = "tcp://127.0.0.1:7001"
     fn the_commented_example_in_deploy_loads() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/agent.toml");
         AgentConfig::load_from(&p, std::iter::empty()).unwrap();
+    }
+
+    /// The example's probe is the first target of the simulator README.md starts.
+    #[test]
+    fn the_example_probe_is_the_readme_simulator() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let c = AgentConfig::load_from(&root.join("deploy/config/agent.toml"), std::iter::empty()).unwrap();
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let listen = readme
+            .lines()
+            .filter(|l| l.trim_start().starts_with("flashgate sim "))
+            .find_map(|l| l.split_whitespace().skip_while(|w| *w != "--listen").nth(1))
+            .expect("README.md starts a simulator with --listen");
+        assert_eq!(c.probes.fixed[0].target, format!("tcp://{listen}"), "README.md simulator: --listen {listen}");
     }
 }

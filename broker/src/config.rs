@@ -318,7 +318,11 @@ impl BrokerConfig {
             return invalid("ledger.url", self.ledger.url.clone(), "expected sqlite://PATH or postgres://…");
         }
         if self.limits.max_message_mib == 0 || self.limits.max_message_mib > 1024 {
-            return invalid("limits.max_message_mib", self.limits.max_message_mib.to_string(), "expected 1..=1024");
+            return invalid(
+                "limits.max_message_mib",
+                self.limits.max_message_mib.to_string(),
+                "expected a number from 1 to 1024",
+            );
         }
         for (i, m) in self.hsm.members.iter().enumerate() {
             if let HsmMemberConfig::Pkcs11 { pin_env, pin_file, sessions, .. } = m {

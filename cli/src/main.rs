@@ -56,11 +56,20 @@ enum Command {
     /// Measure throughput (used by `make bench`).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
+    /// Print the shell completion script (bash, zsh, fish).
+    Completions(commands::completions::CompletionsArgs),
+    /// Write manual pages for flashgate and every subcommand into a directory.
+    Man(commands::man::ManArgs),
+}
+
+/// The whole command line definition, with the exit codes after the help text.
+fn cli_command() -> clap::Command {
+    Cli::command().after_help(exit::help())
 }
 
 fn main() -> std::process::ExitCode {
     // Usage errors exit 64 (sysexits); the exit codes are listed under `flashgate --help`.
-    let parsed = Cli::command().after_help(exit::help()).try_get_matches().and_then(|m| Cli::from_arg_matches(&m));
+    let parsed = cli_command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m));
     let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
@@ -108,12 +117,14 @@ fn main() -> std::process::ExitCode {
             }
             Command::Agent(cmd) => commands::agent::run(cmd).await,
             Command::Bench(cmd) => commands::bench::run(cmd).await,
+            Command::Completions(args) => commands::completions::run(args, cli_command()),
+            Command::Man(args) => commands::man::run(args, cli_command()),
         }
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", output::error_text(&e));
             std::process::ExitCode::from(exit::classify(&e) as u8)
         }
     }

@@ -15,6 +15,23 @@ pub fn init_tracing(filter: &str, json: bool) {
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
+/// An error and its causes on one line, `outer: cause: root cause`, each cause once: the libraries'
+/// errors often say their source in their own message as well (`{path}: {source}`), so a cause whose
+/// text the line already holds is left out (anyhow's `{:#}` would print `… (os error 2): … (os error 2)`).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 /// A byte progress bar (hidden when stderr is not a terminal).
 pub fn byte_bar(total: u64, prefix: &str) -> ProgressBar {
     let bar = ProgressBar::new(total);
@@ -251,6 +268,20 @@ mod tests {
         let mut t = Table::new(["a"]);
         t.row(["x", "extra"]);
         assert_eq!(t.render(), "a\nx  extra\n");
+    }
+
+    #[test]
+    fn each_cause_once() {
+        use anyhow::Context;
+        let missing = std::fs::read("/no/such/key.bin").unwrap_err();
+        let lib = flashgate_common::keyfile::read_key_file(std::path::Path::new("/no/such/key.bin")).err().unwrap();
+        let e = anyhow::Error::new(lib).context("reading firmware key");
+        let text = error_text(&e);
+        assert_eq!(text.matches(&missing.to_string()).count(), 1, "{text}");
+        assert!(text.starts_with("reading firmware key: /no/such/key.bin"), "{text}");
+        // Causes that say something new are all kept.
+        let e = Err::<(), _>(std::io::Error::other("disk full")).context("writing b").context("saving a").unwrap_err();
+        assert_eq!(error_text(&e), "saving a: writing b: disk full");
     }
 
     #[test]

@@ -362,4 +362,30 @@ mod tests {
         assert!(!l4.flash_contains(0x07FF_FFFF, 1));
         assert_eq!(l4.product_id_str(), "46201002");
     }
+
+    /// docs/protocol.md's option-byte table names what `pack` accepts: the profiles' names.
+    #[test]
+    fn the_protocol_doc_names_the_option_bytes_as_pack_does() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md")).unwrap();
+        let rows: Vec<Vec<String>> = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("### Option-byte record ids"))
+            .filter(|l| l.starts_with("| ") && l.as_bytes().get(2).is_some_and(u8::is_ascii_digit))
+            .map(|l| l.split('|').map(|c| c.trim().trim_matches('`').to_string()).collect())
+            .take_while(|cells: &Vec<String>| cells.len() == 6)
+            .collect();
+        assert_eq!(rows.len(), 4, "the option-byte table of docs/protocol.md: {rows:?}");
+        for row in &rows {
+            let id: u32 = row[1].parse().unwrap();
+            for (family, name) in [
+                (Family::Stm32L4, &row[2]),
+                (Family::Stm32L5, &row[2]),
+                (Family::Stm32Wl, &row[2]),
+                (Family::Stm32H7, &row[3]),
+            ] {
+                let def = family.profile().option_byte(id).unwrap();
+                assert_eq!(def.name, name, "option byte {id} of {family} in docs/protocol.md");
+            }
+        }
+    }
 }

@@ -619,12 +619,12 @@ fn generate_key(what: &str) -> Result<Zeroizing<KeyPair>, PkiError> {
 fn check_dns_name(name: &str) -> Result<(), PkiError> {
     let bad = |reason: &str| PkiError::InvalidName { what: "DNS name", value: name.into(), reason: reason.into() };
     if name.is_empty() || name.len() > 253 {
-        return Err(bad("must be 1..=253 characters"));
+        return Err(bad("must be 1 to 253 characters long"));
     }
     if !name.split('.').all(|l| {
         !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
     }) {
-        return Err(bad("labels of 1..=63 characters a-z A-Z 0-9 - (a leading * label for wildcards)"));
+        return Err(bad("labels of 1 to 63 characters a-z A-Z 0-9 - (a leading * label for wildcards)"));
     }
     Ok(())
 }

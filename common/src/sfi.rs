@@ -231,7 +231,7 @@ pub enum Problem {
         found: u64,
     },
     /// The area count is outside `1..=1024`.
-    #[error("{found} is outside 1..={MAX_AREAS}")]
+    #[error("{found} is not from 1 to {MAX_AREAS}")]
     AreaCountOutOfRange {
         /// The count found.
         found: u16,
@@ -385,7 +385,7 @@ pub enum SfiError {
         found: u64,
     },
     /// Packing was asked for an image with no areas or more than 1024.
-    #[error("cannot pack {count} areas: an image holds 1..={MAX_AREAS}")]
+    #[error("cannot pack {count} areas: an image holds 1 to {MAX_AREAS}")]
     AreaCount {
         /// The number of areas given.
         count: usize,
@@ -1404,7 +1404,7 @@ mod tests {
             b[10..12].copy_from_slice(&count.to_le_bytes());
             assert_eq!(
                 read_err(&b, ReaderOptions::default()),
-                format!("offset 10: header field area_count: {count} is outside 1..=1024")
+                format!("offset 10: header field area_count: {count} is not from 1 to 1024")
             );
         }
         assert_eq!(

@@ -980,6 +980,133 @@ impl Service<Uri> for MtlsConnector {
     }
 }
 
+/// A broker address as given to every client (`flashgate admin --broker`, the agent's
+/// `broker.endpoints`, the benches): `https://HOST:PORT`, checked before anything connects, so that
+/// `https://127.0.0.1:35359.` (a trailing dot) is refused naming the URL rather than read as
+/// port 443. HOST is a DNS name, an IPv4 address or a bracketed IPv6 address; the port is required
+/// (brokers listen on 7443 by default, not 443); a trailing `/` is allowed, a path, query, fragment
+/// or user name is not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    host: String,
+    port: u16,
+}
+
+impl BrokerUrl {
+    /// Check `uri`; the error names it and says what is wrong.
+    pub fn parse(uri: &str) -> Result<Self, TransportError> {
+        let bad = |reason: String| TransportError::Endpoint { uri: uri.to_string(), reason };
+        let Some((scheme, rest)) = uri.split_once("://") else {
+            return Err(bad("missing scheme, expected https://host:port".into()));
+        };
+        if !scheme.eq_ignore_ascii_case("https") {
+            return Err(bad(format!("scheme {scheme:?}: only https is supported (always mutual TLS)")));
+        }
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        if !tail.is_empty() && tail != "/" {
+            let what = match tail.as_bytes()[0] {
+                b'?' => "a query",
+                b'#' => "a fragment",
+                _ => "a path",
+            };
+            return Err(bad(format!("unexpected {what} {tail:?}: a broker URL is https://host:port")));
+        }
+        if authority.contains('@') {
+            return Err(bad("a user name is not allowed (the client certificate says who you are)".into()));
+        }
+        if authority.is_empty() {
+            return Err(bad("missing host, expected https://host:port".into()));
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let Some((addr, after)) = v6.split_once(']') else {
+                return Err(bad(format!("IPv6 address {authority:?} lacks its closing ']'")));
+            };
+            addr.parse::<std::net::Ipv6Addr>().map_err(|_| bad(format!("{addr:?} is not an IPv6 address")))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p,
+                None if after.is_empty() => return Err(bad(missing_port())),
+                None => return Err(bad(format!("unexpected {after:?} after the IPv6 address"))),
+            };
+            (format!("[{addr}]"), port)
+        } else {
+            let Some((host, port)) = authority.rsplit_once(':') else {
+                return Err(bad(missing_port()));
+            };
+            check_host(host).map_err(bad)?;
+            (host.to_ascii_lowercase(), port)
+        };
+        let port = match port.parse::<u16>() {
+            Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => p,
+            _ => return Err(bad(format!("port {port:?} is not a number from 1 to 65535"))),
+        };
+        Ok(BrokerUrl { host, port })
+    }
+
+    /// The host: a lowercase DNS name, an IPv4 address, or an IPv6 address in brackets.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `host:port`.
+    pub fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "https://{}:{}", self.host, self.port)
+    }
+}
+
+impl std::str::FromStr for BrokerUrl {
+    type Err = TransportError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        BrokerUrl::parse(s)
+    }
+}
+
+fn missing_port() -> String {
+    "missing port, expected https://host:port (brokers listen on 7443 by default)".into()
+}
+
+/// A host of a broker URL: an IPv4 address or a DNS name (labels of letters, digits and `-`).
+fn check_host(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("missing host, expected https://host:port".into());
+    }
+    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return host.parse::<std::net::Ipv4Addr>().map(|_| ()).map_err(|_| format!("{host:?} is not an IPv4 address"));
+    }
+    if host.len() > 253 {
+        return Err(format!("host name of {} characters: at most 253 are allowed", host.len()));
+    }
+    if host.ends_with('.') {
+        return Err(format!("host {host:?} ends with '.'"));
+    }
+    for label in host.split('.') {
+        if label.is_empty() {
+            return Err(format!("host {host:?} has an empty label (two dots in a row)"));
+        }
+        if label.len() > 63 {
+            return Err(format!("label {label:?} of host {host:?} is longer than 63 characters"));
+        }
+        if let Some(c) = label.chars().find(|c| !c.is_ascii_alphanumeric() && *c != '-') {
+            return Err(format!("host {host:?} contains {c:?}: only letters, digits, '-' and '.' are allowed"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label {label:?} of host {host:?} starts or ends with '-'"));
+        }
+    }
+    Ok(())
+}
+
 /// A tonic [`Endpoint`] for `uri` (`https://host:port`) to use with [`MtlsConnector`].
 ///
 /// tonic refuses `https` URIs when its own TLS is not configured, so the endpoint connects to
@@ -988,16 +1115,7 @@ impl Service<Uri> for MtlsConnector {
 /// ([`CLIENT_KEEP_ALIVE_INTERVAL`], [`CLIENT_KEEP_ALIVE_TIMEOUT`]).
 pub fn endpoint(uri: &str) -> Result<Endpoint, TransportError> {
     let bad = |reason: String| TransportError::Endpoint { uri: uri.to_string(), reason };
-    let parsed: Uri = uri.parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
-    match parsed.scheme_str() {
-        Some("https") => {}
-        Some(other) => return Err(bad(format!("scheme {other:?}: only https is supported (always mutual TLS)"))),
-        None => return Err(bad("missing scheme, expected https://host:port".into())),
-    }
-    let authority = parsed.authority().ok_or_else(|| bad("missing host".into()))?;
-    if parsed.path() != "/" && !parsed.path().is_empty() {
-        return Err(bad(format!("unexpected path {:?}", parsed.path())));
-    }
+    let authority = BrokerUrl::parse(uri)?.authority();
     let dial = format!("http://{authority}");
     let origin: Uri = format!("https://{authority}").parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
     Endpoint::from_shared(dial)
@@ -1062,10 +1180,32 @@ mod tests {
             ("127.0.0.1:7443", "scheme"),
             ("https://127.0.0.1:7443/path", "path"),
             ("https://", "https://"),
+            ("https://127.0.0.1:35359.", "port \"35359.\" is not a number from 1 to 65535"),
+            ("https://127.0.0.1", "missing port"),
+            ("https://127.0.0.1:0", "from 1 to 65535"),
+            ("https://127.0.0.1:65536", "from 1 to 65535"),
+            ("https://127.0.0.1:+7443", "from 1 to 65535"),
+            ("https://127.0.0.1:7443?x=1", "query"),
+            ("https://127.0.0.1:7443#top", "fragment"),
+            ("https://ops@broker:7443", "user name"),
+            ("https://broker.:7443", "ends with '.'"),
+            ("https://bro ker:7443", "contains ' '"),
+            ("https://broker..test:7443", "empty label"),
+            ("https://-broker:7443", "starts or ends with '-'"),
+            ("https://127.0.0.256:7443", "not an IPv4 address"),
+            ("https://[::1:7443", "closing ']'"),
+            ("https://[::1]", "missing port"),
+            ("https://[::g]:7443", "not an IPv6 address"),
         ] {
             let msg = endpoint(uri).unwrap_err().to_string();
-            assert!(msg.contains(needle) && msg.contains(uri), "{uri}: {msg}");
+            assert!(msg.contains(needle) && msg.contains(&format!("{uri:?}")), "{uri}: {msg}");
         }
+        let u = BrokerUrl::parse("HTTPS://Broker-1.Factory.test:7443/").unwrap();
+        assert_eq!((u.host(), u.port()), ("broker-1.factory.test", 7443));
+        assert_eq!(u.to_string(), "https://broker-1.factory.test:7443");
+        assert_eq!("https://[::1]:1".parse::<BrokerUrl>().unwrap().authority(), "[::1]:1");
+        let long = format!("https://{}.test:7443", "a".repeat(64));
+        assert!(BrokerUrl::parse(&long).unwrap_err().to_string().contains("longer than 63 characters"));
         let tls = Arc::new(
             ClientConfig::builder_with_provider(crypto_provider())
                 .with_protocol_versions(&[&rustls::version::TLS13])

@@ -4,22 +4,24 @@
 //! and the batch assigned to each, or a pause) and revocation, the audit log and HSM status. Every
 //! RPC requires an admin identity; every change is audited by the ledger with that identity as actor.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::time::Instant;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use flashgate_common::family::Family;
 use flashgate_common::keyfile::fresh_nonce;
 use flashgate_common::licence::KeyId;
 use flashgate_common::pki::Identity;
 use flashgate_common::sfi::{AreaType, FirmwareKey, ImageReader, PlainArea, ReaderOptions, expected_flash_crc};
+use flashgate_proto::errors::refusal;
 use flashgate_proto::transport::normalize_serial;
 use flashgate_proto::v1 as pb;
 use flashgate_proto::v1::admin_service_server::AdminService;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 use zeroize::Zeroizing;
 
@@ -28,7 +30,8 @@ use super::station::probe_info;
 use super::status::{hsm_status, ledger_status};
 use super::{BrokerState, auth};
 use crate::ledger::{
-    Batch, BatchState, BatchStatus, ImageMeta, KeyRecord, LedgerError, NewBatch, NewImage, StationSummary, now_ms,
+    ANY_SITE, Batch, BatchState, BatchStatus, ImageMeta, KeyRecord, LedgerError, NewBatch, NewImage, StationSummary,
+    now_ms,
 };
 
 /// The `AdminService` implementation.
@@ -105,6 +108,7 @@ fn batch_info(b: &Batch, counts: Option<&BatchStatus>) -> pb::BatchInfo {
         state: state_to_pb(b.state),
         created_at_ms: b.created_at,
         created_by: b.created_by.clone(),
+        warnings: Vec::new(),
     }
 }
 
@@ -133,6 +137,104 @@ fn station_summary_info(s: StationSummary, revs: &[crate::ledger::Revocation]) -
         installs_failed: s.installs_failed,
         ..Default::default()
     }
+}
+
+/// How many names a guard's message lists before saying "and N more".
+const NAMES_LISTED: usize = 12;
+
+/// `2020-01-01T00:00:00Z` for ms since the epoch (the number itself before 1970).
+fn ms_text(ms: i64) -> String {
+    match u64::try_from(ms) {
+        Ok(m) => humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(m)).to_string(),
+        Err(_) => format!("{ms} ms since the epoch"),
+    }
+}
+
+/// `SITE/N` for a station identity URI of any trust domain, else the URI.
+fn short_station(uri: &str) -> String {
+    match Identity::parse_uri(uri) {
+        Ok(Identity::Station { site, station, .. }) => format!("{site}/{station}"),
+        _ => uri.to_owned(),
+    }
+}
+
+/// `a, b, c` — at most [`NAMES_LISTED`], then `and N more`; `none` for none.
+fn name_list(names: &[String]) -> String {
+    if names.is_empty() {
+        return "none".into();
+    }
+    let mut text = names.iter().take(NAMES_LISTED).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > NAMES_LISTED {
+        text.push_str(&format!(" and {} more", names.len() - NAMES_LISTED));
+    }
+    text
+}
+
+/// Stations that have connected to a broker of this ledger (a certificate seen, a licence, an install
+/// report or a status recorded), by identity, with their site. An assignment alone does not count.
+fn connected_stations(
+    summaries: &[StationSummary],
+    statuses: &[crate::ledger::StationStatus],
+) -> BTreeMap<String, String> {
+    summaries
+        .iter()
+        .map(|s| (s.identity.clone(), s.site.clone()))
+        .chain(statuses.iter().map(|s| (s.identity.clone(), s.site.clone())))
+        .collect()
+}
+
+/// The warnings of `CreateBatch`: each allowed site (other than `*`) with no connected station.
+fn site_warnings(allowed: &[String], connected: &BTreeMap<String, String>) -> Vec<String> {
+    let mut sites: Vec<String> = connected.values().cloned().collect();
+    sites.sort();
+    sites.dedup();
+    allowed
+        .iter()
+        .filter(|a| a.as_str() != ANY_SITE && !sites.contains(a))
+        .map(|a| {
+            format!(
+                "no station of site {a:?} has connected to this broker's ledger yet; sites with stations: {}",
+                name_list(&sites)
+            )
+        })
+        .collect()
+}
+
+/// The warning of `AssignStation` for a station that never connected, naming the known stations of
+/// its site (or every known station when its site has none).
+fn station_warning(station: &str, connected: &BTreeMap<String, String>) -> Option<String> {
+    if connected.contains_key(station) {
+        return None;
+    }
+    let site = match Identity::parse_uri(station) {
+        Ok(Identity::Station { site, .. }) => site,
+        _ => String::new(),
+    };
+    let same_site: Vec<String> =
+        connected.iter().filter(|(_, s)| **s == site).map(|(id, _)| short_station(id)).collect();
+    let known = if same_site.is_empty() {
+        let all: Vec<String> = connected.keys().map(|id| short_station(id)).collect();
+        format!("no station of site {site:?} has; known stations: {}", name_list(&all))
+    } else {
+        format!("known stations of site {site:?}: {}", name_list(&same_site))
+    };
+    Some(format!(
+        "station {station} has never connected to this broker's ledger (the batch is assigned for when it \
+         does); {known}"
+    ))
+}
+
+/// The serials the ledger has seen, `SITE/N: a, b` per station, for a refusal's message.
+fn known_serials(stations: &[&StationSummary]) -> String {
+    let per: Vec<String> = stations
+        .iter()
+        .filter(|s| !s.certificates.is_empty())
+        .map(|s| {
+            let serials: Vec<String> = s.certificates.iter().map(|c| c.serial.clone()).collect();
+            format!("{}: {}", short_station(&s.identity), serials.join(", "))
+        })
+        .collect();
+    if per.is_empty() { "none".into() } else { name_list(&per) }
 }
 
 type AuditStream = Pin<Box<dyn Stream<Item = Result<pb::AuditRecord, Status>> + Send + 'static>>;
@@ -403,13 +505,36 @@ impl AdminService for Admin {
         rpc!("CreateBatch", self, req, |caller, body| {
             if body.id.is_empty() || body.id.len() > 64 || body.id.chars().any(|c| c.is_control() || c == '/') {
                 return Err(Status::invalid_argument(format!(
-                    "batch id {:?} must be 1..=64 characters without '/' or control characters",
+                    "batch id {:?} must be 1 to 64 characters long, without '/' or control characters",
                     body.id
                 )));
             }
             if body.allowed_sites.is_empty() {
                 return Err(Status::invalid_argument("a batch needs at least one allowed site (or \"*\")"));
             }
+            let now = now_ms();
+            if let Some(na) = body.not_after_ms
+                && na <= now
+            {
+                return Err(refusal(
+                    Code::InvalidArgument,
+                    "WINDOW_OVER",
+                    format!(
+                        "batch {}: its validity window ended at {} (not_after {na}), before now ({}); it could \
+                         never issue a licence",
+                        body.id,
+                        ms_text(na),
+                        ms_text(now)
+                    ),
+                    [("batch_id", body.id.clone()), ("not_after_ms", na.to_string())],
+                ));
+            }
+            let ledger = self.state.ledger();
+            let connected = connected_stations(
+                &ledger.stations().await.map_err(lst)?,
+                &ledger.station_statuses().await.map_err(lst)?,
+            );
+            let warnings = site_warnings(&body.allowed_sites, &connected);
             let b = self
                 .state
                 .ledger()
@@ -428,7 +553,10 @@ impl AdminService for Admin {
                 .await
                 .map_err(lst)?;
             tracing::info!(batch = %b.id, quota = b.quota, "batch created");
-            Ok(batch_info(&b, None))
+            for w in &warnings {
+                tracing::warn!(batch = %b.id, "{w}");
+            }
+            Ok(pb::BatchInfo { warnings, ..batch_info(&b, None) })
         })
     }
 
@@ -523,6 +651,12 @@ impl AdminService for Admin {
             if body.batch_id.is_empty() {
                 return Err(Status::invalid_argument(format!("no batch given to assign to {station}")));
             }
+            let ledger = self.state.ledger();
+            let connected = connected_stations(
+                &ledger.stations().await.map_err(lst)?,
+                &ledger.station_statuses().await.map_err(lst)?,
+            );
+            let warning = station_warning(&station, &connected);
             let a = self
                 .state
                 .ledger()
@@ -531,7 +665,12 @@ impl AdminService for Admin {
                 .map_err(|e| ledger_status(e, &body.batch_id, ""))?;
             self.state.stations().publish(a);
             tracing::info!(station = %station, batch = %body.batch_id, "batch assigned to station");
-            self.station_info(&station).await
+            let mut info = self.station_info(&station).await?;
+            if let Some(w) = warning {
+                tracing::warn!(station = %station, "{w}");
+                info.warnings.push(w);
+            }
+            Ok(info)
         })
     }
 
@@ -554,19 +693,60 @@ impl AdminService for Admin {
                 return Err(Status::invalid_argument("a revocation needs a reason"));
             }
             let stations = self.state.ledger().stations().await.map_err(lst)?;
+            let mut warnings = Vec::new();
             // (serial, identity) pairs to revoke.
             let targets: Vec<(String, String)> = match (body.serial.is_empty(), body.identity.is_empty()) {
-                (false, true) => {
+                (false, only_serial) => {
                     let serial = normalize_serial(&body.serial);
                     if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
                         return Err(Status::invalid_argument(format!("serial {:?} is not hex", body.serial)));
                     }
-                    let identity = stations
-                        .iter()
-                        .find(|s| s.certificates.iter().any(|c| c.serial == serial))
-                        .map(|s| s.identity.clone())
-                        .unwrap_or_default();
-                    vec![(serial, identity)]
+                    let named = if only_serial { None } else { Some(self.station_uri(&body.identity)?) };
+                    let owner = stations.iter().find(|s| s.certificates.iter().any(|c| c.serial == serial));
+                    match (owner, &named) {
+                        (Some(o), Some(n)) if o.identity != *n => {
+                            return Err(Status::invalid_argument(format!(
+                                "certificate serial {serial} belongs to {}, not to {n}",
+                                o.identity
+                            )));
+                        }
+                        (Some(o), _) => vec![(serial, o.identity.clone())],
+                        (None, _) if body.force => {
+                            warnings.push(format!(
+                                "serial {serial} has not been seen by this broker's ledger: revoked in advance{}",
+                                named.as_ref().map(|n| format!(" for {n}")).unwrap_or_default()
+                            ));
+                            vec![(serial, named.clone().unwrap_or_default())]
+                        }
+                        (None, Some(n)) => {
+                            let of: Vec<&StationSummary> = stations.iter().filter(|s| s.identity == *n).collect();
+                            return Err(refusal(
+                                Code::FailedPrecondition,
+                                "UNKNOWN_SERIAL",
+                                format!(
+                                    "no certificate with serial {serial} has been seen for {n}; its known serials: \
+                                     {}; nothing revoked (force, `--force` on the command line, revokes a \
+                                     certificate before it is first used)",
+                                    known_serials(&of)
+                                ),
+                                [("serial", serial.clone()), ("identity", n.clone())],
+                            ));
+                        }
+                        (None, None) => {
+                            let all: Vec<&StationSummary> = stations.iter().collect();
+                            return Err(refusal(
+                                Code::FailedPrecondition,
+                                "UNKNOWN_SERIAL",
+                                format!(
+                                    "no certificate with serial {serial} has been seen by this broker's ledger; \
+                                     known serials: {}; nothing revoked (force, `--force` on the command line, \
+                                     revokes a certificate before it is first used)",
+                                    known_serials(&all)
+                                ),
+                                [("serial", serial.clone())],
+                            ));
+                        }
+                    }
                 }
                 (true, false) => {
                     let s = stations.iter().find(|s| s.identity == body.identity).ok_or_else(|| {
@@ -577,10 +757,19 @@ impl AdminService for Admin {
                     })?;
                     s.certificates.iter().map(|c| (c.serial.clone(), s.identity.clone())).collect()
                 }
-                _ => return Err(Status::invalid_argument("give exactly one of serial or identity")),
+                (true, true) => return Err(Status::invalid_argument("give a serial, an identity, or both")),
             };
+            let revoked = self.state.ledger().revocations().await.map_err(lst)?;
             let mut serials = Vec::new();
             for (serial, identity) in targets {
+                if let Some(r) = revoked.iter().find(|r| normalize_serial(&r.serial) == serial) {
+                    warnings.push(format!(
+                        "serial {serial} was already revoked at {} by {} ({})",
+                        ms_text(r.revoked_at),
+                        r.revoked_by,
+                        r.reason
+                    ));
+                }
                 let r = self
                     .state
                     .ledger()
@@ -591,7 +780,7 @@ impl AdminService for Admin {
                 tracing::warn!(serial = %r.serial, identity = %r.identity, reason = %r.reason, "station certificate revoked");
                 serials.push(r.serial);
             }
-            Ok(pb::RevokeStationResponse { serials })
+            Ok(pb::RevokeStationResponse { serials, warnings })
         })
     }
 

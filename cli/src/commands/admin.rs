@@ -180,7 +180,7 @@ pub struct CreateBatchArgs {
     #[arg(long, value_name = "SHA256", value_parser = parse_sha256)]
     pub image: String,
     /// How many devices may be licensed.
-    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    #[arg(long, value_parser = super::number_at_least(1i64))]
     pub quota: i64,
     /// A site whose stations may obtain licences; repeatable; `*` allows every site.
     #[arg(long = "site", value_name = "SITE", required = true)]
@@ -225,17 +225,23 @@ pub enum StationCommand {
 
 /// Arguments of `flashgate admin station revoke`.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("which").required(true).args(["serial", "identity"])))]
+#[command(group(ArgGroup::new("which").required(true).multiple(true).args(["serial", "identity"])))]
 pub struct RevokeArgs {
-    /// Certificate serial (hex, any case, `:` allowed).
+    /// Certificate serial (hex, any case, `:` allowed). One the ledger has never seen is refused,
+    /// naming the serials it knows, unless --force is given.
     #[arg(long)]
     pub serial: Option<String>,
-    /// Station identity URI (spiffe://TD/site/SITE/station/N): every certificate seen for it.
+    /// Station identity URI (spiffe://TD/site/SITE/station/N): alone, every certificate seen for it;
+    /// with --serial, the station that serial must belong to.
     #[arg(long, value_name = "URI")]
     pub identity: Option<String>,
     /// Why (recorded in the audit chain).
     #[arg(long)]
     pub reason: String,
+    /// Revoke --serial although no station has connected with it yet (a certificate issued but not
+    /// yet used).
+    #[arg(long, requires = "serial")]
+    pub force: bool,
 }
 
 /// `flashgate admin audit …`
@@ -435,7 +441,7 @@ fn prepare(command: &AdminCommand, conn: &ConnectArgs) -> Result<Prepared> {
 
 /// Read a 16-byte firmware key file; any other size is refused naming the file and its size.
 fn read_key(path: &Path) -> Result<sfi::FirmwareKey> {
-    keyfile::read_key_file(path).with_context(|| format!("reading firmware key {}", path.display()))
+    keyfile::read_key_file(path).context("reading the firmware key")
 }
 
 /// Parse the firmware inputs exactly as `flashgate pack` does and lay them out for the family.
@@ -555,8 +561,25 @@ async fn image(client: &mut Client, cmd: ImageCommand, prepared: Prepared, json:
     Ok(())
 }
 
+/// Print the broker's warnings about a request it accepted, one `warning:` line each on stderr
+/// (with `--json` they are in the document instead).
+fn print_warnings(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
+/// `value` with a `warnings` array added (empty when the broker had none).
+fn with_warnings(mut value: Value, warnings: &[String]) -> Value {
+    if let Value::Object(map) = &mut value {
+        map.insert("warnings".into(), json!(warnings));
+    }
+    value
+}
+
 async fn batch(client: &mut Client, cmd: BatchCommand, json: bool) -> Result<()> {
     let set_state = |id: String, state: pb::BatchState| pb::SetBatchStateRequest { id, state: state as i32 };
+    let created = matches!(cmd, BatchCommand::Create(_));
     let info = match cmd {
         BatchCommand::Create(a) => {
             let request = pb::CreateBatchRequest {
@@ -592,10 +615,13 @@ async fn batch(client: &mut Client, cmd: BatchCommand, json: bool) -> Result<()>
             .await
             .rpc(&format!("status of batch {id}"))?,
     };
-    if json {
+    if json && created {
+        println!("{}", with_warnings(batch_json(&info), &info.warnings));
+    } else if json {
         println!("{}", batch_json(&info));
     } else {
         print!("{}", batch_detail(&info));
+        print_warnings(&info.warnings);
     }
     Ok(())
 }
@@ -673,16 +699,18 @@ async fn station(client: &mut Client, cmd: StationCommand, prepared: Prepared, j
         StationCommand::Revoke(_) => bail!("internal: revoke is not an assignment"),
     };
     if json {
-        println!("{}", station_json(&info));
+        println!("{}", with_warnings(station_json(&info), &info.warnings));
     } else {
         print!("{}", station_detail(&info));
+        print_warnings(&info.warnings);
     }
     Ok(())
 }
 
 async fn revoke(client: &mut Client, a: RevokeArgs, json: bool) -> Result<()> {
     let target = match (&a.serial, &a.identity) {
-        (Some(s), _) => format!("serial {s}"),
+        (Some(s), Some(i)) => format!("serial {s} of {i}"),
+        (Some(s), None) => format!("serial {s}"),
         (None, Some(i)) => format!("identity {i}"),
         (None, None) => bail!("give --serial or --identity"),
     };
@@ -691,12 +719,16 @@ async fn revoke(client: &mut Client, a: RevokeArgs, json: bool) -> Result<()> {
             serial: a.serial.unwrap_or_default(),
             identity: a.identity.unwrap_or_default(),
             reason: a.reason,
+            force: a.force,
         })
         .await
         .rpc(&format!("revoking {target}"))?;
     if json {
-        println!("{}", json!({ "serials": r.serials }));
-    } else if r.serials.is_empty() {
+        println!("{}", json!({ "serials": r.serials, "warnings": r.warnings }));
+        return Ok(());
+    }
+    print_warnings(&r.warnings);
+    if r.serials.is_empty() {
         println!("no certificate revoked for {target} (none seen by the ledger)");
     } else {
         println!("revoked {} certificate(s) for {target}:", r.serials.len());
@@ -736,7 +768,7 @@ async fn audit_export(client: &mut Client, out: Option<PathBuf>, after: i64) -> 
     }
     writer.commit()?;
     match (first, last) {
-        (Some(a), Some(b)) => eprintln!("exported {count} audit records (seq {a}..={b}) to {target}"),
+        (Some(a), Some(b)) => eprintln!("exported {count} audit records (seq {a} to {b}) to {target}"),
         _ => eprintln!("no audit records after seq {after}"),
     }
     Ok(())
@@ -1238,11 +1270,47 @@ mod tests {
 
         assert!(parse(&["batch", "create", "b1", "--product", "46201002", "--image", "x", "--quota", "1"]).is_err());
         assert!(parse(&["station", "revoke", "--reason", "lost"]).is_err());
-        assert!(parse(&["station", "revoke", "--serial", "4a", "--identity", "x", "--reason", "lost"]).is_err());
+        let a = parse(&["station", "revoke", "--serial", "4a", "--identity", "x", "--reason", "lost"]).unwrap();
+        assert!(matches!(a.command, AdminCommand::Station(StationCommand::Revoke(ref r))
+            if r.serial.as_deref() == Some("4a") && r.identity.as_deref() == Some("x") && !r.force));
         assert!(parse(&["station", "revoke", "--serial", "4a:0b", "--reason", "lost"]).is_ok());
+        let a = parse(&["station", "revoke", "--serial", "4a", "--reason", "new", "--force"]).unwrap();
+        assert!(matches!(a.command, AdminCommand::Station(StationCommand::Revoke(ref r)) if r.force));
+        assert!(parse(&["station", "revoke", "--identity", "x", "--reason", "lost", "--force"]).is_err());
         assert!(parse(&["image", "pack", "--key-id", &"0".repeat(32), "--family", "stm32l4"]).is_err());
         let a = parse(&["audit", "export", "--after", "7", "--out", "a.jsonl"]).unwrap();
         assert!(matches!(a.command, AdminCommand::Audit(AuditCommand::Export { after: 7, .. })));
+    }
+
+    /// Every `admin station revoke` example in the docs is a command line the CLI accepts.
+    #[test]
+    fn revoke_examples_in_the_docs_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = vec![root.join("README.md")];
+        for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+            files.push(entry.unwrap().path());
+        }
+        let mut seen = 0;
+        for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "md")) {
+            let text = std::fs::read_to_string(file).unwrap();
+            let spans = text.lines().flat_map(|l| l.split('`').skip(1).step_by(2));
+            for span in spans.filter(|s| s.contains("admin station revoke")) {
+                // Shell words: quoted strings stay one argument.
+                let mut args: Vec<String> = Vec::new();
+                for (i, part) in span.split('"').enumerate() {
+                    if i % 2 == 1 {
+                        args.push(part.to_string());
+                    } else {
+                        args.extend(part.split_whitespace().map(String::from));
+                    }
+                }
+                let from = args.iter().position(|a| a == "station").unwrap();
+                let argv: Vec<&str> = args[from..].iter().map(String::as_str).collect();
+                parse(&argv).unwrap_or_else(|e| panic!("{}: `{span}`: {e}", file.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3, "only {seen} revoke examples found");
     }
 
     #[test]

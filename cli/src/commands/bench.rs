@@ -63,7 +63,7 @@ fn mb_per_s(bytes: u64, d: Duration) -> f64 {
 
 fn sfi_bench(args: &SfiBenchArgs) -> Result<()> {
     if args.area == 0 || args.area > sfi::MAX_AREA_SIZE || args.size < args.area {
-        bail!("--area must be 1..=16 MiB and no larger than --size");
+        bail!("--area must be from 1 byte to 16 MiB and no larger than --size");
     }
     let key = FirmwareKey::new(*b"bench-key-16-byt");
     let nonce = ImageNonce(*b"bench-nonce1");

@@ -47,7 +47,8 @@ pub const MAX_ERROR_RATE: f64 = 0.01;
 #[derive(Debug, Args)]
 pub struct LicenceBenchArgs {
     /// Broker URL.
-    #[arg(long, env = "FLASHGATE_BROKER", default_value = DEFAULT_BROKER, value_name = "URL")]
+    #[arg(long, env = "FLASHGATE_BROKER", default_value = DEFAULT_BROKER, value_name = "URL",
+          value_parser = super::client::parse_broker)]
     pub broker: String,
     /// PKI directory from `flashgate pki init` with an admin and station certificates.
     #[arg(long, value_name = "DIR")]
@@ -56,7 +57,7 @@ pub struct LicenceBenchArgs {
     #[arg(long, value_name = "KEY_PEM")]
     pub vendor_ca_key: PathBuf,
     /// Concurrent virtual stations, each with its own TLS connection (certificates shared round-robin).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, default_value_t = 64, value_parser = super::number_between(1u32, 10_000))]
     pub stations: u32,
     /// Measured duration, e.g. `30s`, `2m`.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -78,7 +79,7 @@ pub struct LicenceBenchArgs {
     #[arg(long)]
     pub chips: Option<u64>,
     /// Quota of the bench batch.
-    #[arg(long, default_value_t = 10_000_000, value_parser = clap::value_parser!(i64).range(1..))]
+    #[arg(long, default_value_t = 10_000_000, value_parser = super::number_at_least(1i64))]
     pub quota: i64,
     /// Licences to open with their chip's key after the run (0 to skip the check).
     #[arg(long, default_value_t = 100)]
@@ -588,7 +589,7 @@ pub async fn run(args: LicenceBenchArgs) -> Result<()> {
         .await
         .rpc(&format!("closing bench batch {}", setup.batch_id))
     {
-        eprintln!("warning: {e:#}");
+        eprintln!("warning: {}", crate::output::error_text(&e));
     }
     outcome
 }
@@ -664,7 +665,7 @@ async fn measure(
         (Some(ch), false) => match fetch_image(ch.clone(), &setup.image_sha256).await {
             Ok(bytes) => Some(bytes),
             Err(e) => {
-                image_note = Some(format!("image not checked: {e:#}"));
+                image_note = Some(format!("image not checked: {}", crate::output::error_text(&e)));
                 None
             }
         },

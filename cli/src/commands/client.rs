@@ -27,7 +27,8 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
     /// Broker URL (always mutual TLS).
-    #[arg(long, global = true, env = "FLASHGATE_BROKER", default_value = DEFAULT_BROKER, value_name = "URL")]
+    #[arg(long, global = true, env = "FLASHGATE_BROKER", default_value = DEFAULT_BROKER, value_name = "URL",
+          value_parser = parse_broker)]
     pub broker: String,
     /// PKI directory written by `flashgate pki init`: uses DIR/admins/NAME.pem, DIR/admins/NAME.key
     /// and DIR/ca.pem (identity spiffe://TRUST_DOMAIN/admin/NAME, the trust domain read from DIR/ca.pem).
@@ -48,6 +49,16 @@ pub struct ConnectArgs {
     /// Name the broker certificate must carry (default: the host of --broker).
     #[arg(long, global = true, value_name = "NAME")]
     pub server_name: Option<String>,
+}
+
+/// A broker URL on the command line (`--broker`, `FLASHGATE_BROKER`), checked by
+/// [`transport::BrokerUrl`] as every client's is; clap names the value, the error says what is wrong.
+pub fn parse_broker(s: &str) -> Result<String, String> {
+    match transport::BrokerUrl::parse(s) {
+        Ok(_) => Ok(s.to_string()),
+        Err(transport::TransportError::Endpoint { reason, .. }) => Err(reason),
+        Err(other) => Err(other.to_string()),
+    }
 }
 
 /// Where the TLS files come from, decided from the flags alone (no file is read).
@@ -193,6 +204,18 @@ mod tests {
         assert_eq!(partial, "--cert --ca given without --key (all three are needed)");
         let none = credentials(None, "admin", None, None, None).unwrap_err().to_string();
         assert!(none.contains("--pki DIR"), "{none}");
+    }
+
+    #[test]
+    fn broker_urls_are_checked_before_connecting() {
+        assert_eq!(parse_broker("https://127.0.0.1:7443").unwrap(), "https://127.0.0.1:7443");
+        assert_eq!(parse_broker(DEFAULT_BROKER).unwrap(), DEFAULT_BROKER);
+        assert_eq!(
+            parse_broker("https://127.0.0.1:35359.").unwrap_err(),
+            "port \"35359.\" is not a number from 1 to 65535"
+        );
+        assert!(parse_broker("https://broker:7443/admin").unwrap_err().contains("path \"/admin\""));
+        assert!(parse_broker("broker:7443").unwrap_err().contains("missing scheme"));
     }
 
     #[test]

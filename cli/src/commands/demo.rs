@@ -45,7 +45,7 @@ const BATCH: &str = "demo-lot-1";
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Simulated devices, shared between the two stations.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=64))]
+    #[arg(long, default_value_t = 8, value_parser = super::number_between(2u32, 64))]
     pub devices: u32,
     /// Licences the batch may issue.
     #[arg(long, default_value_t = 6)]

@@ -8,12 +8,37 @@ pub mod bench_install;
 pub mod bench_licences;
 pub mod broker;
 pub mod client;
+pub mod completions;
 pub mod demo;
 pub mod lab;
+pub mod man;
 pub mod pack;
 pub mod pki;
 pub mod sfi;
 pub mod sim;
+
+/// A clap value parser for a whole number from `min` to `max`, whose error says so in words
+/// (clap's own `.range()` prints Rust syntax such as `2..=64`).
+pub fn number_between<T>(min: T, max: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync + 'static,
+{
+    move |s: &str| match s.trim().parse::<T>() {
+        Ok(v) if v >= min && v <= max => Ok(v),
+        _ => Err(format!("expected a whole number from {min} to {max}")),
+    }
+}
+
+/// A clap value parser for a whole number of at least `min` (and at most what `T` holds).
+pub fn number_at_least<T>(min: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync + 'static,
+{
+    move |s: &str| match s.trim().parse::<T>() {
+        Ok(v) if v >= min => Ok(v),
+        _ => Err(format!("expected a whole number of at least {min}")),
+    }
+}
 
 /// Parse `0x…` hexadecimal or decimal, with an optional `K`/`KiB`/`M`/`MiB` suffix, for sizes and addresses.
 pub fn parse_size(s: &str) -> Result<u32, String> {
@@ -36,7 +61,20 @@ pub fn parse_size(s: &str) -> Result<u32, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{number_at_least, number_between, parse_size};
+
+    #[test]
+    fn numbers_in_words() {
+        let p = number_between(2u32, 64);
+        assert_eq!(p("8"), Ok(8));
+        assert_eq!(p("64"), Ok(64));
+        assert_eq!(p("65").unwrap_err(), "expected a whole number from 2 to 64");
+        assert_eq!(p("1").unwrap_err(), "expected a whole number from 2 to 64");
+        assert_eq!(p("x").unwrap_err(), "expected a whole number from 2 to 64");
+        let q = number_at_least(1i64);
+        assert_eq!(q("10000000"), Ok(10_000_000));
+        assert_eq!(q("0").unwrap_err(), "expected a whole number of at least 1");
+    }
 
     #[test]
     fn sizes() {

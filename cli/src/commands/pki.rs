@@ -55,7 +55,7 @@ pub struct InitArgs {
     #[arg(long = "broker-ip", value_name = "IP")]
     pub broker_ips: Vec<IpAddr>,
     /// Validity of the leaf certificates in days (the CA lives at least ten years).
-    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    #[arg(long, default_value_t = 365, value_parser = super::number_between(1u32, 36_500))]
     pub validity_days: u32,
 }
 
@@ -85,7 +85,7 @@ pub struct IssueArgs {
     #[arg(long)]
     pub trust_domain: Option<String>,
     /// Validity in days.
-    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    #[arg(long, default_value_t = 365, value_parser = super::number_between(1u32, 36_500))]
     pub validity_days: u32,
 }
 

@@ -3,7 +3,9 @@
 
 mod support;
 
+mod admin_guards;
 mod agent_serve;
 mod broker_processes;
 mod chaos;
 mod lab_flow;
+mod shell_conventions;

@@ -4,6 +4,7 @@
 //! The SoftHSM2 scenario (`e2e_softhsm_install`, which sets `SOFTHSM2_CONF` for the PKCS#11 module)
 //! and the Docker scenario (`compose_faults`) keep binaries of their own.
 
+mod admin_guards;
 mod agent_broker_restart;
 mod agent_link_faults;
 mod agent_parallel;

@@ -153,6 +153,7 @@ async fn revoked_station_is_refused_on_new_and_open_connections() {
             serial: colon.join(":"),
             identity: String::new(),
             reason: "station stolen".into(),
+            force: false,
         })
         .await
         .unwrap()
@@ -290,6 +291,7 @@ async fn wrong_role_is_not_authorised() {
             serial: world.pki.serial(&TestPki::station("berlin", 2)),
             identity: String::new(),
             reason: "x".into(),
+            force: false,
         })
         .await
         .unwrap_err();

@@ -378,7 +378,12 @@ async fn attach_streams_are_capped_superseded_and_ended_by_revocation() {
     let serial = world.pki.serial(&TestPki::station("berlin", 2));
     let mut admin = b.admin().await;
     admin
-        .revoke_station(pb::RevokeStationRequest { serial, identity: String::new(), reason: "stolen".into() })
+        .revoke_station(pb::RevokeStationRequest {
+            serial,
+            identity: String::new(),
+            reason: "stolen".into(),
+            force: false,
+        })
         .await
         .unwrap();
     let e = idle.next(Duration::from_secs(5)).await.expect("the revoked stream ends").unwrap_err();
