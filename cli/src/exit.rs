@@ -94,8 +94,10 @@ pub fn with(exit: Exit, error: impl Into<anyhow::Error>) -> anyhow::Error {
 /// The exit code of a gRPC status from a broker.
 pub fn from_status(s: &tonic::Status) -> Exit {
     if let Some(r) = flashgate_proto::errors::Refusal::from_status(s) {
-        return match r.reason.as_str() {
-            "STATION_REVOKED" | "NOT_AUTHORISED" | "CERTIFICATE_EXPIRED" => Exit::NoPerm,
+        return match (r.reason.as_str(), r.code) {
+            ("STATION_REVOKED" | "NOT_AUTHORISED" | "CERTIFICATE_EXPIRED", _) => Exit::NoPerm,
+            // A request the broker can never accept as written (a window already over, a bad value).
+            (_, Code::InvalidArgument | Code::OutOfRange) => Exit::Data,
             _ => Exit::Refused,
         };
     }

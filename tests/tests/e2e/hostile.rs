@@ -85,7 +85,12 @@ async fn a_legitimate_line_completes_exactly_under_floods_and_forgeries() {
     broker
         .admin()
         .await
-        .revoke_station(pb::RevokeStationRequest { serial, identity: String::new(), reason: "stolen".into() })
+        .revoke_station(pb::RevokeStationRequest {
+            serial,
+            identity: String::new(),
+            reason: "stolen".into(),
+            force: false,
+        })
         .await
         .unwrap();
     let rss_before = status_kib("VmRSS:");

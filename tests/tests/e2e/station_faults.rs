@@ -111,7 +111,7 @@ async fn a_revoked_station_is_told_so_and_stops() {
     // The ledger has seen the station's certificate; then it is revoked.
     broker.station("berlin", 1).await.issue("b-seen", &world.chip()).await.unwrap();
     let serial = world.pki.serial(&TestPki::station("berlin", 1));
-    let req = pb::RevokeStationRequest { serial, identity: String::new(), reason: "stolen".into() };
+    let req = pb::RevokeStationRequest { serial, identity: String::new(), reason: "stolen".into(), force: false };
     broker.admin().await.revoke_station(req).await.unwrap();
 
     let station = TestStation::new(&world, StationSpec::new(vec![broker.url()]));
