@@ -523,7 +523,13 @@ impl LinkTask {
         let mut inbound = tokio::select! {
             r = tokio::time::timeout(self.opts.attach_timeout, attach) => match r {
                 Ok(Ok(resp)) => resp.into_inner(),
-                Ok(Err(status)) => return failed(flashgate_proto::errors::describe_status(&status), false),
+                Ok(Err(status)) => {
+                    if flashgate_proto::tls_alert::auth_failure(&status).is_some() {
+                        // Not an outage: said at every try, whatever the backoff count.
+                        tracing::warn!(%endpoint, reason = %flashgate_proto::errors::describe_status(&status), "the broker refuses this station; retrying with backoff");
+                    }
+                    return failed(flashgate_proto::errors::describe_status(&status), false);
+                }
                 Err(_) => return failed(format!("no answer to Attach within {:?}", self.opts.attach_timeout), false),
             },
             () = closed(&mut self.closing) => return SessionEnd::Closed,

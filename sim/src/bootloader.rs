@@ -556,6 +556,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // ACK the frame at once; the answer follows when the command is done.
         self.port.send(&[ACK]).await?;
         let reply = self.execute(opcode, &data, &[]);
+        if matches!(opcode, SfiOpcode::Install | SfiOpcode::Abort) || reply.status != SfiStatus::Ok {
+            self.target.persist_now().await;
+        }
         let mut r = Vec::with_capacity(reply.data.len() + 8);
         r.extend_from_slice(&(reply.data.len() as u16).to_be_bytes());
         r.extend_from_slice(&reply.data);
@@ -582,6 +585,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // the command is done.
         self.port.send(&[ACK]).await?;
         let reply = self.execute(opcode, &buf1, &buf2);
+        if reply.status != SfiStatus::Ok {
+            // The session failed (the flash was mass-erased): on disk before the answer.
+            self.target.persist_now().await;
+        }
         let [hi, lo] = reply.status.code().to_be_bytes();
         self.port.send_continued(&[0x00, 0x02, hi, lo, ACK]).await?;
         Ok(Flow::Continue)

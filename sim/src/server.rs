@@ -182,6 +182,8 @@ struct TargetInner {
     persist: PersistSignal,
     /// Serialises saves of this target so the newest snapshot is always the last written.
     save_lock: Mutex<()>,
+    /// The state directory, when the simulator persists (`--state-dir`).
+    state_dir: std::sync::OnceLock<PathBuf>,
 }
 
 /// Shared access to one simulated target (its device and bootloader line state).
@@ -208,6 +210,7 @@ impl TargetHandle {
                 next_connection: AtomicU64::new(0),
                 persist: PersistSignal::default(),
                 save_lock: Mutex::new(()),
+                state_dir: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -260,6 +263,18 @@ impl TargetHandle {
 
     pub(crate) fn changed(&self, urgency: Urgency) {
         self.inner.persist.mark(urgency);
+    }
+
+    /// Save the state now, before the bootloader answers (an install's end: INSTALL, a failure, ABORT),
+    /// so that `flashgate sim dump` run next, while the simulator runs, shows what the chip holds.
+    pub(crate) async fn persist_now(&self) {
+        let Some(dir) = self.inner.state_dir.get().cloned() else { return };
+        let t = self.clone();
+        match tokio::task::spawn_blocking(move || t.save_now(&dir)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(target = self.index(), error = %e, "saving state failed"),
+            Err(e) => tracing::error!(target = self.index(), error = %e, "state saver task failed"),
+        }
     }
 
     /// Save the current state into `dir` (blocking file I/O; saves of one target never overlap,
@@ -388,6 +403,7 @@ impl Simulator {
                 running.tasks.push(tokio::spawn(async move { t.serve(master, "pty").await }));
             }
             if let Some(dir) = &cfg.state_dir {
+                let _ = target.inner.state_dir.set(dir.clone());
                 running.tasks.push(tokio::spawn(persist_loop(dir.clone(), target.clone())));
             }
             tracing::info!(

@@ -281,6 +281,11 @@ fn lab_flow_installs_and_refuses_in_words() {
     assert!(err.contains("does not verify"), "{err}");
     assert!(!dir.join("never.bin").exists());
 
+    // Issue 12 item 11: while the simulator runs, `sim dump` already shows what INSTALL left (the
+    // state is saved before INSTALL answers).
+    ok(&dir, &["sim", "dump", "--state-dir", "state", "--target", "0", "--out", "live0.bin"]);
+    let live0 = std::fs::read(dir.join("live0.bin")).unwrap();
+    assert_eq!(&live0[..app.len()], &app[..], "sim dump while the simulator runs shows stale flash");
     sim.stop();
     ok(&dir, &["sim", "dump", "--state-dir", "state", "--target", "0", "--out", "flash0.bin"]);
     ok(&dir, &["sim", "dump", "--state-dir", "state", "--target", "2", "--out", "flash2.bin"]);
