@@ -113,6 +113,55 @@ pub fn fresh_nonce() -> ImageNonce {
     ImageNonce(nonce)
 }
 
+/// Suffix of the record, beside a key file, of the nonces already used with that key
+/// (`key.bin.nonces`: one nonce in hex per line, appended and synced by every packing).
+pub const USED_NONCES_SUFFIX: &str = ".nonces";
+
+/// Largest used-nonce record read (1 MiB, about 40,000 packings of one key).
+pub const MAX_USED_NONCES_FILE: u64 = 1 << 20;
+
+fn used_nonces_path(key_path: &Path) -> PathBuf {
+    let mut name = key_path.as_os_str().to_owned();
+    name.push(USED_NONCES_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// Whether `nonce` was already used with the key in `key_path` (by a packing that recorded it).
+pub fn nonce_used(key_path: &Path, nonce: &ImageNonce) -> Result<bool, KeyFileError> {
+    let path = used_nonces_path(key_path);
+    let io = |source| KeyFileError::Io { path: path.clone(), source };
+    match fs::metadata(&path) {
+        Ok(m) if m.len() > MAX_USED_NONCES_FILE => {
+            return Err(io(std::io::Error::other(format!(
+                "{} bytes; a used-nonce record is at most {MAX_USED_NONCES_FILE}",
+                m.len()
+            ))));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(e)),
+    }
+    let text = fs::read_to_string(&path).map_err(io)?;
+    let want = hex::encode(nonce.0);
+    Ok(text.lines().any(|l| l.trim().eq_ignore_ascii_case(&want)))
+}
+
+/// Record that `nonce` has been used with the key in `key_path` (appended, synced, mode 0600).
+pub fn record_nonce(key_path: &Path, nonce: &ImageNonce) -> Result<(), KeyFileError> {
+    let path = used_nonces_path(key_path);
+    let io = |source| KeyFileError::Io { path: path.clone(), source };
+    let mut options = fs::OpenOptions::new();
+    options.append(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut f = options.open(&path).map_err(io)?;
+    writeln!(f, "{}", hex::encode(nonce.0)).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
 /// The key id the lab flow uses when none is given: the first 16 bytes of
 /// SHA-256("Flashgate key id v1" || K). Stable per key; reveals nothing usable about `K`.
 pub fn default_key_id(key: &FirmwareKey) -> KeyId {
@@ -142,6 +191,17 @@ mod tests {
             assert_eq!(fs::metadata(&np).unwrap().permissions().mode() & 0o777, 0o600);
         }
         assert!(matches!(generate_key_files(dir.path()), Err(KeyFileError::Exists { .. })));
+    }
+
+    #[test]
+    fn used_nonces_are_recorded_beside_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, nonce, kp, _) = generate_key_files(dir.path()).unwrap();
+        assert!(!nonce_used(&kp, &nonce).unwrap());
+        record_nonce(&kp, &nonce).unwrap();
+        assert!(nonce_used(&kp, &nonce).unwrap());
+        assert!(!nonce_used(&kp, &fresh_nonce()).unwrap());
+        assert!(dir.path().join("key.bin.nonces").exists());
     }
 
     #[test]

@@ -21,12 +21,26 @@ pub struct PackArgs {
     /// Option bytes as CSV lines `id_or_name,value` (becomes the image's `C` area).
     #[arg(long, value_name = "CSV")]
     pub option_bytes: Option<PathBuf>,
-    /// Firmware key: a file of exactly 16 raw bytes.
-    #[arg(long, value_name = "KEY_BIN", required_unless_present = "generate_key", requires = "nonce")]
+    /// Firmware key: a file of exactly 16 raw bytes. Without `--nonce`, a fresh nonce is drawn and
+    /// written to `--nonce-out`.
+    #[arg(long, value_name = "KEY_BIN", required_unless_present = "generate_key")]
     pub key: Option<PathBuf>,
-    /// Image nonce: a file of exactly 12 raw bytes. Never pack two images with one (key, nonce).
+    /// Image nonce: a file of exactly 12 raw bytes. A nonce already used with this key (recorded in
+    /// `KEY_BIN.nonces` by every packing) is refused: two images under one (key, nonce) reveal each
+    /// other's plaintext.
     #[arg(long, value_name = "NONCE_BIN", requires = "key")]
     pub nonce: Option<PathBuf>,
+    /// Where the freshly drawn nonce goes (mode 0600; default: OUT.nonce beside the image).
+    #[arg(long, value_name = "FILE", conflicts_with = "nonce")]
+    pub nonce_out: Option<PathBuf>,
+    /// Pack with a nonce already used with this key, although that exposes both images' plaintext
+    /// to anyone holding the two.
+    #[arg(long)]
+    pub reuse_nonce_exposing_both_images: bool,
+    /// Accept option bytes that set RDP level 2, which on a real chip is permanent: no debug access
+    /// and no bootloader, ever again.
+    #[arg(long)]
+    pub allow_permanent_rdp_level_2: bool,
     /// Draw a fresh key and nonce and write DIR/key.bin and DIR/nonce.bin (mode 0600).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["key", "nonce"])]
     pub generate_key: Option<PathBuf>,
@@ -37,6 +51,18 @@ pub struct PackArgs {
     /// given here is written in place, never replaced.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// Whether the option bytes among `areas` set RDP level 2 (pairs: record 0 = 0xCC; positional:
+/// OPTSR bits 15:8 = 0xCC).
+fn sets_rdp_level_2(areas: &[sfi::PlainArea], profile: &flashgate_common::family::FamilyProfile) -> bool {
+    areas.iter().filter(|a| a.area_type == sfi::AreaType::Config).any(|a| {
+        profile.config_layout.records(&a.data).is_some_and(|r| {
+            r.iter().any(|&(id, v)| {
+                id == flashgate_common::family::OPTION_RDP && v == u32::from(flashgate_common::family::RDP_LEVEL2)
+            })
+        })
+    })
 }
 
 /// Run `flashgate pack`.
@@ -68,15 +94,64 @@ pub fn run(args: PackArgs) -> Result<()> {
             }
             (key, nonce)
         }
-        (None, Some(k), Some(n)) => (keyfile::read_key_file(k)?, keyfile::read_nonce_file(n)?),
-        _ => bail!("give --key and --nonce, or --generate-key DIR"),
+        (None, Some(k), Some(n)) => {
+            let nonce = keyfile::read_nonce_file(n)?;
+            if keyfile::nonce_used(k, &nonce)? && !args.reuse_nonce_exposing_both_images {
+                return Err(crate::exit::with(
+                    crate::exit::Exit::Data,
+                    anyhow::anyhow!(
+                        "nonce {} was already used with key {} (recorded in {}.nonces): two images under one \
+                         (key, nonce) reveal each other's plaintext; leave out --nonce to draw a fresh one, or \
+                         give --reuse-nonce-exposing-both-images",
+                        n.display(),
+                        k.display(),
+                        k.display()
+                    ),
+                ));
+            }
+            (keyfile::read_key_file(k)?, nonce)
+        }
+        (None, Some(k), None) => {
+            let nonce = keyfile::fresh_nonce();
+            let path = match (&args.nonce_out, args.out.as_os_str() == "-") {
+                (Some(p), _) => p.clone(),
+                (None, true) => bail!("with --out - give --nonce-out FILE for the fresh nonce"),
+                (None, false) => {
+                    let mut name = args.out.as_os_str().to_owned();
+                    name.push(".nonce");
+                    PathBuf::from(name)
+                }
+            };
+            flashgate_common::atomic_file::write(&path, &nonce.0, flashgate_common::atomic_file::PRIVATE_MODE)?;
+            let note = format!("fresh nonce {} (mode 0600)", path.display());
+            if args.out.as_os_str() == "-" {
+                eprintln!("{note}")
+            } else {
+                println!("{note}")
+            }
+            (keyfile::read_key_file(k)?, nonce)
+        }
+        _ => bail!("give --key (and optionally --nonce), or --generate-key DIR"),
     };
+    if sets_rdp_level_2(&areas, profile) && !args.allow_permanent_rdp_level_2 {
+        return Err(crate::exit::with(
+            crate::exit::Exit::Data,
+            anyhow::anyhow!(
+                "the option bytes set RDP level 2, which is permanent on a real chip (no debug access and no \
+                 bootloader, ever again); give --allow-permanent-rdp-level-2 if that is what you want"
+            ),
+        ));
+    }
 
     let mut out = OutFile::create(&args.out, flashgate_common::atomic_file::PUBLIC_MODE)?;
     let size = sfi::write_image(&key, &nonce, &areas, &mut out)?;
     let target = out.name().to_string();
     let to_stdout = out.is_stdout();
     out.commit()?;
+    let key_path = args.key.clone().or_else(|| args.generate_key.as_ref().map(|d| d.join(keyfile::KEY_FILE)));
+    if let Some(k) = key_path {
+        keyfile::record_nonce(&k, &nonce)?;
+    }
 
     let mut summary = format!("{target} ({}, {} areas, family {})\n", human_bytes(size), areas.len(), args.family);
     summary.push_str(&format!("  {:>3} {:>4} {:>10} {:>10}\n", "#", "type", "address", "size"));

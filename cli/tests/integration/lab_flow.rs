@@ -410,11 +410,23 @@ fn pack_writes_into_a_fifo_in_place_and_to_standard_output() {
     std::fs::write(dir.join("key.bin"), [7u8; 16]).unwrap();
     std::fs::write(dir.join("nonce.bin"), [9u8; 12]).unwrap();
     let args = |out: &str| -> Vec<String> {
-        ["pack", "--family", "stm32l4", "--firmware", "a.bin@0x08000000", "--key", "key.bin", "--nonce", "nonce.bin"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(["--out".to_string(), out.to_string()])
-            .collect()
+        // The same (key, nonce) three times, on purpose: the outputs must be byte-identical.
+        [
+            "pack",
+            "--family",
+            "stm32l4",
+            "--firmware",
+            "a.bin@0x08000000",
+            "--key",
+            "key.bin",
+            "--nonce",
+            "nonce.bin",
+            "--reuse-nonce-exposing-both-images",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--out".to_string(), out.to_string()])
+        .collect()
     };
     let reference = {
         let a = args("ref.sfi");
@@ -440,4 +452,49 @@ fn pack_writes_into_a_fifo_in_place_and_to_standard_output() {
     assert_eq!(out.stdout, reference, "the image, and only the image, on standard output");
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected flash CRC-32"));
     assert!(!dir.join("-").exists());
+}
+
+/// Issue 12 item 10: a (key, nonce) pair encrypts one image only. Without `--nonce` a fresh nonce is
+/// drawn and written beside the image; a nonce already used with the key (recorded in
+/// `KEY.nonces`) is refused unless explicitly overridden; option bytes that set RDP level 2 need a flag
+/// that names the consequence.
+#[test]
+fn pack_guards_nonces_and_permanent_rdp_level_2() {
+    let (_tmp, dir) = setup();
+    std::fs::write(dir.join("a.bin"), vec![1u8; 4096]).unwrap();
+    std::fs::write(dir.join("key.bin"), [7u8; 16]).unwrap();
+    std::fs::write(dir.join("nonce.bin"), [9u8; 12]).unwrap();
+    let pack = |extra: &[&str]| -> Vec<String> {
+        ["pack", "--family", "stm32l4", "--firmware", "a.bin@0x08000000", "--key", "key.bin"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run = |a: Vec<String>| flashgate(&dir, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    // A fresh nonce each time, written beside the image.
+    assert!(run(pack(&["--out", "one.sfi"])).status.success());
+    assert!(run(pack(&["--out", "two.sfi"])).status.success());
+    let (n1, n2) =
+        (std::fs::read(dir.join("one.sfi.nonce")).unwrap(), std::fs::read(dir.join("two.sfi.nonce")).unwrap());
+    assert_eq!((n1.len(), n2.len()), (12, 12));
+    assert_ne!(n1, n2);
+    // A given nonce: once fine, the second time refused (65), naming the record.
+    assert!(run(pack(&["--nonce", "nonce.bin", "--out", "three.sfi"])).status.success());
+    let again = run(pack(&["--nonce", "nonce.bin", "--out", "four.sfi"]));
+    assert_eq!(again.status.code(), Some(65));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("already used with key key.bin") && err.contains("key.bin.nonces"), "{err}");
+    assert!(!dir.join("four.sfi").exists());
+    // The nonce drawn for one.sfi is recorded too.
+    let again = run(pack(&["--nonce", "one.sfi.nonce", "--out", "five.sfi"]));
+    assert_eq!(again.status.code(), Some(65));
+    // RDP level 2.
+    std::fs::write(dir.join("rdp2.csv"), "RDP,0xCC\n").unwrap();
+    let out = run(pack(&["--option-bytes", "rdp2.csv", "--out", "locked.sfi"]));
+    assert_eq!(out.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("permanent"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!dir.join("locked.sfi").exists());
+    let out = run(pack(&["--option-bytes", "rdp2.csv", "--allow-permanent-rdp-level-2", "--out", "locked.sfi"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
