@@ -220,6 +220,81 @@ pub fn open_hsm_members(
     Ok(members)
 }
 
+/// Everything a start would need, checked without creating anything (`flashgate broker --check`):
+/// the TLS files, the vendor CA keys, the secrets, an existing keystore opened with its passphrase,
+/// the ledger (an existing SQLite file, or a directory it can be created in; a PostgreSQL
+/// connection). Every problem, each naming its file or value; empty when the broker can start.
+pub async fn check(cfg: &BrokerConfig, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let tls = TlsFiles::new(relative(base, &cfg.tls.cert), relative(base, &cfg.tls.key), relative(base, &cfg.tls.ca));
+    if let Err(e) = transport::server_config(&tls, Arc::new(RevokedSerials::default())) {
+        problems.push(format!("TLS: {e}"));
+    }
+    for p in &cfg.vendor.ca_keys {
+        if let Err(e) = load_vendor_keys(&[relative(base, p)]) {
+            problems.push(e.to_string());
+        }
+    }
+    for m in &cfg.hsm.members {
+        match m {
+            HsmMemberConfig::Soft { path, passphrase_file } => {
+                let file = passphrase_file.as_ref().map(|f| relative(base, f));
+                match read_secret("soft keystore passphrase", file.as_deref(), None, env) {
+                    Err(e) => problems.push(e.to_string()),
+                    Ok(pass) => {
+                        let path = relative(base, path);
+                        if path.exists() {
+                            if let Err(e) = SoftHsm::open(&path, &pass) {
+                                problems.push(format!("HSM: {e}"));
+                            }
+                        } else if !path.parent().is_some_and(|d| d.as_os_str().is_empty() || d.is_dir()) {
+                            problems.push(format!(
+                                "soft keystore {}: its directory does not exist (the keystore is created there at first start)",
+                                path.display()
+                            ));
+                        }
+                    }
+                }
+            }
+            HsmMemberConfig::Pkcs11 { module, token_label, pin_env, pin_file, .. } => {
+                let file = pin_file.as_ref().map(|f| relative(base, f));
+                if let Err(e) =
+                    read_secret(&format!("PIN of token {token_label}"), file.as_deref(), pin_env.as_deref(), env)
+                {
+                    problems.push(e.to_string());
+                }
+                if !module.exists() {
+                    problems.push(format!("PKCS#11 module {}: no such file", module.display()));
+                }
+            }
+        }
+    }
+    match cfg.ledger.url.strip_prefix("sqlite://") {
+        Some(path) => {
+            let path = relative(base, Path::new(path.split('?').next().unwrap_or(path)));
+            if path.exists() {
+                match std::fs::read(&path).map(|b| b.starts_with(b"SQLite format 3\0") || b.is_empty()) {
+                    Ok(true) => {}
+                    Ok(false) => problems.push(format!("ledger {}: not an SQLite database", path.display())),
+                    Err(e) => problems.push(format!("ledger {}: {e}", path.display())),
+                }
+            } else if !path.parent().is_some_and(|d| d.as_os_str().is_empty() || d.is_dir()) {
+                problems.push(format!(
+                    "ledger {}: its directory does not exist (the database is created there at first start)",
+                    path.display()
+                ));
+            }
+        }
+        None => {
+            use sqlx::Connection;
+            if let Err(e) = sqlx::postgres::PgConnection::connect(&cfg.ledger.url).await {
+                problems.push(format!("ledger {}: {e}", crate::ledger::redact_url(&cfg.ledger.url)));
+            }
+        }
+    }
+    problems
+}
+
 /// Starts the broker a configuration file describes. Relative paths in the file are relative to
 /// `base` (the file's directory). Secrets are read through `env`.
 pub async fn start(
@@ -227,6 +302,10 @@ pub async fn start(
     base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<RunningBroker, ServerError> {
+    // What can be checked is checked before anything is created (ledger, keystore).
+    let vendor_keys = load_vendor_keys(&cfg.vendor.ca_keys.iter().map(|p| relative(base, p)).collect::<Vec<_>>())?;
+    let tls = TlsFiles::new(relative(base, &cfg.tls.cert), relative(base, &cfg.tls.key), relative(base, &cfg.tls.ca));
+    transport::server_config(&tls, Arc::new(RevokedSerials::default()))?;
     if let Some(addr) = cfg.metrics_addr()? {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
@@ -253,8 +332,6 @@ pub async fn start(
             ..PoolConfig::default()
         },
     )?;
-    let vendor_keys = load_vendor_keys(&cfg.vendor.ca_keys.iter().map(|p| relative(base, p)).collect::<Vec<_>>())?;
-    let tls = TlsFiles::new(relative(base, &cfg.tls.cert), relative(base, &cfg.tls.key), relative(base, &cfg.tls.ca));
     serve(ServeSpec {
         name: cfg.name.clone(),
         trust_domain: cfg.trust_domain.clone(),

@@ -162,6 +162,14 @@ pub fn classify(e: &anyhow::Error) -> Exit {
         if cause.is::<flashgate_broker::config::ConfigError>() || cause.is::<flashgate_agent::config::ConfigError>() {
             return Exit::Config;
         }
+        if let Some(s) = cause.downcast_ref::<flashgate_broker::server::ServerError>() {
+            use flashgate_broker::server::ServerError as S;
+            match s {
+                S::Config(_) | S::VendorKey { .. } | S::Transport(_) => return Exit::Config,
+                S::Bind { .. } => return Exit::Unavailable,
+                _ => {}
+            }
+        }
         if cause.is::<flashgate_common::sfi::SfiError>()
             || cause.is::<flashgate_common::firmware::FirmwareError>()
             || cause.is::<flashgate_common::cert::CertError>()

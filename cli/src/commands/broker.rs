@@ -17,7 +17,8 @@ pub struct BrokerArgs {
     /// The configuration file (see deploy/config/broker.toml); `FLASHGATE_*` variables override it.
     #[arg(long, short, env = "FLASHGATE_CONFIG")]
     pub config: PathBuf,
-    /// Validate the configuration (file, overrides, secrets present) and exit.
+    /// Check the configuration and exit (78 naming each problem): the file and its overrides, the TLS
+    /// files, the vendor CA keys, the secrets, an existing keystore, the ledger. Creates nothing.
     #[arg(long)]
     pub check: bool,
 }
@@ -95,23 +96,16 @@ pub async fn run(args: BrokerArgs, secrets: SecretEnv) -> anyhow::Result<()> {
     let base = args.config.parent().map(PathBuf::from).unwrap_or_default();
     let env = |k: &str| secrets.get(k);
     if args.check {
-        // Secrets must be present too: open nothing, but read them.
-        for m in &cfg.hsm.members {
-            match m {
-                flashgate_broker::config::HsmMemberConfig::Soft { passphrase_file, .. } => {
-                    let f = passphrase_file.as_ref().map(|f| base.join(f));
-                    flashgate_broker::config::read_secret("soft keystore passphrase", f.as_deref(), None, &env)?;
-                }
-                flashgate_broker::config::HsmMemberConfig::Pkcs11 { pin_env, pin_file, token_label, .. } => {
-                    let f = pin_file.as_ref().map(|f| base.join(f));
-                    flashgate_broker::config::read_secret(
-                        &format!("PIN of {token_label}"),
-                        f.as_deref(),
-                        pin_env.as_deref(),
-                        &env,
-                    )?;
-                }
+        // Every file, secret and the ledger connection; nothing is created.
+        let problems = flashgate_broker::server::check(&cfg, &base, &env).await;
+        if !problems.is_empty() {
+            for p in &problems {
+                eprintln!("{}: {p}", args.config.display());
             }
+            return Err(crate::exit::with(
+                crate::exit::Exit::Config,
+                anyhow::anyhow!("{}: {} problem(s); the broker would not start", args.config.display(), problems.len()),
+            ));
         }
         println!(
             "{}: configuration OK (broker {}, ledger {})",

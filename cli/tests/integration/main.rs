@@ -5,6 +5,7 @@ mod support;
 
 mod admin_guards;
 mod agent_serve;
+mod broker_check;
 mod broker_processes;
 mod chaos;
 mod lab_flow;
