@@ -1,7 +1,7 @@
 # Sourced by the benchmark scripts: in the current (temporary) directory, a development PKI with
 # STATIONS berlin stations and admin `ops`, the simulator's test vendor CA, and a `flashgate broker`
 # (SQLite ledger) whose one HSM member is MEMBER_TOML; sets `addr` (host:port) and appends the broker's
-# pid to `pids`. Needs `bin` (the flashgate binary). Usage: start_broker STATIONS MEMBER_TOML
+# pid to `pids` and sets `broker_pid`. Needs `bin` (the flashgate binary). Usage: start_broker STATIONS MEMBER_TOML
 start_broker() {
   local stations=$1 member=$2
   export FLASHGATE_KEYSTORE_PASSPHRASE="bench passphrase"
@@ -27,7 +27,8 @@ timeout = "5s"
 $member
 CONF
   "$bin" broker --config broker.toml >broker.out 2>broker.err &
-  pids+=($!)
+  broker_pid=$!
+  pids+=($broker_pid)
   for _ in $(seq 1 100); do
     grep -q 'serving gRPC on' broker.out 2>/dev/null && break
     sleep 0.1
