@@ -155,7 +155,10 @@ async fn flood_task(
     let mut client = StationServiceClient::new(channel);
     let probes = fat_probes(&format!("s{station}t{task}"));
     let mut round = 0u64;
-    while !*stop.borrow() {
+    loop {
+        if *stop.borrow() {
+            break;
+        }
         round += 1;
         let opened = c.streams.fetch_add(1, Ordering::Relaxed) + 1;
         let tag = format!("s{station}t{task}r{round}");

@@ -159,22 +159,23 @@ fn thread_cpu() -> Result<Duration> {
 /// One flood connection, reconnected whenever the broker closes it, until `stop`.
 async fn slot(target: SocketAddr, source: IpAddr, stalled: bool, c: Arc<FloodCounters>, mut stop: watch::Receiver<bool>) {
     let mut buf = [0u8; 64];
-    while !*stop.borrow() {
+    loop {
+        if *stop.borrow() {
+            break;
+        }
         let connect = async {
             let socket = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
             socket.bind(SocketAddr::new(source, 0))?;
             socket.connect(target).await
         };
-        let mut tcp = tokio::select! {
-            r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => match r {
-                Ok(Ok(tcp)) => tcp,
-                Ok(Err(_)) | Err(_) => {
-                    c.connect_failures.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(CONNECT_BACKOFF).await;
-                    continue;
-                }
-            },
+        let connected = tokio::select! {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => r.ok().and_then(Result::ok),
             _ = stop.wait_for(|s| *s) => break,
+        };
+        let Some(mut tcp) = connected else {
+            c.connect_failures.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(CONNECT_BACKOFF).await;
+            continue;
         };
         c.connects.fetch_add(1, Ordering::Relaxed);
         c.open.fetch_add(1, Ordering::Relaxed);
@@ -233,6 +234,9 @@ struct FloodWindow {
 
 /// Run `flashgate bench flood`.
 pub async fn run(args: FloodBenchArgs) -> Result<()> {
+    if args.load.json || args.load.crypto_floor {
+        bail!("bench flood prints its text report only (no --json, no --crypto-floor)");
+    }
     let flood_sockets = u64::from(args.idle) + u64::from(args.stalled);
     let limit = bench_proc::raise_fd_limit(flood_sockets + u64::from(args.load.stations) + FD_HEADROOM)?;
     eprintln!("open-file limit (RLIMIT_NOFILE) {limit}");
