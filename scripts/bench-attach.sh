@@ -21,4 +21,4 @@ start_broker "$stations" 'kind = "soft"
 path = "keys.fgks"'
 
 "$bin" bench attach-flood --broker "https://$addr" --pki pki --site berlin --broker-pid "$broker_pid" \
-  --streams "$streams" --duration "$duration"
+  --streams "$streams" --duration "$duration" ${ATTACH_ARGS:-}

@@ -9,7 +9,7 @@
 //! `--source` (any 127.0.0.0/8 address reaches the loopback). Every socket the broker closes — shed
 //! because its source is at its cap of pending handshakes, or dropped at the first-byte or handshake
 //! deadline — is reconnected at once, so the flood keeps offering its full count for as long as it
-//! runs. It counts connects, closes by the broker and connect failures, samples how many of its
+//! runs (`--connect-rate` caps its connects per second instead). It counts connects, closes by the broker and connect failures, samples how many of its
 //! sockets are open, and reports its own CPU time. The open-file limit is raised to fit.
 
 use std::net::{IpAddr, SocketAddr};
@@ -21,7 +21,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tonic::codegen::http::Uri;
 
 use super::bench_licences::{Bench, LicenceBenchArgs, Phase, fmt_us};
@@ -55,6 +55,10 @@ pub struct FloodBenchArgs {
     /// Source address of every flood connection (127.0.0.0/8 routes to the loopback).
     #[arg(long, default_value = "127.0.0.2")]
     pub source: IpAddr,
+    /// Most connects per second the flood makes, all sockets together (0: reconnect each socket as soon
+    /// as the broker closes it, as fast as this machine allows).
+    #[arg(long, default_value_t = 0)]
+    pub connect_rate: u32,
     /// How long the flood runs before its measured window starts (the window's own --warmup follows).
     #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
@@ -113,7 +117,7 @@ struct Flood {
 
 impl Flood {
     /// Starts `idle` + `stalled` connections from `source` to `target` on a thread of its own.
-    fn start(target: SocketAddr, source: IpAddr, idle: u32, stalled: u32) -> Result<Flood> {
+    fn start(target: SocketAddr, source: IpAddr, idle: u32, stalled: u32, connect_rate: u32) -> Result<Flood> {
         let counters = Arc::new(FloodCounters::default());
         let (stop, stopped) = watch::channel(false);
         let c = Arc::clone(&counters);
@@ -126,9 +130,14 @@ impl Flood {
                     .context("starting the flood's runtime")?;
                 let cpu0 = thread_cpu()?;
                 rt.block_on(async move {
+                    let pacer = (connect_rate > 0).then(|| Arc::new(Semaphore::new(0)));
                     let mut slots = tokio::task::JoinSet::new();
+                    if let Some(p) = &pacer {
+                        slots.spawn(pace(Arc::clone(p), connect_rate, stopped.clone()));
+                    }
                     for i in 0..idle + stalled {
-                        slots.spawn(slot(target, source, i >= idle, Arc::clone(&c), stopped.clone()));
+                        let (c, stop, pacer) = (Arc::clone(&c), stopped.clone(), pacer.clone());
+                        slots.spawn(slot(target, source, i >= idle, c, pacer, stop));
                     }
                     while slots.join_next().await.is_some() {}
                 });
@@ -156,12 +165,44 @@ fn thread_cpu() -> Result<Duration> {
     Ok(tv(u.user_time()) + tv(u.system_time()))
 }
 
-/// One flood connection, reconnected whenever the broker closes it, until `stop`.
-async fn slot(target: SocketAddr, source: IpAddr, stalled: bool, c: Arc<FloodCounters>, mut stop: watch::Receiver<bool>) {
+/// Adds `rate` connect permits per second to `permits` (at most a tenth of a second's worth banked),
+/// until `stop`.
+async fn pace(permits: Arc<Semaphore>, rate: u32, mut stop: watch::Receiver<bool>) {
+    let per_tick = (rate as usize).div_ceil(100);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(per_tick as f64 / f64::from(rate)));
+    let bank = (rate as usize / 10).max(per_tick);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let room = bank.saturating_sub(permits.available_permits());
+                permits.add_permits(per_tick.min(room));
+            }
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    permits.close();
+}
+
+/// One flood connection, reconnected whenever the broker closes it (after a permit of `pacer`, when
+/// given), until `stop`.
+async fn slot(
+    target: SocketAddr,
+    source: IpAddr,
+    stalled: bool,
+    c: Arc<FloodCounters>,
+    pacer: Option<Arc<Semaphore>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut buf = [0u8; 64];
     loop {
         if *stop.borrow() {
             break;
+        }
+        if let Some(p) = &pacer {
+            match p.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => break,
+            }
         }
         let connect = async {
             let socket = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
@@ -261,7 +302,7 @@ async fn measure(args: &FloodBenchArgs, bench: &Bench, target: SocketAddr) -> Re
         args.source,
         humantime::format_duration(args.settle)
     );
-    let flood = Flood::start(target, args.source, args.idle, args.stalled)?;
+    let flood = Flood::start(target, args.source, args.idle, args.stalled, args.connect_rate)?;
     tokio::time::sleep(args.settle).await;
     eprintln!("window 2: under the flood");
     let (stop_sampler, sampler_stop) = watch::channel(false);
@@ -338,13 +379,14 @@ fn report(
     }
     let secs = w.elapsed.as_secs_f64().max(1e-9);
     out += &format!(
-        "flood: {} idle + {} stalled-handshake connections from {}, each reconnected as soon as the broker closes it;\n\
+        "flood: {} idle + {} stalled-handshake connections from {}, each reconnected as soon as the broker closes it{};\n\
          during the flooded window ({:.1} s): {} connects ({:.0}/s), {} closed by the broker ({:.0}/s), {} connect \
          failures or timeouts; flood sockets open (connected, not yet closed by the broker) min {} / mean {:.0} / max {};\n\
          whole flood: {} connects, {} closed by the broker, flood thread CPU {:.2} s\n",
         args.idle,
         args.stalled,
         args.source,
+        if args.connect_rate > 0 { format!(" (at most {} connects/s in all)", args.connect_rate) } else { String::new() },
         secs,
         w.counts.connects,
         w.counts.connects as f64 / secs,
