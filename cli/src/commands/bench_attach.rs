@@ -314,7 +314,8 @@ mod tests {
         let probes = fat_probes("t");
         assert_eq!(probes.len(), LISTED_PROBES);
         assert!(probes.iter().all(|p| p.probe_id.len() == PROBE_FIELD_LEN && p.port.len() == PROBE_FIELD_LEN));
-        let register = agent(pb::agent_message::Msg::Register(pb::Register { probes: probes.clone(), ..Default::default() }));
+        let register =
+            agent(pb::agent_message::Msg::Register(pb::Register { probes: probes.clone(), ..Default::default() }));
         assert!(prost::Message::encoded_len(&register) < 16 * 1024);
         let heartbeat = flood_message("t", 15, &probes);
         assert!(prost::Message::encoded_len(&heartbeat) < 16 * 1024);

@@ -386,7 +386,11 @@ fn report(
         args.idle,
         args.stalled,
         args.source,
-        if args.connect_rate > 0 { format!(" (at most {} connects/s in all)", args.connect_rate) } else { String::new() },
+        if args.connect_rate > 0 {
+            format!(" (at most {} connects/s in all)", args.connect_rate)
+        } else {
+            String::new()
+        },
         secs,
         w.counts.connects,
         w.counts.connects as f64 / secs,

@@ -592,8 +592,7 @@ impl Bench {
         );
         let certs = station_certs(&args.pki, args.site.as_deref())?;
         let used: Vec<StationCert> = certs.into_iter().take(args.stations as usize).collect();
-        let sites: Vec<String> =
-            used.iter().map(|c| c.site.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let sites: Vec<String> = used.iter().map(|c| c.site.clone()).collect::<BTreeSet<_>>().into_iter().collect();
 
         // Setup as the admin.
         let admin_files = client::admin_files(&args.pki, &args.admin)?;
@@ -689,7 +688,7 @@ impl Bench {
                 let before = bench_proc::process_cpu(pid)?;
                 tokio::time::sleep_until(clock.end.into()).await;
                 let after = bench_proc::process_cpu(pid)?;
-                Ok::<_, anyhow::Error>(after.saturating_sub(before))
+                Ok::<_, anyhow::Error>(after.since(&before))
             })
         });
         let mut tasks = tokio::task::JoinSet::new();
@@ -714,8 +713,8 @@ pub(super) struct Phase {
     stats: StationStats,
     /// Chips generated before the clock started.
     pregenerated: u64,
-    /// The broker's CPU time (utime + stime of `--broker-pid`) over the measured window.
-    pub(super) broker_cpu: Option<Duration>,
+    /// The broker's CPU time (utime and stime of `--broker-pid`) over the measured window.
+    pub(super) broker_cpu: Option<bench_proc::Cpu>,
     /// Latency of the successful requests.
     pub(super) latency: Latency,
 }
@@ -738,7 +737,7 @@ impl Phase {
 
     /// The broker's CPU time per licence issued in the window.
     pub(super) fn cpu_per_licence(&self) -> Option<Duration> {
-        let cpu = self.broker_cpu?;
+        let cpu = self.broker_cpu?.total();
         (self.stats.ok > 0).then(|| cpu.div_f64(self.stats.ok as f64))
     }
 
@@ -841,7 +840,9 @@ async fn measure(args: &LicenceBenchArgs, bench: &Bench) -> Result<()> {
             "verified": samples.len() - failures.len(),
             "verify_failures": failures,
             "image_checked": image.is_some(),
-            "broker_cpu_s": phase.broker_cpu.map(|d| d.as_secs_f64()),
+            "broker_cpu_s": phase.broker_cpu.map(|c| c.total().as_secs_f64()),
+            "broker_cpu_user_s": phase.broker_cpu.map(|c| c.user.as_secs_f64()),
+            "broker_cpu_system_s": phase.broker_cpu.map(|c| c.system.as_secs_f64()),
             "broker_cpu_per_licence_us": cpu_per_licence.map(|d| d.as_secs_f64() * 1e6),
             "crypto_floor_us": floor.map(|f| f.per_licence().as_secs_f64() * 1e6),
         });
@@ -866,12 +867,21 @@ async fn measure(args: &LicenceBenchArgs, bench: &Bench) -> Result<()> {
         }
         if let (Some(cpu), Some(pid)) = (phase.broker_cpu, args.broker_pid) {
             println!(
-                "broker CPU    {:.2} s over the measured window (utime + stime of pid {pid} from /proc/{pid}/stat)",
-                cpu.as_secs_f64()
+                "broker CPU    {:.2} s over the measured window: user {:.2} s + system {:.2} s (utime + stime of \
+                 pid {pid}, all threads, from /proc/{pid}/stat)",
+                cpu.total().as_secs_f64(),
+                cpu.user.as_secs_f64(),
+                cpu.system.as_secs_f64()
             );
-        }
-        if let Some(per) = cpu_per_licence {
-            println!("CPU/licence   {:.0} µs (broker process, all threads)", per.as_secs_f64() * 1e6);
+            if let Some(per) = cpu_per_licence {
+                let n = stats.ok.max(1) as f64;
+                println!(
+                    "CPU/licence   {:.0} µs (user {:.0} + system {:.0})",
+                    per.as_secs_f64() * 1e6,
+                    cpu.user.as_secs_f64() * 1e6 / n,
+                    cpu.system.as_secs_f64() * 1e6 / n
+                );
+            }
         }
         if let (Some(f), Some(per)) = (floor, cpu_per_licence) {
             let floor_us = f.per_licence().as_secs_f64() * 1e6;

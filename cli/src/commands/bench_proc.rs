@@ -1,4 +1,4 @@
-//! Process accounting for the benchmarks: the CPU time (`/proc/PID/stat` utime + stime, all threads)
+//! Process accounting for the benchmarks: the CPU time (`/proc/PID/stat` utime and stime, all threads)
 //! and resident memory (`/proc/PID/status` VmRSS / VmHWM) of another process, such as a broker started
 //! by the bench scripts; resetting a process's peak RSS (`/proc/PID/clear_refs`); this process's
 //! open-file limit; and the crypto floor of one licence from `openssl speed` (one P-256 key
@@ -10,27 +10,49 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
-/// CPU time a process used so far (user + system, every thread), from `/proc/PID/stat`.
-pub fn process_cpu(pid: u32) -> Result<Duration> {
+/// CPU time a process used so far, all its threads together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cpu {
+    /// utime: in user space.
+    pub user: Duration,
+    /// stime: in the kernel on its behalf (system calls, page faults).
+    pub system: Duration,
+}
+
+impl Cpu {
+    /// User + system.
+    pub fn total(&self) -> Duration {
+        self.user + self.system
+    }
+
+    /// The time used since `earlier`.
+    pub fn since(&self, earlier: &Cpu) -> Cpu {
+        Cpu { user: self.user.saturating_sub(earlier.user), system: self.system.saturating_sub(earlier.system) }
+    }
+}
+
+/// CPU time `pid` used so far (utime and stime of every thread), from `/proc/PID/stat`.
+pub fn process_cpu(pid: u32) -> Result<Cpu> {
     let path = format!("/proc/{pid}/stat");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let ticks = stat_cpu_ticks(&text).ok_or_else(|| anyhow!("{path}: no utime/stime fields"))?;
+    let (user, system) = stat_cpu_ticks(&text).ok_or_else(|| anyhow!("{path}: no utime/stime fields"))?;
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .context("sysconf(_SC_CLK_TCK)")?
         .filter(|&hz| hz > 0)
         .ok_or_else(|| anyhow!("sysconf(_SC_CLK_TCK) gave no clock-tick rate"))?;
-    Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
+    let secs = |ticks: u64| Duration::from_secs_f64(ticks as f64 / hz as f64);
+    Ok(Cpu { user: secs(user), system: secs(system) })
 }
 
-/// utime + stime in clock ticks from the text of `/proc/PID/stat` (fields 14 and 15; the command name
+/// (utime, stime) in clock ticks from the text of `/proc/PID/stat` (fields 14 and 15; the command name
 /// in field 2 may hold spaces and parentheses, so fields are counted after its last `)`).
-pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+pub fn stat_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3 (state): utime is field 14, stime field 15.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// Resident memory of a process.
@@ -159,7 +181,7 @@ mod tests {
     #[test]
     fn stat_fields_after_the_command_name() {
         let stat = "4242 (flash gate) (x)) S 1 4242 4242 0 -1 4194560 2000 0 0 0 731 269 0 0 20 0 9 0 100 0 0";
-        assert_eq!(stat_cpu_ticks(stat), Some(1000));
+        assert_eq!(stat_cpu_ticks(stat), Some((731, 269)));
         assert_eq!(stat_cpu_ticks("12 (x) S 1"), None);
         assert_eq!(stat_cpu_ticks("no parenthesis"), None);
     }
