@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 bin=./${CARGO_TARGET_DIR:-target}/release/flashgate
 case ${CARGO_TARGET_DIR:-target} in /*) bin=${CARGO_TARGET_DIR}/release/flashgate ;; esac
 out=BENCHMARKS.md
+shown=./target/release/flashgate
+load() { echo "Load average just before this run: $(cut -d' ' -f1-3 /proc/loadavg)."; }
 tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
 
@@ -14,20 +16,21 @@ trap 'rm -f "$tmp"' EXIT
   echo
   echo "Produced by \`make bench\` (scripts/bench.sh) on $(date -u +%Y-%m-%d), $(nproc) cores,"
   echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(rustc --version)."
-  echo "Figures come from one run on this machine; rerun \`make bench\` to reproduce them."
+  echo "Figures come from one run on this machine; rerun \`make bench\` to reproduce them. The scripts run the"
+  echo "binary under \`\$CARGO_TARGET_DIR/release\` when that is set (\`./target/release\` otherwise)."
   echo "Load average when the run started: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine lowers the MB/s"
   echo "figures; the ratios against raw AES-GCM are measured in the same run and are the meaningful part)."
   echo "Each section's command is beside its figures; every ratio is measured within one run of that command."
   echo
   echo "## .sfi pack and parse throughput"
   echo
-  echo "Command: \`$bin bench sfi --size 64M --area 1M --runs 5\`. Target: pack and parse ≥ 70% of raw AES-128-GCM."
+  echo "Command: \`$shown bench sfi --size 64M --area 1M --runs 5\`. Target: pack and parse ≥ 70% of raw AES-128-GCM."
   echo
   "$bin" bench sfi --size 64M --area 1M --runs 5
   echo
   echo "## Install throughput into a simulated STM32L4 at 115200 baud"
   echo
-  echo "Command: \`$bin bench install --family stm32l4 --size 256K --baud 115200 --speed 1\`."
+  echo "Command: \`$shown bench install --family stm32l4 --size 256K --baud 115200 --speed 1\`."
   echo "Real-time link model (11 bits per byte plus one byte time per ACK turnaround) over loopback TCP."
   echo "Target: ≥ 90% of the link's payload capacity (baud / 11 bytes per second)."
   echo
@@ -62,6 +65,7 @@ trap 'rm -f "$tmp"' EXIT
   echo "work on the machine does not inflate the floor. Target (issue 10): ≤ 2× the floor; 457 µs against"
   echo "169 µs (2.7×) before issue 10."
   echo
+  load
   echo '```'
   CRYPTO_FLOOR=1 scripts/bench-licences.sh soft 64 30s 2>/dev/null
   echo '```'
@@ -73,6 +77,7 @@ trap 'rm -f "$tmp"' EXIT
   echo "Command: \`scripts/bench-licences.sh soft 64 30s 2000\` (the 64 stations together send 2,000 requests/s on a"
   echo "fixed schedule; latency from each request's scheduled time). Target: p99 ≤ 20 ms at 2,000/s."
   echo
+  load
   echo '```'
   scripts/bench-licences.sh soft 64 30s 2000 2>/dev/null
   echo '```'
@@ -81,6 +86,7 @@ trap 'rm -f "$tmp"' EXIT
   echo
   echo "Command: \`scripts/bench-licences.sh softhsm2 64 30s\`. Target: ≥ 1,000 licences/s."
   echo
+  load
   echo '```'
   scripts/bench-licences.sh softhsm2 64 30s 2>/dev/null
   echo '```'
@@ -95,8 +101,10 @@ trap 'rm -f "$tmp"' EXIT
   echo "loop, one 20 s window without a flood, then 5,000 idle TCP connections plus 500 that send 27 bytes of a"
   echo "ClientHello and stall, all from 127.0.0.2, kept up for the second window (every socket the broker closes"
   echo "is reconnected at once, from a thread and runtime of its own; the flooding process raises RLIMIT_NOFILE"
-  echo "to fit). Target: p99 under the flood within 2× of p99 without."
+  echo "to fit), then a third window once the flood has stopped, which brackets the flooded one against drift"
+  echo "from other work on this shared machine. Target: p99 under the flood within 2× of p99 without."
   echo
+  load
   echo '```'
   scripts/bench-flood.sh 16 500 20s 5000 500 2>/dev/null
   echo '```'
@@ -105,6 +113,7 @@ trap 'rm -f "$tmp"' EXIT
   echo "which separates what idle and stalled sockets cost from what a connect-as-fast-as-possible loop on the"
   echo "same two cores costs:"
   echo
+  load
   echo '```'
   scripts/bench-flood.sh 16 500 20s 5000 500 2000 2>/dev/null
   echo '```'
@@ -120,9 +129,12 @@ trap 'rm -f "$tmp"' EXIT
   echo "before the flood, VmHWM during it (reset through \`/proc/PID/clear_refs\` as the flood starts). Target:"
   echo "peak under 2× idle."
   echo
+  load
   echo '```'
   scripts/bench-attach.sh 8 8 30s 2>/dev/null
   echo '```'
+  echo
+  cat scripts/bench-memory-notes.md
   echo
   echo "## Agent"
   echo

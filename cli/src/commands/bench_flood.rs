@@ -1,7 +1,9 @@
 //! `flashgate bench flood`: licence latency with and without a connection flood from one source
 //! address, in one run. The same virtual stations (see `bench licences`, whose arguments it takes) run a
 //! measured window without a flood, then the flood starts and, once it has settled, a second window is
-//! measured while it is kept up; the report gives p50/p99 of both windows and their ratios.
+//! measured while it is kept up, then a third once the flood has stopped (it brackets the flooded window
+//! against drift from other work on the machine); the report gives p50/p99 of every window and the
+//! flooded window's ratios to the other two.
 //!
 //! The flood ([`Flood`]) runs on its own thread and runtime, so its tasks never delay the stations'
 //! ones (they still share the machine's cores): `--idle` TCP connections that never send a byte and
@@ -40,6 +42,9 @@ pub const PARTIAL_CLIENT_HELLO: [u8; 27] = [
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pause of a flood slot after a failed connect.
 const CONNECT_BACKOFF: Duration = Duration::from_millis(50);
+/// Pause between the end of the flood and the window after it: longer than the broker's default
+/// handshake deadline, so nothing of the flood is left.
+const AFTER_PAUSE: Duration = Duration::from_secs(6);
 /// Descriptors kept free for the stations, the admin channel and the runtime.
 const FD_HEADROOM: u64 = 512;
 
@@ -318,12 +323,19 @@ async fn measure(args: &FloodBenchArgs, bench: &Bench, target: SocketAddr) -> Re
     let flood_cpu = flood.stop()?;
     let flooded = flooded?;
     let window = FloodWindow { counts, elapsed, open };
+    // A last window without the flood, once the broker has dropped what was left of it (its handshake
+    // deadline), shows how much the machine's background moved between the first two.
+    tokio::time::sleep(AFTER_PAUSE).await;
+    eprintln!("window 3: no flood, after it");
+    let after = bench.run_phase(load, &channels).await?;
 
-    print!("{}", report(args, bench.certificates(), &quiet, &flooded, &window, total, flood_cpu));
-    quiet.note_chips();
-    flooded.note_chips();
+    print!("{}", report(args, bench.certificates(), [&quiet, &flooded, &after], &window, total, flood_cpu));
+    for p in [&quiet, &flooded, &after] {
+        p.note_chips();
+    }
     quiet.check("window without flood")?;
     flooded.check("window under the flood")?;
+    after.check("window after the flood")?;
     if window.counts.connects == 0 {
         bail!("the flood made no connection during its window: nothing was measured under a flood");
     }
@@ -337,8 +349,7 @@ fn ratio(a: u32, b: u32) -> String {
 fn report(
     args: &FloodBenchArgs,
     certificates: usize,
-    quiet: &Phase,
-    flooded: &Phase,
+    [quiet, flooded, after]: [&Phase; 3],
     w: &FloodWindow,
     total: FloodCounts,
     flood_cpu: Duration,
@@ -354,7 +365,7 @@ fn report(
     );
     out += "| window | licences/s | p50 | p99 | p99.9 | max | errors | broker CPU/licence |\n";
     out += "|---|---:|---:|---:|---:|---:|---:|---:|\n";
-    for (name, p) in [("no flood", quiet), ("under the flood", flooded)] {
+    for (name, p) in [("1. no flood", quiet), ("2. under the flood", flooded), ("3. no flood, after it", after)] {
         let cpu = p.cpu_per_licence().map_or_else(|| "-".into(), |d| format!("{:.0} µs", d.as_secs_f64() * 1e6));
         out += &format!(
             "| {name} | {:.1} | {} | {} | {} | {} | {} | {cpu} |\n",
@@ -368,11 +379,16 @@ fn report(
     }
     out += "\n";
     out += &format!(
-        "p99 under the flood / p99 without: {} (target ≤ 2x); p50: {}\n",
+        "p99 under the flood / p99 without (window 2 / window 1): {} (target ≤ 2x); p50: {}\n",
         ratio(flooded.latency.p99, quiet.latency.p99),
         ratio(flooded.latency.p50, quiet.latency.p50)
     );
-    for (name, p) in [("no flood", quiet), ("flood", flooded)] {
+    out += &format!(
+        "against the window after the flood (2 / 3): p99 {}, p50 {}\n",
+        ratio(flooded.latency.p99, after.latency.p99),
+        ratio(flooded.latency.p50, after.latency.p50)
+    );
+    for (name, p) in [("window 1", quiet), ("window 2", flooded), ("window 3", after)] {
         for (reason, n, example) in p.error_reasons() {
             out += &format!("errors ({name}): {reason} × {n}: {}\n", example.map_or("", String::as_str));
         }
