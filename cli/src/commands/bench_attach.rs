@@ -138,7 +138,6 @@ fn flood_message(tag: &str, n: u64, probes: &[pb::ProbeInfo]) -> pb::AgentMessag
             device_id,
             ok: false,
             message: padded("flood result ", 'm', DONE_MESSAGE_LEN),
-            ..Default::default()
         })),
     }
 }
@@ -183,7 +182,7 @@ async fn flood_task(
                 continue;
             }
         };
-        let oversize = oversize_every > 0 && opened % oversize_every == 0;
+        let oversize = oversize_every > 0 && opened.is_multiple_of(oversize_every);
         let mut n = 0u64;
         let how = loop {
             let next = if oversize && n == 0 {
