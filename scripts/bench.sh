@@ -118,6 +118,8 @@ trap 'rm -f "$tmp"' EXIT
   scripts/bench-flood.sh 16 500 20s 5000 500 2000 2>/dev/null
   echo '```'
   echo
+  cat scripts/bench-flood-notes.md
+  echo
   echo "### Broker memory under the Attach flood (item 3)"
   echo
   echo "Command: \`scripts/bench-attach.sh 8 8 30s\`: a broker with 8 station certificates and"
