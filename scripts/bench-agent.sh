@@ -5,7 +5,9 @@
 # memory. Usage: scripts/bench-agent.sh TARGETS SPEED [FIRMWARE_KIB]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=$(pwd)/target/release/flashgate
+tdir=${CARGO_TARGET_DIR:-target}
+case $tdir in /*) ;; *) tdir=$(pwd)/$tdir ;; esac
+bin=$tdir/release/flashgate
 targets=${1:-64}
 speed=${2:-0}
 kib=${3:-64}

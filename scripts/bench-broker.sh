@@ -1,7 +1,9 @@
 # Sourced by the benchmark scripts: in the current (temporary) directory, a development PKI with
 # STATIONS berlin stations and admin `ops`, the simulator's test vendor CA, and a `flashgate broker`
 # (SQLite ledger) whose one HSM member is MEMBER_TOML; sets `addr` (host:port) and appends the broker's
-# pid to `pids`. Needs `bin` (the flashgate binary). Usage: start_broker STATIONS MEMBER_TOML
+# pid to `pids` and sets `broker_pid`. Needs `bin` (the flashgate binary). BROKER_WRAP prefixes the broker
+# command (e.g. a profiler); BROKER_START_TRIES is how many 0.1 s waits it gets to start (default 100).
+# Usage: start_broker STATIONS MEMBER_TOML
 start_broker() {
   local stations=$1 member=$2
   export FLASHGATE_KEYSTORE_PASSPHRASE="bench passphrase"
@@ -26,9 +28,10 @@ timeout = "5s"
 [[hsm.members]]
 $member
 CONF
-  "$bin" broker --config broker.toml >broker.out 2>broker.err &
-  pids+=($!)
-  for _ in $(seq 1 100); do
+  ${BROKER_WRAP:-} "$bin" broker --config broker.toml >broker.out 2>broker.err &
+  broker_pid=$!
+  pids+=($broker_pid)
+  for _ in $(seq 1 "${BROKER_START_TRIES:-100}"); do
     grep -q 'serving gRPC on' broker.out 2>/dev/null && break
     sleep 0.1
   done

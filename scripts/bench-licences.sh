@@ -3,10 +3,14 @@
 # temporary directory with a development PKI and a test vendor CA, drives it with
 # `flashgate bench licences` (virtual stations over mutual TLS), prints the figures as Markdown and stops
 # the broker. Usage: scripts/bench-licences.sh soft|softhsm2 STATIONS DURATION [RATE]
-# (RATE: open loop at RATE requests/s in total; absent or 0: closed loop).
+# (RATE: open loop at RATE requests/s in total; absent or 0: closed loop). The broker's own CPU time per
+# licence (/proc/PID/stat of the broker process) is always reported; with CRYPTO_FLOOR=1 it is compared
+# with the same-run `openssl speed` floor.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=$(pwd)/target/release/flashgate
+tdir=${CARGO_TARGET_DIR:-target}
+case $tdir in /*) ;; *) tdir=$(pwd)/$tdir ;; esac
+bin=$tdir/release/flashgate
 kind=${1:-soft}
 stations=${2:-64}
 duration=${3:-30s}
@@ -37,4 +41,4 @@ start_broker 4 "$member"
 
 "$bin" bench licences --broker "https://$addr" --pki pki --admin ops --site berlin \
   --vendor-ca-key vendor/vendor-ca.key --stations "$stations" --duration "$duration" --rate "$rate" \
-  --chips "${CHIPS:-150000}"
+  --chips "${CHIPS:-150000}" --broker-pid "$broker_pid" ${CRYPTO_FLOOR:+--crypto-floor}

@@ -2,7 +2,9 @@
 //! `bench sfi` compares `.sfi` pack and parse throughput with raw AES-128-GCM in the same run;
 //! `bench install` installs an image into a simulated target over loopback TCP at a modelled baud
 //! rate and compares the effective rate with the link's payload capacity; `bench licences` loads a
-//! running broker's licence service (see `bench_licences`).
+//! running broker's licence service (see `bench_licences`); `bench flood` measures licence latency with
+//! and without a connection flood (see `bench_flood`); `bench attach-flood` a broker's memory under a
+//! flood of station streams (see `bench_attach`).
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,12 @@ pub enum BenchCommand {
     /// Load a running broker with concurrent virtual stations issuing licences; prints licences/s,
     /// errors by reason and latency percentiles. Exits non-zero when more than 1% of requests fail.
     Licences(super::bench_licences::LicenceBenchArgs),
+    /// Licence latency (p50/p99) with and without a flood of idle TCP connections and stalled TLS
+    /// handshakes from one source address, measured in one run.
+    Flood(super::bench_flood::FloodBenchArgs),
+    /// A broker process's resident memory under a flood of `Attach` streams full of probe state,
+    /// against its idle RSS.
+    AttachFlood(super::bench_attach::AttachFloodArgs),
 }
 
 /// Arguments of `flashgate bench sfi`.
@@ -44,6 +52,8 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Sfi(args) => sfi_bench(&args),
         BenchCommand::Install(args) => super::bench_install::install_bench(args).await,
         BenchCommand::Licences(args) => super::bench_licences::run(args).await,
+        BenchCommand::Flood(args) => super::bench_flood::run(args).await,
+        BenchCommand::AttachFlood(args) => super::bench_attach::run(args).await,
     }
 }
 
