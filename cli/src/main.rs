@@ -87,6 +87,22 @@ fn main() -> std::process::ExitCode {
         _ => "warn",
     };
     output::init_tracing(cli.log.as_deref().unwrap_or(default_filter), cli.log_format == "json");
+    // A closed pipe (`flashgate demo | head`) ends a command quietly, as a Unix tool killed by SIGPIPE
+    // would (status 141), instead of a panic on the next print. (SIGPIPE itself stays ignored: the
+    // commands talk to sockets, where EPIPE must remain an error.)
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     // Secrets leave the environment before any thread exists.
     let broker_secrets = match &cli.command {
         Command::Broker(args) => Some(commands::broker::SecretEnv::take(args)),

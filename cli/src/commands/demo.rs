@@ -90,9 +90,18 @@ fn demo_dir(given: Option<PathBuf>) -> Result<PathBuf> {
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
             }
-            std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| {
-                format!("creating --dir {} (it must not exist yet: the demo writes secrets into it)", dir.display())
-            })?;
+            if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                let why = anyhow::anyhow!(
+                    "creating --dir {}: {e} (it must not exist yet: the demo writes secrets into it)",
+                    dir.display()
+                );
+                let exit = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    crate::exit::Exit::Usage
+                } else {
+                    crate::exit::Exit::Io
+                };
+                return Err(crate::exit::with(exit, why));
+            }
             Ok(dir)
         }
     }

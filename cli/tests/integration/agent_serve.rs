@@ -157,3 +157,91 @@ heartbeat_interval = "1s"
     assert!(code.success(), "agent serve exits 0 on SIGTERM: {code:?}");
     assert!(broker.stop().success());
 }
+
+/// Issue 11 item 7: `agent run` tells a script what happened by its exit code: 80 when the broker
+/// refused some boards (quota 1 for 2 boards), 77 when the broker refuses the station itself (its
+/// certificate revoked), each with the reason in words.
+#[test]
+fn agent_run_exit_codes_tell_refusals_from_a_refused_station() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ok(
+        dir,
+        &[
+            "pki",
+            "init",
+            "--dir",
+            "pki",
+            "--trust-domain",
+            "factory.test",
+            "--site",
+            "berlin",
+            "--stations",
+            "1",
+            "--admin",
+            "ops",
+            "--broker",
+            "broker-1",
+        ],
+    );
+    ok(dir, &["sim", "vendor-ca", "--out", "vendor"]);
+    let cfg = write_config(dir, "broker-1", "sqlite://ledger.db");
+    let broker = BrokerProcess::start(dir, &cfg);
+    let key = admin(dir, &broker.url, &["key", "generate", "--label", "fw"]);
+    let key_id = key["key_id"].as_str().unwrap().to_owned();
+    std::fs::write(dir.join("fw.bin"), vec![0x5Au8; 4096]).unwrap();
+    let img =
+        admin(dir, &broker.url, &["image", "pack", "--key-id", &key_id, "--family", "stm32l4", "fw.bin@0x08000000"]);
+    let sha = img["sha256"].as_str().unwrap().to_owned();
+    admin(
+        dir,
+        &broker.url,
+        &["batch", "create", "lot-1", "--product", "46201002", "--image", &sha, "--quota", "1", "--site", "berlin"],
+    );
+    let port = free_port_base();
+    let _sim = Reaped(
+        Command::new(BIN)
+            .args(["sim", "--targets", "2", "--speed", "0", "--vendor-ca", "vendor/vendor-ca.key", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!(
+            "[broker]\nendpoints = [\"{}\"]\n[tls]\ncert = \"pki/stations/berlin-1.pem\"\n\
+             key = \"pki/stations/berlin-1.key\"\nca = \"pki/ca.pem\"\n[state]\ndir = \"agent-state\"\n\
+             [probes]\nusb_scan = false\n[[probes.static]]\nid = \"f1\"\ntarget = \"tcp://127.0.0.1:{port}\"\n\
+             [[probes.static]]\nid = \"f2\"\ntarget = \"tcp://127.0.0.1:{}\"\n",
+            broker.url,
+            port + 1
+        ),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let run = || {
+        Command::new(BIN)
+            .args(["agent", "run", "--config", "agent.toml", "--batch", "lot-1", "--once"])
+            .current_dir(dir)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(80), "quota 1 for 2 boards: {err}");
+    assert!(err.contains("refused by the broker") && err.contains("QUOTA_EXHAUSTED"), "{err}");
+
+    // The station's certificate revoked: 77, in words.
+    let stations = admin(dir, &broker.url, &["stations"]);
+    let serial = stations[0]["certificates"][0]["serial"].as_str().unwrap().to_owned();
+    admin(dir, &broker.url, &["station", "revoke", "--serial", &serial, "--reason", "stolen"]);
+    let started = Instant::now();
+    let out = run();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(err.contains("certificate revoked"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "the run waited for a broker");
+}

@@ -394,7 +394,7 @@ fn demo_runs_to_its_table() {
     assert_eq!(mode("demo/ledger.db"), 0o600);
     let again =
         Command::new(BIN).args(["demo", "--speed", "0", "--dir"]).arg(tmp.path().join("demo")).output().unwrap();
-    assert!(!again.status.success());
+    assert_eq!(again.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&again.stderr).contains("must not exist yet"));
 }
 
@@ -497,4 +497,27 @@ fn pack_guards_nonces_and_permanent_rdp_level_2() {
     assert!(!dir.join("locked.sfi").exists());
     let out = run(pack(&["--option-bytes", "rdp2.csv", "--allow-permanent-rdp-level-2", "--out", "locked.sfi"]));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Issue 12 item 6: `flashgate demo | head -1` ends quietly when the pipe closes (no panic, no 101).
+#[test]
+fn a_closed_pipe_ends_the_demo_quietly() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--devices", "2", "--quota", "2", "--speed", "0", "--dir"])
+        .arg(tmp.path().join("demo"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // The reader is gone now, as `head` would be.
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(status.code(), Some(101), "{stderr}");
+    assert!(status.success() || status.code() == Some(141), "{status:?}: {stderr}");
 }
