@@ -171,6 +171,8 @@ pub struct ImageCache {
     verified: Mutex<HashSet<String>>,
     /// One lock per image, held while it is checked or downloaded.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Images whose structure was checked against a family by this process: ciphertext bytes.
+    structure: Mutex<HashMap<(String, flashgate_common::family::Family), u64>>,
 }
 
 /// The hash in canonical form (lower-case hex), or an error if it is not 64 hex digits. The hash
@@ -214,7 +216,25 @@ impl ImageCache {
             path: dir.clone(),
             source,
         })?;
-        Ok(ImageCache { dir, verified: Mutex::new(HashSet::new()), locks: Mutex::new(HashMap::new()) })
+        Ok(ImageCache {
+            dir,
+            verified: Mutex::new(HashSet::new()),
+            locks: Mutex::new(HashMap::new()),
+            structure: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The ciphertext length of image `sha256` if its structure was already checked against
+    /// `family` by this process (see [`ImageCache::note_checked`]): a cached image is immutable.
+    pub fn checked(&self, sha256: &str, family: flashgate_common::family::Family) -> Option<u64> {
+        let key = (sha256.to_ascii_lowercase(), family);
+        self.structure.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied()
+    }
+
+    /// Remember that image `sha256` passed the structure check against `family`.
+    pub fn note_checked(&self, sha256: &str, family: flashgate_common::family::Family, ciphertext: u64) {
+        let key = (sha256.to_ascii_lowercase(), family);
+        self.structure.lock().unwrap_or_else(|e| e.into_inner()).insert(key, ciphertext);
     }
 
     /// The cache directory.

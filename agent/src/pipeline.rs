@@ -381,9 +381,16 @@ async fn run(
     };
     // The whole image is checked (structure, sizes, the family's memory map) before the first byte
     // goes to the chip, then streamed from disk for the install: never held in memory whole.
-    let total = match check_image(&path, id.family).await {
-        Ok(total) => total,
-        Err(e) => return failed(Some(id.device_id), (HOST_FAILURE, format!("image {}: {e}", lic.image_sha256))),
+    // Once per image and family per process (a cached image does not change), not once per device.
+    let total = match ctx.images.checked(&lic.image_sha256, id.family) {
+        Some(total) => total,
+        None => match check_image(&path, id.family).await {
+            Ok(total) => {
+                ctx.images.note_checked(&lic.image_sha256, id.family, total);
+                total
+            }
+            Err(e) => return failed(Some(id.device_id), (HOST_FAILURE, format!("image {}: {e}", lic.image_sha256))),
+        },
     };
     let mut image = match open_image(&path, id.family).await {
         Ok(i) => i,

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::process::Output;
 
-use crate::support::{BrokerProcess, admin, ok, run, write_config};
+use crate::support::{BrokerProcess, admin, init_line, run};
 
 fn admin_run(dir: &Path, url: &str, args: &[&str]) -> Output {
     let mut full = vec!["admin", "--broker", url, "--pki", "pki", "--name", "ops"];
@@ -26,25 +26,7 @@ fn stderr(out: &Output) -> String {
 fn guards_refuse_or_warn_and_errors_say_each_thing_once() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    ok(
-        dir,
-        &[
-            "pki",
-            "init",
-            "--dir",
-            "pki",
-            "--trust-domain",
-            "factory.test",
-            "--site",
-            "berlin",
-            "--stations",
-            "1",
-            "--admin",
-            "ops",
-            "--broker",
-            "broker-1",
-        ],
-    );
+    let cfg = init_line(dir);
 
     // Before any broker: the URL is checked, the missing file's cause said once.
     let bad = run(dir, &["admin", "--broker", "https://127.0.0.1:35359.", "--pki", "pki", "--name", "ops", "hsm"]);
@@ -56,8 +38,6 @@ fn guards_refuse_or_warn_and_errors_say_each_thing_once() {
     assert!(text.contains("no/key.bin"), "{text}");
     assert_eq!(text.matches("(os error 2)").count(), 1, "{text}");
 
-    ok(dir, &["sim", "vendor-ca", "--out", "vendor"]);
-    let cfg = write_config(dir, "broker-1", "sqlite://ledger.db");
     let broker = BrokerProcess::start(dir, &cfg);
     let url = broker.url.clone();
     let key = admin(dir, &url, &["key", "generate", "--label", "fw"]);

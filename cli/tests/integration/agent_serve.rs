@@ -9,106 +9,20 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{BIN, BrokerProcess, PASSPHRASE, admin, ok, write_config};
-
-/// A child process killed when dropped (also when an assertion fails first).
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port_base() -> u16 {
-    // Two consecutive free ports for the simulator's targets.
-    loop {
-        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = a.local_addr().unwrap().port();
-        if port < 65000 && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-}
+use crate::support::{
+    BIN, BrokerProcess, PASSPHRASE, Reaped, admin, create_batch, free_ports, init_line, spawn_sim, write_agent_config,
+};
 
 #[test]
 fn an_assignment_pushed_from_admin_reaches_the_daemon_and_installs() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    ok(
-        dir,
-        &[
-            "pki",
-            "init",
-            "--dir",
-            "pki",
-            "--trust-domain",
-            "factory.test",
-            "--site",
-            "berlin",
-            "--stations",
-            "1",
-            "--admin",
-            "ops",
-            "--broker",
-            "broker-1",
-        ],
-    );
-    ok(dir, &["sim", "vendor-ca", "--out", "vendor"]);
-    let cfg = write_config(dir, "broker-1", "sqlite://ledger.db");
+    let cfg = init_line(dir);
     let broker = BrokerProcess::start(dir, &cfg);
-
-    let key = admin(dir, &broker.url, &["key", "generate", "--label", "fw"]);
-    let key_id = key["key_id"].as_str().unwrap().to_owned();
-    std::fs::write(dir.join("fw.bin"), vec![0xA5u8; 8192]).unwrap();
-    let img =
-        admin(dir, &broker.url, &["image", "pack", "--key-id", &key_id, "--family", "stm32l4", "fw.bin@0x08000000"]);
-    let sha = img["sha256"].as_str().unwrap().to_owned();
-    admin(
-        dir,
-        &broker.url,
-        &["batch", "create", "lot-9", "--product", "46201002", "--image", &sha, "--quota", "5", "--site", "berlin"],
-    );
-
-    let port = free_port_base();
-    let _sim = Reaped(
-        Command::new(BIN)
-            .args(["sim", "--targets", "2", "--speed", "0", "--vendor-ca", "vendor/vendor-ca.key", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    std::fs::write(
-        dir.join("agent.toml"),
-        format!(
-            r#"[broker]
-endpoints = ["{}"]
-[tls]
-cert = "pki/stations/berlin-1.pem"
-key = "pki/stations/berlin-1.key"
-ca = "pki/ca.pem"
-[state]
-dir = "agent-state"
-[probes]
-usb_scan = false
-[[probes.static]]
-id = "fixture-1"
-target = "tcp://127.0.0.1:{port}"
-[[probes.static]]
-id = "fixture-2"
-target = "tcp://127.0.0.1:{}"
-[station]
-heartbeat_interval = "1s"
-"#,
-            broker.url,
-            port + 1
-        ),
-    )
-    .unwrap();
+    create_batch(dir, &broker.url, "lot-9", 5, &[0xA5u8; 8192]);
+    let port = free_ports(2);
+    let _sim = spawn_sim(dir, 2, "0", port, &[]);
+    write_agent_config(dir, &broker.url, port, 2, "[station]\nheartbeat_interval = \"1s\"\n");
     let mut agent = Reaped(
         Command::new(BIN)
             .args(["agent", "serve", "--config", "agent.toml"])
@@ -165,62 +79,12 @@ heartbeat_interval = "1s"
 fn agent_run_exit_codes_tell_refusals_from_a_refused_station() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    ok(
-        dir,
-        &[
-            "pki",
-            "init",
-            "--dir",
-            "pki",
-            "--trust-domain",
-            "factory.test",
-            "--site",
-            "berlin",
-            "--stations",
-            "1",
-            "--admin",
-            "ops",
-            "--broker",
-            "broker-1",
-        ],
-    );
-    ok(dir, &["sim", "vendor-ca", "--out", "vendor"]);
-    let cfg = write_config(dir, "broker-1", "sqlite://ledger.db");
+    let cfg = init_line(dir);
     let broker = BrokerProcess::start(dir, &cfg);
-    let key = admin(dir, &broker.url, &["key", "generate", "--label", "fw"]);
-    let key_id = key["key_id"].as_str().unwrap().to_owned();
-    std::fs::write(dir.join("fw.bin"), vec![0x5Au8; 4096]).unwrap();
-    let img =
-        admin(dir, &broker.url, &["image", "pack", "--key-id", &key_id, "--family", "stm32l4", "fw.bin@0x08000000"]);
-    let sha = img["sha256"].as_str().unwrap().to_owned();
-    admin(
-        dir,
-        &broker.url,
-        &["batch", "create", "lot-1", "--product", "46201002", "--image", &sha, "--quota", "1", "--site", "berlin"],
-    );
-    let port = free_port_base();
-    let _sim = Reaped(
-        Command::new(BIN)
-            .args(["sim", "--targets", "2", "--speed", "0", "--vendor-ca", "vendor/vendor-ca.key", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    std::fs::write(
-        dir.join("agent.toml"),
-        format!(
-            "[broker]\nendpoints = [\"{}\"]\n[tls]\ncert = \"pki/stations/berlin-1.pem\"\n\
-             key = \"pki/stations/berlin-1.key\"\nca = \"pki/ca.pem\"\n[state]\ndir = \"agent-state\"\n\
-             [probes]\nusb_scan = false\n[[probes.static]]\nid = \"f1\"\ntarget = \"tcp://127.0.0.1:{port}\"\n\
-             [[probes.static]]\nid = \"f2\"\ntarget = \"tcp://127.0.0.1:{}\"\n",
-            broker.url,
-            port + 1
-        ),
-    )
-    .unwrap();
+    create_batch(dir, &broker.url, "lot-1", 1, &[0x5Au8; 4096]);
+    let port = free_ports(2);
+    let _sim = spawn_sim(dir, 2, "0", port, &[]);
+    write_agent_config(dir, &broker.url, port, 2, "");
     std::thread::sleep(Duration::from_millis(300));
     let run = || {
         Command::new(BIN)

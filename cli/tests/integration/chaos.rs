@@ -15,44 +15,12 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-use crate::support::{BIN, BrokerProcess, PASSPHRASE, admin, ok, write_config};
+use crate::support::{
+    BIN, BrokerProcess, PASSPHRASE, Reaped, admin, create_batch, free_ports, init_line, spawn_sim, write_agent_config,
+};
 
 const TARGETS: u16 = 6;
 const KILLS: usize = 50;
-
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port_base() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let p = l.local_addr().unwrap().port();
-    drop(l);
-    // A base with room for the targets after it, away from the ephemeral range's start.
-    if p > 60_000 { p - 1_000 } else { p }
-}
-
-fn write_agent_config(dir: &Path, broker_url: &str, port: u16) {
-    let mut probes = String::new();
-    for i in 0..TARGETS {
-        probes
-            .push_str(&format!("[[probes.static]]\nid = \"fixture-{i}\"\ntarget = \"tcp://127.0.0.1:{}\"\n", port + i));
-    }
-    std::fs::write(
-        dir.join("agent.toml"),
-        format!(
-            "[broker]\nendpoints = [\"{broker_url}\"]\n[tls]\ncert = \"pki/stations/berlin-1.pem\"\n\
-             key = \"pki/stations/berlin-1.key\"\nca = \"pki/ca.pem\"\n[state]\ndir = \"agent-state\"\n\
-             [probes]\nusb_scan = false\n{probes}"
-        ),
-    )
-    .unwrap();
-}
 
 fn agent_run(dir: &Path) -> Reaped {
     Reaped(
@@ -79,54 +47,14 @@ fn agent_and_broker_killed_at_random_points_lose_and_duplicate_nothing() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    ok(
-        dir,
-        &[
-            "pki",
-            "init",
-            "--dir",
-            "pki",
-            "--trust-domain",
-            "factory.test",
-            "--site",
-            "berlin",
-            "--stations",
-            "1",
-            "--admin",
-            "ops",
-            "--broker",
-            "broker-1",
-        ],
-    );
-    ok(dir, &["sim", "vendor-ca", "--out", "vendor"]);
-    let cfg = write_config(dir, "broker-1", "sqlite://ledger.db");
+    let cfg = init_line(dir);
     let mut broker = BrokerProcess::start(dir, &cfg);
-    let key = admin(dir, &broker.url, &["key", "generate", "--label", "fw"]);
-    let key_id = key["key_id"].as_str().unwrap().to_owned();
-    std::fs::write(dir.join("fw.bin"), (0..16_384u32).map(|i| (i * 13) as u8).collect::<Vec<u8>>()).unwrap();
-    let img =
-        admin(dir, &broker.url, &["image", "pack", "--key-id", &key_id, "--family", "stm32l4", "fw.bin@0x08000000"]);
-    let sha = img["sha256"].as_str().unwrap().to_owned();
-    let quota = TARGETS.to_string();
-    admin(
-        dir,
-        &broker.url,
-        &["batch", "create", "lot-c", "--product", "46201002", "--image", &sha, "--quota", &quota, "--site", "berlin"],
-    );
+    let firmware: Vec<u8> = (0..16_384u32).map(|i| (i * 13) as u8).collect();
+    create_batch(dir, &broker.url, "lot-c", u32::from(TARGETS), &firmware);
     // Real-time-ish targets (speed 8: an install takes a few hundred ms), so kills land mid-install.
-    let port = free_port_base();
-    let _sim = Reaped(
-        Command::new(BIN)
-            .args(["sim", "--targets", &TARGETS.to_string(), "--speed", "8", "--state-dir", "simstate"])
-            .args(["--vendor-ca", "vendor/vendor-ca.key", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    write_agent_config(dir, &broker.url, port);
+    let port = free_ports(TARGETS);
+    let _sim = spawn_sim(dir, TARGETS, "8", port, &["--state-dir", "simstate"]);
+    write_agent_config(dir, &broker.url, port, TARGETS, "");
     std::thread::sleep(Duration::from_millis(300));
 
     let started = Instant::now();
@@ -142,7 +70,7 @@ fn agent_and_broker_killed_at_random_points_lose_and_duplicate_nothing() {
             let _ = broker.child.wait();
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
             broker = BrokerProcess::start(dir, &cfg);
-            write_agent_config(dir, &broker.url, port);
+            write_agent_config(dir, &broker.url, port, TARGETS, "");
             std::thread::sleep(Duration::from_millis(rng.gen_range(20..400)));
         }
         kill9(&mut agent);

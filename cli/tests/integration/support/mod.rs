@@ -110,3 +110,105 @@ pub fn admin(dir: &Path, url: &str, args: &[&str]) -> serde_json::Value {
     let out = ok(dir, &full);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("admin {args:?} printed no JSON ({e}): {out}"))
 }
+
+/// A child process killed when dropped (also when an assertion fails first).
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The first of `n` consecutive loopback ports that are free now (for a simulator's targets).
+pub fn free_ports(n: u16) -> u16 {
+    loop {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        if port < 65000 - n && (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", port + i)).is_ok()) {
+            return port;
+        }
+    }
+}
+
+/// A line's files in `dir`: a PKI (site berlin, station berlin/1, admin ops, broker-1), the
+/// simulator's vendor CA in `vendor/`, and broker-1's configuration on an SQLite ledger (returned).
+pub fn init_line(dir: &Path) -> PathBuf {
+    ok(
+        dir,
+        &[
+            "pki",
+            "init",
+            "--dir",
+            "pki",
+            "--trust-domain",
+            "factory.test",
+            "--site",
+            "berlin",
+            "--stations",
+            "1",
+            "--admin",
+            "ops",
+            "--broker",
+            "broker-1",
+        ],
+    );
+    ok(dir, &["sim", "vendor-ca", "--out", "vendor"]);
+    write_config(dir, "broker-1", "sqlite://ledger.db")
+}
+
+/// Through `admin`: a key generated in the broker's HSM, `firmware` packed for STM32L4 at the start
+/// of flash, and batch `batch` of `quota` for site berlin. Returns the image's SHA-256.
+pub fn create_batch(dir: &Path, url: &str, batch: &str, quota: u32, firmware: &[u8]) -> String {
+    let key = admin(dir, url, &["key", "generate", "--label", "fw"]);
+    let key_id = key["key_id"].as_str().unwrap().to_owned();
+    std::fs::write(dir.join("fw.bin"), firmware).unwrap();
+    let img = admin(dir, url, &["image", "pack", "--key-id", &key_id, "--family", "stm32l4", "fw.bin@0x08000000"]);
+    let sha = img["sha256"].as_str().unwrap().to_owned();
+    let quota = quota.to_string();
+    admin(
+        dir,
+        url,
+        &["batch", "create", batch, "--product", "46201002", "--image", &sha, "--quota", &quota, "--site", "berlin"],
+    );
+    sha
+}
+
+/// A `flashgate sim` process with `targets` STM32L4 targets on consecutive ports from `port`.
+pub fn spawn_sim(dir: &Path, targets: u16, speed: &str, port: u16, extra: &[&str]) -> Reaped {
+    Reaped(
+        Command::new(BIN)
+            .args(["sim", "--targets", &targets.to_string(), "--speed", speed, "--vendor-ca", "vendor/vendor-ca.key"])
+            .args(extra)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// `agent.toml` for station berlin/1 against `broker_url`, with static probes `fixture-1..=targets`
+/// on consecutive ports from `port`, and `extra` TOML appended.
+pub fn write_agent_config(dir: &Path, broker_url: &str, port: u16, targets: u16, extra: &str) {
+    let mut probes = String::new();
+    for i in 0..targets {
+        probes.push_str(&format!(
+            "[[probes.static]]\nid = \"fixture-{}\"\ntarget = \"tcp://127.0.0.1:{}\"\n",
+            i + 1,
+            port + i
+        ));
+    }
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!(
+            "[broker]\nendpoints = [\"{broker_url}\"]\n[tls]\ncert = \"pki/stations/berlin-1.pem\"\n\
+             key = \"pki/stations/berlin-1.key\"\nca = \"pki/ca.pem\"\n[state]\ndir = \"agent-state\"\n\
+             [probes]\nusb_scan = false\n{probes}{extra}"
+        ),
+    )
+    .unwrap();
+}
