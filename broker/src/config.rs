@@ -214,6 +214,17 @@ pub struct LimitsConfig {
     /// Most open connections of one certificate identity (station or admin).
     #[serde(default = "default_max_connections_per_identity")]
     pub max_connections_per_identity: usize,
+    /// New TLS handshakes one source address (IPv4 address or IPv6 /64) may start per second once its
+    /// burst is spent; its further connections wait unread (0: no rate).
+    #[serde(default = "default_handshake_rate_per_source")]
+    pub handshake_rate_per_source: u32,
+    /// Handshakes one source address may start at once before the rate applies.
+    #[serde(default = "default_handshake_burst_per_source")]
+    pub handshake_burst_per_source: u32,
+    /// Most connections waiting for their source's rate, in all (at most the open-file limit less
+    /// 4,096); beyond it an over-rate source's new connection is closed at once.
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting: usize,
     /// Most concurrent HTTP/2 streams (calls) on one connection.
     #[serde(default = "default_max_streams_per_connection")]
     pub max_streams_per_connection: u32,
@@ -234,6 +245,15 @@ fn default_max_pending_per_source() -> usize {
 fn default_max_connections_per_identity() -> usize {
     flashgate_proto::admission::DEFAULT_MAX_CONNECTIONS_PER_IDENTITY
 }
+fn default_handshake_rate_per_source() -> u32 {
+    flashgate_proto::admission::DEFAULT_HANDSHAKE_RATE_PER_SOURCE
+}
+fn default_handshake_burst_per_source() -> u32 {
+    flashgate_proto::admission::DEFAULT_HANDSHAKE_BURST_PER_SOURCE
+}
+fn default_max_waiting() -> usize {
+    flashgate_proto::admission::DEFAULT_MAX_WAITING
+}
 /// Default of [`LimitsConfig::max_streams_per_connection`].
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 64;
 fn default_max_streams_per_connection() -> u32 {
@@ -249,6 +269,9 @@ impl LimitsConfig {
             max_pending_handshakes: self.max_pending_handshakes,
             max_pending_per_source: self.max_pending_per_source,
             max_connections_per_identity: self.max_connections_per_identity,
+            handshake_rate_per_source: self.handshake_rate_per_source,
+            handshake_burst_per_source: self.handshake_burst_per_source,
+            max_waiting: self.max_waiting,
         }
     }
 }
@@ -274,6 +297,9 @@ impl Default for LimitsConfig {
             max_pending_handshakes: default_max_pending_handshakes(),
             max_pending_per_source: default_max_pending_per_source(),
             max_connections_per_identity: default_max_connections_per_identity(),
+            handshake_rate_per_source: default_handshake_rate_per_source(),
+            handshake_burst_per_source: default_handshake_burst_per_source(),
+            max_waiting: default_max_waiting(),
             max_streams_per_connection: default_max_streams_per_connection(),
         }
     }

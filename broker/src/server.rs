@@ -323,6 +323,11 @@ pub async fn start(
         lc.url = format!("sqlite://{}", base.join(path).display());
     }
     let ledger = Ledger::open_with(lc).await?;
+    // Connections waiting at the admission gate each hold a descriptor (proto::admission).
+    match flashgate_proto::admission::raise_open_file_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit to its hard limit"),
+    }
     let members = open_hsm_members(cfg, base, env)?;
     let pool = HsmPool::new(
         members,

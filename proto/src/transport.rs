@@ -49,7 +49,7 @@ use std::time::Duration;
 
 use flashgate_common::pki::{self, Identity, PeerInfo, PkiError};
 
-use crate::admission::{IdentityConnections, PendingHandshakes};
+use crate::admission::{Accepted, IdentityConnections, PendingHandshakes, SourceGate};
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
@@ -65,6 +65,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -640,8 +641,10 @@ where
 
 /// Serve `router` over mutual TLS on `listener` until `shutdown` completes.
 ///
-/// The accept loop never waits: every accepted TCP connection gets its own task, which drops the
-/// connection when its first TLS bytes do not arrive within `limits.first_byte_timeout` or its handshake
+/// The accept loop never waits. A source address within its handshake rate (see
+/// [`crate::admission::SourceGate`]) has each accepted connection start at once; beyond its rate a
+/// connection waits unread at the gate. A started connection gets its own task, which drops the
+/// connection when its first TLS bytes do not arrive within `limits.first_byte_timeout` of `accept` or its handshake
 /// does not complete within `limits.handshake_timeout` after them. Handshakes in progress are capped per
 /// source address and in total; a new connection beyond a cap sheds the oldest pending handshake (see
 /// [`crate::admission`]). A verified connection beyond `limits.max_connections_per_identity` open
@@ -694,15 +697,32 @@ async fn accept_loop(
 ) {
     let pending = Arc::new(PendingHandshakes::default());
     let identities = IdentityConnections::new(limits.max_connections_per_identity);
+    let max_waiting = crate::admission::effective_max_waiting(limits.max_waiting);
+    let mut gate = SourceGate::new(&limits, max_waiting);
+    tracing::info!(
+        rate = limits.handshake_rate_per_source,
+        burst = limits.handshake_burst_per_source,
+        max_waiting,
+        "admission: handshakes per source address are rate-limited; connections beyond wait unread"
+    );
     let mut summary = Summary::new(&stats);
+    let mut admitted = Vec::new();
     // Dropping the set (when this loop ends or is aborted) aborts handshakes still running.
     let mut handshakes = JoinSet::new();
     loop {
         while handshakes.try_join_next().is_some() {}
-        let (tcp, remote) = tokio::select! {
+        let release_at = gate.next_release(Instant::now());
+        let wait_for_release = async move {
+            match release_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let accepted = tokio::select! {
             _ = tx.closed() => break,
+            _ = wait_for_release => None,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok((tcp, remote)) => Some(Accepted { tcp, remote, at: Instant::now() }),
                 Err(e) => {
                     // Typically EMFILE: back off instead of spinning; pending handshakes time out and free
                     // descriptors.
@@ -712,23 +732,32 @@ async fn accept_loop(
                 }
             },
         };
-        let _ = tcp.set_nodelay(true);
-        let guard = pending.admit(remote.ip(), limits.max_pending_handshakes, limits.max_pending_per_source, &stats);
-        let id = guard.id();
-        let acceptor = acceptor.clone();
-        let tx = tx.clone();
-        let (stats2, identities) = (Arc::clone(&stats), Arc::clone(&identities));
-        let task = handshakes.spawn(async move {
-            let stream = handshake(acceptor, tcp, remote, limits, &stats2, &identities).await;
-            // No longer pending, whether it succeeded or not: a completed connection is never shed.
-            drop(guard);
-            if let Some(stream) = stream {
-                // Fails only when the server is shutting down; the connection is then dropped.
-                let _ = tx.send(stream).await;
-            }
-        });
-        pending.register(id, task);
-        summary.maybe_log(&stats, &pending);
+        if let Some(conn) = accepted {
+            let _ = conn.tcp.set_nodelay(true);
+            admitted.extend(gate.offer(conn, &stats));
+        }
+        if release_at.is_some_and(|at| at <= Instant::now()) {
+            gate.release(Instant::now(), &stats, &mut admitted);
+        }
+        for conn in admitted.drain(..) {
+            let guard =
+                pending.admit(conn.remote.ip(), limits.max_pending_handshakes, limits.max_pending_per_source, &stats);
+            let id = guard.id();
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            let (stats2, identities) = (Arc::clone(&stats), Arc::clone(&identities));
+            let task = handshakes.spawn(async move {
+                let stream = handshake(acceptor, conn, limits, &stats2, &identities).await;
+                // No longer pending, whether it succeeded or not: a completed connection is never shed.
+                drop(guard);
+                if let Some(stream) = stream {
+                    // Fails only when the server is shutting down; the connection is then dropped.
+                    let _ = tx.send(stream).await;
+                }
+            });
+            pending.register(id, task);
+        }
+        summary.maybe_log(&stats, &pending, &gate);
     }
 }
 
@@ -743,7 +772,7 @@ impl Summary {
         Summary { last: std::time::Instant::now(), seen: stats.snapshot() }
     }
 
-    fn maybe_log(&mut self, stats: &AdmissionStats, pending: &PendingHandshakes) {
+    fn maybe_log(&mut self, stats: &AdmissionStats, pending: &PendingHandshakes, gate: &SourceGate) {
         if self.last.elapsed() < crate::admission::SUMMARY_INTERVAL {
             return;
         }
@@ -756,7 +785,10 @@ impl Summary {
                 shed_per_source = d.shed_per_source,
                 shed_total = d.shed_total,
                 identity_limit = d.identity_limit,
+                waiting_timeouts = d.waiting_timeouts,
+                waiting_full = d.waiting_full,
                 pending = pending.len(None),
+                waiting = gate.waiting(),
                 "connections dropped by admission control in the last {:?}",
                 self.last.elapsed()
             );
@@ -773,16 +805,17 @@ fn is_disconnect(e: &std::io::Error) -> bool {
 
 async fn handshake(
     acceptor: TlsAcceptor,
-    tcp: TcpStream,
-    remote: SocketAddr,
+    conn: Accepted,
     limits: AdmissionLimits,
     stats: &AdmissionStats,
     identities: &Arc<IdentityConnections>,
 ) -> Option<MtlsStream> {
     // 1. The first TLS bytes, within a short deadline: a socket that sends nothing costs one task for at
     //    most that long.
+    //    The deadline counts from `accept`, time spent waiting at the source gate included.
+    let Accepted { tcp, remote, at } = conn;
     let mut first = [0u8; 1];
-    match tokio::time::timeout(limits.first_byte_timeout, tcp.peek(&mut first)).await {
+    match tokio::time::timeout_at(at + limits.first_byte_timeout, tcp.peek(&mut first)).await {
         Err(_) => {
             AdmissionStats::bump(&stats.first_byte_timeouts);
             tracing::debug!(peer = %remote, "dropped connection from {remote}: no TLS bytes within {:?}",

@@ -188,7 +188,12 @@ async fn a_legitimate_line_completes_exactly_under_floods_and_forgeries() {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let a = broker.running().admission();
-        let dropped = a.first_byte_timeouts + a.handshake_timeouts + a.shed_per_source + a.shed_total;
+        let dropped = a.first_byte_timeouts
+            + a.handshake_timeouts
+            + a.shed_per_source
+            + a.shed_total
+            + a.waiting_timeouts
+            + a.waiting_full;
         if dropped >= 1050 {
             break;
         }
