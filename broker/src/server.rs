@@ -35,6 +35,13 @@ use crate::service::validate;
 
 /// Largest HTTP/2 header block accepted (gRPC metadata of station and admin calls is far smaller).
 pub const HTTP2_MAX_HEADER_LIST: u32 = 16 * 1024;
+/// HTTP/2 flow-control window of one stream, client to broker: what a client may have in flight, unread,
+/// on one call. Station messages are at most 16 KiB; hyper's default (1 MiB) let a client that sends as
+/// fast as it can hold a megabyte of broker memory per stream (issue 10, the Attach flood). An admin's
+/// image upload streams through it at one window per round trip.
+pub const HTTP2_STREAM_WINDOW: u32 = 128 * 1024;
+/// HTTP/2 flow-control window of one connection (all its streams together), client to broker.
+pub const HTTP2_CONNECTION_WINDOW: u32 = 512 * 1024;
 /// HTTP/2 keep-alive PING interval on server connections: a client that vanished is noticed.
 pub const SERVER_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// How long a server keep-alive PING may go unanswered before the connection is closed.
@@ -390,6 +397,8 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(spec.limits.max_streams_per_connection))
         .http2_max_header_list_size(Some(HTTP2_MAX_HEADER_LIST))
+        .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
+        .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
         .http2_keepalive_interval(Some(SERVER_KEEP_ALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(SERVER_KEEP_ALIVE_TIMEOUT))
         .layer(DeadlineLayer)
