@@ -2,6 +2,8 @@
 //! (ledger id, seq, hash, time, broker name) in one fixed, domain-separated byte layout, so a
 //! checkpoint can be carried by licence responses, kept by stations, appended to external sinks
 //! and verified offline with nothing but the broker's audit public key.
+//! [`WitnessCheck`] holds an audit chain to such checkpoints kept outside the database (witnesses) and
+//! names the witness a rewritten or truncated history contradicts.
 //!
 //! Layout (all integers big-endian, total [`CHECKPOINT_LEN`] = 217 bytes), see docs/protocol.md:
 //!
@@ -201,6 +203,116 @@ impl SignedCheckpoint {
     }
 }
 
+/// A verified checkpoint held outside the database (a station's journal, an append-only sink, a
+/// file), with the name a report uses for it. Check its signature before making a witness of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Witness {
+    /// Where it came from, e.g. `station-3 journal` or a file path.
+    pub name: String,
+    /// Seq of the record it vouches for (0: the empty chain).
+    pub seq: u64,
+    /// Hash that record must have (the genesis hash, all zeros, for seq 0).
+    pub hash: [u8; 32],
+}
+
+impl Witness {
+    /// From a (verified) signed checkpoint.
+    pub fn from_checkpoint(name: impl Into<String>, cp: &SignedCheckpoint) -> Self {
+        Self { name: name.into(), seq: cp.head.seq, hash: cp.head.hash }
+    }
+}
+
+/// How a witness contradicts an audit chain; each names the witness and the first bad seq.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WitnessError {
+    /// The chain's record at the witnessed seq has another hash: history up to it was rewritten.
+    #[error(
+        "witness {witness} (signed checkpoint at seq {seq}) contradicts the chain: the record at seq {seq} has \
+         another hash (history rewritten at or before seq {seq})"
+    )]
+    HashDiffers {
+        /// The witness's name.
+        witness: String,
+        /// The witnessed seq.
+        seq: u64,
+    },
+    /// The chain ends before the witnessed seq: records were deleted and the head moved back.
+    #[error(
+        "witness {witness} (signed checkpoint at seq {seq}) contradicts the chain: the chain ends at seq \
+         {chain_end}, first missing seq {first_missing} (records deleted and the head moved back)"
+    )]
+    ChainTooShort {
+        /// The witness's name.
+        witness: String,
+        /// The witnessed seq.
+        seq: u64,
+        /// Last seq of the chain.
+        chain_end: u64,
+        /// `chain_end + 1`.
+        first_missing: u64,
+    },
+}
+
+/// Holds an audit chain to a set of witnesses: feed the hash of every record of an otherwise verified,
+/// gap-free chain in seq order from 1 ([`WitnessCheck::record`]), then [`WitnessCheck::finish`] with the
+/// last seq. Memory is the witnesses only.
+#[derive(Debug, Clone, Default)]
+pub struct WitnessCheck {
+    /// Not yet reached, sorted by seq.
+    pending: std::collections::VecDeque<Witness>,
+}
+
+impl WitnessCheck {
+    /// Checks against `witnesses` (any order).
+    pub fn new(mut witnesses: Vec<Witness>) -> Self {
+        witnesses.sort_by_key(|w| w.seq);
+        Self { pending: witnesses.into() }
+    }
+
+    /// Pops the witnesses before `seq` (only seq 0 ones in a gap-free feed): they vouch for the genesis.
+    fn genesis_before(&mut self, seq: u64) -> Result<(), WitnessError> {
+        while let Some(w) = self.pending.front() {
+            if w.seq >= seq {
+                break;
+            }
+            if w.seq != 0 || w.hash != [0u8; 32] {
+                return Err(WitnessError::HashDiffers { witness: w.name.clone(), seq: w.seq });
+            }
+            self.pending.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The record at `seq` has `hash`.
+    pub fn record(&mut self, seq: u64, hash: &[u8; 32]) -> Result<(), WitnessError> {
+        self.genesis_before(seq)?;
+        while let Some(w) = self.pending.front() {
+            if w.seq != seq {
+                break;
+            }
+            if &w.hash != hash {
+                return Err(WitnessError::HashDiffers { witness: w.name.clone(), seq });
+            }
+            self.pending.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The chain ended at `chain_end` (0: empty): no witness may lie beyond it.
+    pub fn finish(mut self, chain_end: u64) -> Result<(), WitnessError> {
+        self.genesis_before(1)?;
+        match self.pending.into_iter().find(|w| w.seq > chain_end) {
+            Some(w) => Err(WitnessError::ChainTooShort {
+                witness: w.name,
+                seq: w.seq,
+                chain_end,
+                first_missing: chain_end.saturating_add(1),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -287,6 +399,82 @@ mod tests {
         let mut other_ledger = head(9);
         other_ledger.ledger_id = [1; 16];
         assert!(!a.consistent_with(&other_ledger.sign(&key()).unwrap()));
+    }
+
+    /// A toy hash chain (the broker's record hash is another function; the witness logic only sees hashes).
+    fn toy_chain(data: &[String]) -> Vec<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let mut prev = [0u8; 32];
+        data.iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let mut h = Sha256::new();
+                h.update(prev);
+                h.update((i as u64 + 1).to_be_bytes());
+                h.update(d.as_bytes());
+                prev = h.finalize().into();
+                prev
+            })
+            .collect()
+    }
+
+    fn check(hashes: &[[u8; 32]], ws: Vec<Witness>) -> Result<(), WitnessError> {
+        let mut c = WitnessCheck::new(ws);
+        for (i, h) in hashes.iter().enumerate() {
+            c.record(i as u64 + 1, h)?;
+        }
+        c.finish(hashes.len() as u64)
+    }
+
+    fn w(name: &str, hashes: &[[u8; 32]], seq: u64) -> Witness {
+        Witness { name: name.into(), seq, hash: hashes[seq as usize - 1] }
+    }
+
+    #[test]
+    fn intact_chain_agrees_with_witnesses() {
+        let data: Vec<String> = (0..200).map(|i| format!("record {i}")).collect();
+        let c = toy_chain(&data);
+        let genesis = Witness { name: "empty".into(), seq: 0, hash: [0; 32] };
+        assert_eq!(check(&c, vec![w("b", &c, 150), w("a", &c, 10), w("g", &c, 1), genesis.clone()]), Ok(()));
+        assert_eq!(check(&[], vec![genesis]), Ok(()));
+        let cp = head(150).sign(&key()).unwrap();
+        assert_eq!(Witness::from_checkpoint("f", &cp).seq, 150);
+    }
+
+    #[test]
+    fn truncation_with_head_moved_back_is_named() {
+        // Issue 13, rewrite 1: the last 3 records deleted and the head moved back.
+        let data: Vec<String> = (0..200).map(|i| format!("record {i}")).collect();
+        let c = toy_chain(&data);
+        let e = check(&c[..197], vec![w("old sink", &c, 120), w("station-2 journal", &c, 199)]).unwrap_err();
+        assert_eq!(
+            e,
+            WitnessError::ChainTooShort {
+                witness: "station-2 journal".into(),
+                seq: 199,
+                chain_end: 197,
+                first_missing: 198
+            }
+        );
+        assert!(e.to_string().contains("station-2 journal"), "{e}");
+        // Witnesses at or before the new head cannot see it: the undetectable window.
+        assert_eq!(check(&c[..197], vec![w("old sink", &c, 197)]), Ok(()));
+    }
+
+    #[test]
+    fn rechained_edit_is_named_at_the_first_witness_after_it() {
+        // Issue 13, rewrite 2: record 75 edited and the 126 records from it to the head re-chained.
+        let mut data: Vec<String> = (0..200).map(|i| format!("record {i}")).collect();
+        let c = toy_chain(&data);
+        data[74] = "record 74, quota 999".into();
+        let forged = toy_chain(&data);
+        assert_eq!(forged.iter().zip(&c).filter(|(a, b)| a != b).count(), 126);
+        let e =
+            check(&forged, vec![w("sink", &c, 50), w("station-1 journal", &c, 100), w("later", &c, 180)]).unwrap_err();
+        assert_eq!(e, WitnessError::HashDiffers { witness: "station-1 journal".into(), seq: 100 });
+        // A bad genesis witness is named too.
+        let bad = Witness { name: "bogus".into(), seq: 0, hash: [1; 32] };
+        assert_eq!(check(&c, vec![bad]), Err(WitnessError::HashDiffers { witness: "bogus".into(), seq: 0 }));
     }
 
     proptest! {
