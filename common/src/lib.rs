@@ -1,10 +1,11 @@
 //! Flashgate SFI profile v1, shared by every component: the `.sfi` image format and its crypto,
 //! chip certificates, licences, STM32 family profiles, firmware inputs for the packer, and the
 //! AN3155 bootloader constants with the Flashgate SFI opcodes, and the X.509 identities and
-//! development PKI of the networked components (`pki`).
+//! development PKI of the networked components (`pki`), and signed audit checkpoints (`checkpoint`).
 
 pub mod atomic_file;
 pub mod cert;
+pub mod checkpoint;
 pub mod family;
 pub mod firmware;
 pub mod gcm;
