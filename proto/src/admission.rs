@@ -356,6 +356,7 @@ pub struct SourceGate {
     max_waiting: usize,
     first_byte: Duration,
     waiting: usize,
+    due: Option<Instant>,
     sweep_at: usize,
     sources: HashMap<IpAddr, Source>,
 }
@@ -369,6 +370,7 @@ impl SourceGate {
             max_waiting,
             first_byte: limits.first_byte_timeout,
             waiting: 0,
+            due: None,
             sweep_at: GATE_SWEEP_AT,
             sources: HashMap::new(),
         }
@@ -406,6 +408,7 @@ impl SourceGate {
     /// Closes the waiting connections whose first-byte deadline has passed (counted in `stats`) and moves
     /// those their source's rate now allows, oldest first, into `out`.
     pub fn release(&mut self, now: Instant, stats: &AdmissionStats, out: &mut Vec<Accepted>) {
+        self.due = None;
         let (rate, burst, first_byte) = (self.rate, self.burst, self.first_byte);
         for source in self.sources.values_mut().filter(|s| !s.queue.is_empty()) {
             while source.queue.front().is_some_and(|c| now.saturating_duration_since(c.at) >= first_byte) {
@@ -423,9 +426,15 @@ impl SourceGate {
         }
     }
 
-    /// When [`SourceGate::release`] should run next: `None` while nothing waits.
-    pub fn next_release(&self, now: Instant) -> Option<Instant> {
-        (self.waiting > 0).then(|| now + GATE_TICK)
+    /// When [`SourceGate::release`] should run next: `None` while nothing waits. The time is kept until
+    /// `release` runs, so a stream of new connections arriving faster than [`GATE_TICK`] cannot keep
+    /// pushing it back.
+    pub fn next_release(&mut self, now: Instant) -> Option<Instant> {
+        if self.waiting == 0 {
+            self.due = None;
+            return None;
+        }
+        Some(*self.due.get_or_insert(now + GATE_TICK))
     }
 
     /// Connections waiting now.
@@ -600,6 +609,23 @@ mod tests {
         assert_eq!(gate.waiting(), 0);
         assert!(gate.next_release(t0).is_none());
         assert!(stats.snapshot().is_zero(), "nothing was dropped");
+    }
+
+    #[tokio::test]
+    async fn new_connections_do_not_push_the_release_back() {
+        let t0 = Instant::now();
+        let stats = AdmissionStats::default();
+        let mut gate = SourceGate::new(&gate_limits(100, 1, Duration::from_secs(2)), 100);
+        let (conns, _clients) = accepted(3, 2, t0).await;
+        for c in conns {
+            let _ = gate.offer(c, &stats);
+        }
+        let due = gate.next_release(t0).unwrap();
+        // Asked again and again as connections keep arriving, the gate keeps its time.
+        assert_eq!(gate.next_release(t0 + Duration::from_millis(4)), Some(due));
+        assert_eq!(gate.next_release(t0 + Duration::from_millis(9)), Some(due));
+        gate.release(due, &stats, &mut Vec::new());
+        assert!(gate.next_release(due).unwrap() > due);
     }
 
     #[tokio::test]
