@@ -370,6 +370,9 @@ mod tests {
         let rows: Vec<Vec<String>> = doc
             .lines()
             .skip_while(|l| !l.starts_with("### Option-byte record ids"))
+            .skip(1)
+            // That section only: the next heading ends it.
+            .take_while(|l| !l.starts_with('#'))
             .filter(|l| l.starts_with("| ") && l.as_bytes().get(2).is_some_and(u8::is_ascii_digit))
             .map(|l| l.split('|').map(|c| c.trim().trim_matches('`').to_string()).collect())
             .take_while(|cells: &Vec<String>| cells.len() == 6)
