@@ -9,6 +9,12 @@ mod output;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: the broker's licence path allocates many small,
+/// short-lived buffers across threads (protobuf fields, HTTP/2 frames, audit details), where glibc's
+/// malloc showed as 7% of the broker's time (BENCHMARKS.md, "Where the broker's CPU time per licence goes").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Flashgate: networked Secure Firmware Installation for STM32 production.
 #[derive(Debug, Parser)]
 #[command(name = "flashgate", version, about, propagate_version = true)]

@@ -42,7 +42,8 @@ pub fn random_key_id() -> KeyId {
 
 /// Something that holds firmware keys and does the profile's key operations with them, without
 /// ever handing a key out. Blocking: async callers use `tokio::task::spawn_blocking` (the
-/// [`HsmPool`] does). Implementations must be safe to call from several threads at once, up to
+/// [`HsmPool`] does, except for licences of backends whose
+/// [`licence_in_memory`](HsmBackend::licence_in_memory) is true). Implementations must be safe to call from several threads at once, up to
 /// [`capacity`](HsmBackend::capacity) calls in parallel.
 pub trait HsmBackend: Send + Sync {
     /// A short name for logs, metrics and status (e.g. `soft:/var/lib/flashgate/keys.fgks`).
@@ -80,6 +81,15 @@ pub trait HsmBackend: Send + Sync {
 
     /// How many calls the backend serves in parallel (its session pool size); at least 1.
     fn capacity(&self) -> usize;
+
+    /// Whether [`issue_licence`](HsmBackend::issue_licence) is a bounded computation in memory — no
+    /// device, no I/O, no lock held across I/O — that the pool may run on the calling task instead of
+    /// tokio's blocking pool. True for the soft keystore (one key generation, one ECDH, one key wrap:
+    /// tens of microseconds, less than the two thread wake-ups a hand-off to the blocking pool costs);
+    /// device backends keep the default, false.
+    fn licence_in_memory(&self) -> bool {
+        false
+    }
 }
 
 /// Errors of HSM backends and of the pool. [`HsmError::is_device_error`] tells failures of the

@@ -121,11 +121,22 @@ impl LedgerConfig {
     }
 }
 
+/// How long [`Ledger::precheck_fast`] trusts a batch it read (state, window, sites, issued count). Staleness
+/// never grants or refuses anything by itself: a fast precheck only ever answers "go ahead", and
+/// [`Ledger::commit_issue`] re-checks everything in its transaction.
+pub const BATCH_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// Most batches [`Ledger::precheck_fast`] keeps (only batches that exist are cached; beyond this the cache
+/// is cleared and refilled).
+pub const MAX_CACHED_BATCHES: usize = 1024;
+
 struct Inner {
     dialect: Dialect,
     read: AnyPool,
     write: AnyPool,
     ops: mpsc::Sender<WriteOp>,
+    /// Batches as last read by a precheck, with when (see [`BATCH_CACHE_TTL`]).
+    batches: std::sync::Mutex<HashMap<String, (Batch, std::time::Instant)>>,
 }
 
 /// Handle to the ledger; cheap to clone. The writer task stops when the last clone is dropped.
@@ -345,6 +356,10 @@ async fn sqlite_pool(url: &str, max: u32, busy: Duration) -> Result<AnyPool, Led
         .max_connections(max)
         .min_connections(1)
         .acquire_timeout(busy)
+        // A connection to a local file does not go stale the way a network connection does; sqlx's
+        // default ping before every acquire would cost one more round trip to the connection's worker
+        // thread (two thread wake-ups) per query on the licence path.
+        .test_before_acquire(false)
         .after_connect(move |conn, _meta| {
             Box::pin(async move {
                 // WAL for concurrent readers; FULL: a commit is on disk (WAL fsync) before it returns.
@@ -412,7 +427,7 @@ impl Ledger {
         };
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
         tokio::spawn(writer::run(write.clone(), dialect, rx, cfg.max_group));
-        Ok(Self { inner: Arc::new(Inner { dialect, read, write, ops: tx }) })
+        Ok(Self { inner: Arc::new(Inner { dialect, read, write, ops: tx, batches: Default::default() }) })
     }
 
     /// The database dialect in use.
@@ -464,6 +479,9 @@ impl Ledger {
                 }
             }
         };
+        if let Some(b) = &batch {
+            self.remember_batch(b);
+        }
         let now = now_ms();
         let refusal = match (&batch, &existing) {
             (None, _) => Some((RefusalReason::UnknownBatch, format!("batch {:?} does not exist", req.batch_id))),
@@ -510,6 +528,41 @@ impl Ledger {
         }
     }
 
+    /// [`Ledger::precheck`] without the read, for a broker whose HSM computes a licence in memory, where the
+    /// precheck's database round trip costs more than the licence it would save (BENCHMARKS.md, CPU per
+    /// licence). When the batch, as a precheck read it at most [`BATCH_CACHE_TTL`] ago, is open for this
+    /// site and product with quota left, answers [`Precheck::Proceed`] without looking the device up: the
+    /// caller computes the licence and [`Ledger::commit_issue`] decides — an existing licence is returned
+    /// byte-identical under the reissue rules (and `licence.reissued` audited for another station), a
+    /// refusal is audited there. Anything else (no cached batch, or one that would refuse) takes the full
+    /// [`Ledger::precheck`], so every refusal is decided on a fresh read. Not for HSMs whose licences cost
+    /// time or a counter unit (PKCS#11 tokens, smart cards): a retry would be computed again.
+    pub async fn precheck_fast(&self, req: &PrecheckRequest) -> Result<Precheck, LedgerError> {
+        let cached = {
+            let cache = self.inner.batches.lock().unwrap_or_else(|p| p.into_inner());
+            cache.get(&req.batch_id).and_then(|(b, at)| (at.elapsed() < BATCH_CACHE_TTL).then(|| b.clone()))
+        };
+        if let Some(b) = cached
+            && b.check(now_ms(), &req.site, &req.product_id).is_ok()
+            && b.issued < b.quota
+        {
+            return Ok(Precheck::Proceed(b));
+        }
+        self.precheck(req).await
+    }
+
+    fn remember_batch(&self, b: &Batch) {
+        let mut cache = self.inner.batches.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_CACHED_BATCHES && !cache.contains_key(&b.id) {
+            cache.clear();
+        }
+        cache.insert(b.id.clone(), (b.clone(), std::time::Instant::now()));
+    }
+
+    fn forget_batch(&self, id: &str) {
+        self.inner.batches.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
     /// Records that `rec.station` received the licence first issued to another station: a
     /// `licence.reissued` audit record and a holder row, once per (batch, device, station).
     pub async fn record_reissue(&self, rec: ReissueRecord) -> Result<(), LedgerError> {
@@ -548,7 +601,8 @@ impl Ledger {
     }
 
     /// Commits a computed licence: in one (group) transaction returns the existing licence if the device has
-    /// one (nothing consumed), else re-checks the batch, takes one unit of quota, stores the licence and appends
+    /// one (nothing consumed; under the reissue rules of [`Ledger::precheck`], and `licence.reissued` audited
+    /// when another station first got it), else re-checks the batch, takes one unit of quota, stores the licence and appends
     /// `licence.issued` to the audit chain. Returns only after the commit is durable. Refusals are audited
     /// (`licence.refused`) and returned as [`LedgerError::Refused`]; any database failure returns
     /// [`LedgerError::Database`] and nothing was committed for this request (retrying is safe).
@@ -1030,6 +1084,7 @@ impl Ledger {
         let ev = AuditEvent { actor, event: "batch.state_changed", subject: format!("batch/{id}"), details };
         audit::append(&mut tx, &mut head, now, ev).await.map_err(LedgerError::db(OP))?;
         commit_write(tx, &head, OP).await?;
+        self.forget_batch(id);
         Ok(Batch { state, ..before })
     }
 

@@ -140,8 +140,21 @@ async fn run_group(
             Payload::Issue(rec) => {
                 let key = (rec.batch_id.clone(), rec.device_id.clone());
                 if let Some((existing, first_station)) = known.get(&key) {
+                    // The device already holds its licence (two requests for a new device at once, or a request
+                    // that skipped the precheck's device lookup): a reissue, under the reissue rules — state
+                    // (a paused batch still reissues), window, product and site — exactly as the precheck applies them.
+                    let batch = cached_batch(conn, &mut batches, &rec.batch_id).await.map_err(dbe)?;
+                    let refusal = match batch.as_ref() {
+                        None => Some((RefusalReason::UnknownBatch, format!("batch {:?} does not exist", rec.batch_id))),
+                        Some(b) => b.check_reissue(now, &rec.site, &rec.product_id).err(),
+                    };
+                    if let Some((reason, detail)) = refusal {
+                        staged.push(stage_refusal(&mut head, now, &refusal_of(rec, reason, &detail)));
+                        counts.refused += 1;
+                        out.push(Err(LedgerError::Refused { reason, detail }));
+                        continue;
+                    }
                     counts.existing += 1;
-                    // Two stations asked for the same new device at once: the later one is a reissue.
                     if *first_station != rec.station {
                         let reissue = ReissueRecord {
                             batch_id: rec.batch_id.clone(),

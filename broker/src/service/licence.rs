@@ -3,7 +3,9 @@
 //! IssueLicence, in order: the caller must be a station of the trust domain, not revoked; the chip
 //! certificate must parse and verify against a trusted vendor CA key (else `CERT_UNVERIFIED`, audited);
 //! the ledger's precheck returns an existing licence (a retry: byte-identical, nothing consumed) or the
-//! batch if it is open for the station's site and the chip's product with quota left; the HSM pool
+//! batch if it is open for the station's site and the chip's product with quota left (when every HSM
+//! member computes licences in memory, the precheck skips the device lookup and answers from a batch
+//! read at most a second ago; the commit then finds a retry's licence, under the same rules); the HSM pool
 //! computes the licence; the ledger commits it — one quota unit, the licence and its audit record in
 //! one durable transaction — and only then is it returned. Two concurrent first requests for one device
 //! both compute a licence but the ledger keeps one and both callers get that one.
@@ -129,18 +131,22 @@ impl Licences {
         };
 
         // 2. Existing licence (a retry) or an open batch with quota left.
-        let pre = st
-            .ledger()
-            .precheck(&PrecheckRequest {
-                batch_id: batch_id.clone(),
-                device_id: device_id.clone(),
-                product_id: product_id.clone(),
-                station: caller.uri.clone(),
-                site: caller.site.clone(),
-                actor: caller.uri.clone(),
-            })
-            .await
-            .map_err(|e| refusal_metric(ledger_status(e, &batch_id, &device_id)))?;
+        let pre_req = PrecheckRequest {
+            batch_id: batch_id.clone(),
+            device_id: device_id.clone(),
+            product_id: product_id.clone(),
+            station: caller.uri.clone(),
+            site: caller.site.clone(),
+            actor: caller.uri.clone(),
+        };
+        // With HSMs that compute a licence in memory, the device lookup costs more than the licence it saves
+        // for a retry: skip it and let the commit return the existing licence (same rules, same audit).
+        let pre = if st.pool().licences_in_memory() {
+            st.ledger().precheck_fast(&pre_req).await
+        } else {
+            st.ledger().precheck(&pre_req).await
+        };
+        let pre = pre.map_err(|e| refusal_metric(ledger_status(e, &batch_id, &device_id)))?;
         let (outcome, image_sha) = match pre {
             Precheck::Existing(bytes) => {
                 let batch = st.ledger().batch(&batch_id).await.map_err(|e| ledger_status(e, &batch_id, &device_id))?;

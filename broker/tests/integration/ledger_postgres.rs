@@ -60,6 +60,7 @@ async fn ledger_pg_retry_and_fail_closed() {
     let url = pg.create_db("inv");
     let l = Ledger::open(&url).await.unwrap();
     check_retry_identical(&l).await;
+    check_reissue_rules_at_commit(&l).await;
     check_fail_closed(&l, &url).await;
 }
 

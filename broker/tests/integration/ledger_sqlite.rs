@@ -17,6 +17,13 @@ async fn ledger_retry_returns_identical_licence_and_consumes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_reissue_rules_hold_at_commit_without_a_device_lookup() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, _) = sqlite_ledger(&dir).await;
+    check_reissue_rules_at_commit(&l).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ledger_quota_never_exceeded_by_64_concurrent_requesters() {
     let dir = tempfile::tempdir().unwrap();
     let (l, _) = sqlite_ledger(&dir).await;

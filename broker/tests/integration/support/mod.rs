@@ -171,6 +171,60 @@ pub async fn check_retry_identical(l: &Ledger) {
     assert_eq!(l.licence("retry", &d).await.unwrap().unwrap(), first.licence());
 }
 
+/// A device that already holds its licence and reaches the commit without a device lookup (the fast
+/// precheck answers from a cached batch) gets its stored licence back only under the reissue rules: another
+/// site or a closed batch is refused and audited, a paused batch still reissues, another station of the site
+/// is audited once as `licence.reissued`; nothing is consumed.
+pub async fn check_reissue_rules_at_commit(l: &Ledger) {
+    seed(l, "re", 5, &[SITE], (None, None)).await;
+    let d = device(7);
+    let first = l.commit_issue(issue_record("re", &d, 1)).await.unwrap();
+    let req = precheck_request("re", &d);
+    // The first fast precheck reads the batch (and finds the licence); the next one answers from the cache.
+    assert!(matches!(l.precheck_fast(&req).await.unwrap(), Precheck::Existing(_)));
+    assert!(matches!(l.precheck_fast(&req).await.unwrap(), Precheck::Proceed(_)));
+    let again = l.commit_issue(issue_record("re", &d, 2)).await.unwrap();
+    assert_eq!(
+        again,
+        IssueOutcome::Existing(first.licence().to_vec()),
+        "a retry at commit must return the stored bytes"
+    );
+
+    let mut elsewhere = issue_record("re", &d, 3);
+    elsewhere.site = "porto".into();
+    elsewhere.station = "station-9".into();
+    elsewhere.actor = "station-9".into();
+    let e = l.commit_issue(elsewhere).await.unwrap_err();
+    assert_eq!(e.refusal(), Some(RefusalReason::SiteNotAllowed), "{e}");
+
+    let reissued = |l: &Ledger| {
+        let l = l.clone();
+        async move { l.audit_page(0, 10_000).await.unwrap().iter().filter(|r| r.event == "licence.reissued").count() }
+    };
+    let mut moved = issue_record("re", &d, 4);
+    moved.station = "station-2".into();
+    moved.actor = "station-2".into();
+    assert_eq!(l.commit_issue(moved.clone()).await.unwrap().licence(), first.licence());
+    assert_eq!(l.commit_issue(moved).await.unwrap().licence(), first.licence());
+    assert_eq!(reissued(l).await, 1, "a reissue to another station is audited once");
+
+    l.set_batch_state("re", BatchState::Paused, "admin").await.unwrap();
+    assert_eq!(l.commit_issue(issue_record("re", &d, 5)).await.unwrap().licence(), first.licence());
+    assert!(matches!(l.precheck_fast(&req).await.unwrap(), Precheck::Existing(_)), "a paused batch still reissues");
+    l.set_batch_state("re", BatchState::Closed, "admin").await.unwrap();
+    let e = l.commit_issue(issue_record("re", &d, 6)).await.unwrap_err();
+    assert_eq!(e.refusal(), Some(RefusalReason::BatchClosed), "{e}");
+    let e = l.precheck_fast(&req).await.unwrap_err();
+    assert_eq!(e.refusal(), Some(RefusalReason::BatchClosed), "{e}");
+
+    assert_eq!(l.batch("re").await.unwrap().issued, 1, "reissues consumed quota");
+    let refused = l.audit_page(0, 10_000).await.unwrap();
+    let refused: Vec<_> = refused.iter().filter(|r| r.event == "licence.refused").collect();
+    assert_eq!(refused.len(), 3, "each refusal at commit or precheck is audited");
+    assert!(refused[0].details.contains("SITE_NOT_ALLOWED"));
+    l.verify_audit().await.unwrap();
+}
+
 /// 64 concurrent requesters on distinct devices against quota 8: exactly 8 issued, 56 refused.
 pub async fn check_quota_under_concurrency(ledgers: &[Ledger], batch: &str, requesters: usize, quota: i64) {
     let barrier = Arc::new(Barrier::new(requesters));
