@@ -524,7 +524,10 @@ path = "keys.fgks"
         .unwrap();
         assert_eq!(c.ledger.url, "postgres://fg@127.0.0.1:5432/fg");
         assert_eq!(c.name, "broker-2");
-        assert_eq!(c.vendor.ca_keys, vec![PathBuf::from("a.pub"), PathBuf::from("b.pub")]);
+        // The overridden list, each resolved against the file's directory like the file's own keys.
+        let names: Vec<_> = c.vendor.ca_keys.iter().map(|p| p.file_name().unwrap().to_owned()).collect();
+        assert_eq!(names, ["a.pub", "b.pub"]);
+        assert!(c.vendor.ca_keys.iter().all(|p| p.is_absolute() && p.parent() == c.tls.ca.parent()));
         assert_eq!(c.metrics_addr().unwrap(), Some("127.0.0.1:9464".parse().unwrap()));
     }
 
