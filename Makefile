@@ -3,9 +3,11 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests need: stm32flash (a real AN3155 client nobody here wrote), softhsm2
-# (the PKCS#11 token the broker's HSM backend is tested against) and postgresql (a throwaway
-# cluster per test, started with initdb/pg_ctl on a loopback port, for the shared ledger).
-TEST_PACKAGES := stm32flash softhsm2 postgresql
+# (the PKCS#11 token the broker's HSM backend is tested against), postgresql (a throwaway
+# cluster per test, started with initdb/pg_ctl on a loopback port, for the shared ledger), jq (used
+# by README.md's production flow, which a test runs as written) and systemd (systemd-analyze verify
+# of deploy/systemd/).
+TEST_PACKAGES := stm32flash softhsm2 postgresql jq systemd
 
 .PHONY: all build test deps fmt clippy unit fuzz-check compose-test bench demo clean
 
@@ -33,9 +35,12 @@ fmt:
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+## Every test, required to find its tools: among them README.md's shell blocks run as written
+## (cli/tests/integration/readme_flows.rs) and `systemd-analyze verify` of deploy/systemd/ with the
+## example configurations installed in a temporary root (cli/tests/integration/deploy_files.rs).
 unit:
 	FLASHGATE_REQUIRE_STM32FLASH=1 FLASHGATE_REQUIRE_SOFTHSM=1 FLASHGATE_REQUIRE_POSTGRES=1 \
-		$(CARGO) test --workspace --all-targets
+		FLASHGATE_REQUIRE_SYSTEMD_ANALYZE=1 $(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
 
 ## The fuzz targets (fuzz/, not a workspace member) must keep compiling; running them is in docs/testing.md.

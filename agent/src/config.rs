@@ -242,15 +242,16 @@ impl AgentConfig {
     }
 
     /// Loads `path` overlaid with the nested `FLASHGATE_*__*` entries of `env`, resolves relative paths
-    /// against the file's directory, and validates.
+    /// ([`settings::PathBases`]: the TLS files against the file's directory, `[state] dir` against
+    /// systemd's `STATE_DIRECTORY` when set, else the file's directory too), and validates.
     pub fn load_from(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let mut cfg: AgentConfig = settings::load_toml(path, env, &[], &["broker.endpoints"])?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.tls.cert, &mut cfg.tls.key, &mut cfg.tls.ca, &mut cfg.state.dir] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let mut cfg: AgentConfig = settings::load_toml(path, env.iter().cloned(), &[], &["broker.endpoints"])?;
+        let bases = settings::PathBases::new(path, env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        for p in [&mut cfg.tls.cert, &mut cfg.tls.key, &mut cfg.tls.ca] {
+            *p = bases.config_file(p);
         }
+        cfg.state.dir = bases.state_file(&cfg.state.dir);
         cfg.validate()?;
         Ok(cfg)
     }
@@ -373,6 +374,21 @@ target = "tcp://127.0.0.1:7001"
         assert!(e.contains("max_paralel"), "{e}");
         let e = load(&format!("{GOOD}\n[station]\nheartbeat_interval = \"0s\"\n"), &[]).unwrap_err().to_string();
         assert!(e.contains("station.heartbeat_interval"), "{e}");
+    }
+
+    /// Under systemd (`StateDirectory=`) the journal and image cache land in the state directory, the
+    /// station's certificate stays beside the configuration.
+    #[test]
+    fn state_lands_in_systemds_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        std::fs::write(&p, GOOD).unwrap();
+        let env = [("STATE_DIRECTORY".to_string(), "/var/lib/flashgate-agent".to_string())];
+        let c = AgentConfig::load_from(&p, env).unwrap();
+        assert_eq!(c.state.dir, Path::new("/var/lib/flashgate-agent/state"));
+        assert_eq!(c.tls.cert, dir.path().join("s.pem"));
+        let c = AgentConfig::load_from(&p, std::iter::empty()).unwrap();
+        assert_eq!(c.state.dir, dir.path().join("state"));
     }
 
     #[test]

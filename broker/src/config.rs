@@ -18,6 +18,10 @@ use zeroize::Zeroizing;
 /// The variable holding the soft keystore passphrase.
 pub const PASSPHRASE_ENV: &str = "FLASHGATE_KEYSTORE_PASSPHRASE";
 
+/// The systemd credential (`LoadCredential=keystore-passphrase:FILE`) a soft keystore without
+/// `passphrase_file` reads its passphrase from, when the unit loads it.
+pub const PASSPHRASE_CREDENTIAL: &str = "keystore-passphrase";
+
 /// Configuration errors, each naming the file, key or variable at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -316,11 +320,62 @@ impl BrokerConfig {
         Self::load_from(path, std::env::vars())
     }
 
-    /// Loads `path` overlaid with the `FLASHGATE_*` entries of `env`, then validates.
+    /// Loads `path` overlaid with the `FLASHGATE_*` entries of `env`, resolves its relative paths
+    /// ([`BrokerConfig::resolve_paths`]), then validates.
     pub fn load_from(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let cfg: BrokerConfig = settings::load_toml(path, env, &TOP_LEVEL_ENV, &["vendor.ca_keys"])?;
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let mut cfg: BrokerConfig =
+            settings::load_toml(path, env.iter().cloned(), &TOP_LEVEL_ENV, &["vendor.ca_keys"])?;
+        cfg.resolve_paths(&settings::PathBases::new(path, env.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Makes the relative paths of the file land where [`settings::PathBases`] says: the TLS files and
+    /// vendor CA keys beside the file; the soft keystores and an SQLite ledger in the state directory
+    /// (systemd's `StateDirectory=`, else beside the file); `passphrase_file` and `pin_file` in the
+    /// credentials directory (systemd's `LoadCredential=`, else beside the file). A soft member without
+    /// `passphrase_file` reads the credential [`PASSPHRASE_CREDENTIAL`] when the unit loads one, else
+    /// [`PASSPHRASE_ENV`].
+    pub fn resolve_paths(&mut self, bases: &settings::PathBases) {
+        for p in [&mut self.tls.cert, &mut self.tls.key, &mut self.tls.ca] {
+            *p = bases.config_file(p);
+        }
+        for p in &mut self.vendor.ca_keys {
+            *p = bases.config_file(p);
+        }
+        for m in &mut self.hsm.members {
+            match m {
+                HsmMemberConfig::Soft { path, passphrase_file } => {
+                    *path = bases.state_file(path);
+                    match passphrase_file {
+                        Some(f) => *f = bases.secret_file(f),
+                        None if bases.has_credentials_dir() => {
+                            let credential = bases.secret_file(Path::new(PASSPHRASE_CREDENTIAL));
+                            if credential.exists() {
+                                *passphrase_file = Some(credential);
+                            }
+                        }
+                        None => {}
+                    }
+                }
+                HsmMemberConfig::Pkcs11 { pin_file, .. } => {
+                    if let Some(f) = pin_file {
+                        *f = bases.secret_file(f);
+                    }
+                }
+            }
+        }
+        if let Some(path) = sqlite_path(&self.ledger.url) {
+            let (file, query) = path.split_once('?').map_or((path, None), |(f, q)| (f, Some(q)));
+            if !file.is_empty() && !file.starts_with('/') && !file.starts_with(':') {
+                let resolved = bases.state_file(Path::new(file));
+                self.ledger.url = match query {
+                    Some(q) => format!("sqlite://{}?{q}", resolved.display()),
+                    None => format!("sqlite://{}", resolved.display()),
+                };
+            }
+        }
     }
 
     /// Checks what the schema cannot.
@@ -380,6 +435,11 @@ impl BrokerConfig {
     }
 }
 
+/// The path part of an SQLite ledger URL (`sqlite://PATH` or `sqlite:PATH`, query included).
+fn sqlite_path(url: &str) -> Option<&str> {
+    url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))
+}
+
 /// Reads a secret from a file (trailing newline removed) or an environment variable.
 pub fn read_secret(
     what: &str,
@@ -396,7 +456,14 @@ pub fn read_secret(
     let var = env_var.unwrap_or(PASSPHRASE_ENV);
     match env(var) {
         Some(v) if !v.is_empty() => Ok(Zeroizing::new(v)),
-        _ => Err(ConfigError::MissingSecret { what: what.into(), how: format!("set {var} or configure a file") }),
+        _ if var == PASSPHRASE_ENV => Err(ConfigError::MissingSecret {
+            what: what.into(),
+            how: format!(
+                "set {var}, configure passphrase_file, or (systemd) load the credential \
+                 {PASSPHRASE_CREDENTIAL} with LoadCredential="
+            ),
+        }),
+        _ => Err(ConfigError::MissingSecret { what: what.into(), how: format!("set {var} or configure pin_file") }),
     }
 }
 
@@ -457,7 +524,10 @@ path = "keys.fgks"
         .unwrap();
         assert_eq!(c.ledger.url, "postgres://fg@127.0.0.1:5432/fg");
         assert_eq!(c.name, "broker-2");
-        assert_eq!(c.vendor.ca_keys, vec![PathBuf::from("a.pub"), PathBuf::from("b.pub")]);
+        // The overridden list, each resolved against the file's directory like the file's own keys.
+        let names: Vec<_> = c.vendor.ca_keys.iter().map(|p| p.file_name().unwrap().to_owned()).collect();
+        assert_eq!(names, ["a.pub", "b.pub"]);
+        assert!(c.vendor.ca_keys.iter().all(|p| p.is_absolute() && p.parent() == c.tls.ca.parent()));
         assert_eq!(c.metrics_addr().unwrap(), Some("127.0.0.1:9464".parse().unwrap()));
     }
 
@@ -497,6 +567,42 @@ path = "keys.fgks"
         assert_eq!(c.name, "broker-1");
         assert_eq!(c.hsm.members.len(), 1);
         assert_eq!(c.metrics_addr().unwrap(), Some("127.0.0.1:9464".parse().unwrap()));
+    }
+
+    /// Relative paths: read-only files beside the file, state in systemd's `StateDirectory=`, secrets
+    /// in its credentials directory (the keystore passphrase from the `keystore-passphrase` credential).
+    #[test]
+    fn relative_paths_land_in_the_state_and_credentials_directories_under_systemd() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        let creds = dir.path().join("creds");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&creds).unwrap();
+        let p = etc.join("broker.toml");
+        let pkcs11 =
+            "[[hsm.members]]\nkind = \"pkcs11\"\nmodule = \"/m.so\"\ntoken_label = \"t\"\npin_file = \"token-pin\"\n";
+        std::fs::write(&p, GOOD.replace("sqlite:///tmp/l.db", "sqlite://ledger.db?cache=shared") + pkcs11).unwrap();
+
+        let c = BrokerConfig::load_from(&p, std::iter::empty()).unwrap();
+        assert_eq!(c.tls.cert, etc.join("b.pem"));
+        assert_eq!(c.ledger.url, format!("sqlite://{}?cache=shared", etc.join("ledger.db").display()));
+        let HsmMemberConfig::Soft { path, passphrase_file } = &c.hsm.members[0] else { panic!() };
+        assert_eq!((path, passphrase_file), (&etc.join("keys.fgks"), &None));
+
+        std::fs::write(creds.join(PASSPHRASE_CREDENTIAL), "pw\n").unwrap();
+        let env = [
+            ("STATE_DIRECTORY".to_string(), "/var/lib/flashgate".to_string()),
+            ("CREDENTIALS_DIRECTORY".to_string(), creds.display().to_string()),
+        ];
+        let c = BrokerConfig::load_from(&p, env).unwrap();
+        assert_eq!(c.tls.ca, etc.join("ca.pem"));
+        assert_eq!(c.vendor.ca_keys, vec![etc.join("vendor.pub")]);
+        assert_eq!(c.ledger.url, "sqlite:///var/lib/flashgate/ledger.db?cache=shared");
+        let HsmMemberConfig::Soft { path, passphrase_file } = &c.hsm.members[0] else { panic!() };
+        assert_eq!(path, Path::new("/var/lib/flashgate/keys.fgks"));
+        assert_eq!(passphrase_file.as_deref(), Some(creds.join(PASSPHRASE_CREDENTIAL).as_path()));
+        let HsmMemberConfig::Pkcs11 { pin_file, .. } = &c.hsm.members[1] else { panic!() };
+        assert_eq!(pin_file.as_deref(), Some(creds.join("token-pin").as_path()));
     }
 
     #[test]

@@ -59,6 +59,9 @@ enum Command {
     Agent(commands::agent::AgentCommand),
     /// Run the licence broker (gRPC over mutual TLS) from a configuration file.
     Broker(commands::broker::BrokerArgs),
+    /// Example configurations of the broker and the station agent.
+    #[command(subcommand)]
+    Config(commands::config::ConfigCommand),
     /// Measure throughput (used by `make bench`).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -138,6 +141,7 @@ fn main() -> std::process::ExitCode {
                 commands::broker::run(args, secrets).await
             }
             Command::Agent(cmd) => commands::agent::run(cmd).await,
+            Command::Config(cmd) => commands::config::run(cmd),
             Command::Bench(cmd) => commands::bench::run(cmd).await,
             Command::Completions(args) => commands::completions::run(args, cli_command()),
             Command::Man(args) => commands::man::run(args, cli_command()),

@@ -1,10 +1,11 @@
 //! How every Flashgate daemon reads its configuration: a TOML file overlaid with `FLASHGATE_*`
 //! environment variables through the `config` crate (nested keys with a double underscore,
 //! `FLASHGATE_LEDGER__URL`), and human durations (`"5s"`, `"250ms"`) in those files. The broker's
-//! and the agent's configuration modules own their schemas and checks; this module owns the loading.
+//! and the agent's configuration modules own their schemas and checks; this module owns the loading
+//! and where a file's relative paths land ([`PathBases`]).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -61,6 +62,86 @@ pub fn load_toml<T: DeserializeOwned>(
         .map_err(error)
 }
 
+/// The variable systemd sets to the unit's `StateDirectory=` (e.g. `/var/lib/flashgate`; several
+/// directories are separated by `:`, the first is used).
+pub const STATE_DIRECTORY_ENV: &str = "STATE_DIRECTORY";
+
+/// The variable systemd sets to the directory holding the unit's `LoadCredential=` files
+/// (`/run/credentials/UNIT`).
+pub const CREDENTIALS_DIRECTORY_ENV: &str = "CREDENTIALS_DIRECTORY";
+
+/// Where the relative paths of a configuration file land, by kind of file:
+///
+/// - files read only (certificates, keys, vendor CA keys): the file's own directory;
+/// - state written at run time (keystore, SQLite ledger, journal, image cache): the state directory
+///   systemd gives the unit (`StateDirectory=`, in [`STATE_DIRECTORY_ENV`]), else the file's directory;
+/// - secret files (passphrase, PINs): the unit's credentials directory (`LoadCredential=`, in
+///   [`CREDENTIALS_DIRECTORY_ENV`]), else the file's directory.
+///
+/// Outside systemd everything is relative to the file's directory, so a configuration copied into a
+/// working directory keeps all its files there; installed as `/etc/flashgate/broker.toml` under the
+/// units of `deploy/systemd/`, the state lands in writable `/var/lib/flashgate` and the secrets come
+/// from `/run/credentials/…`. Absolute paths are taken as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathBases {
+    /// The configuration file's directory (empty: the working directory).
+    pub config: PathBuf,
+    /// Base of relative state paths.
+    pub state: PathBuf,
+    /// Base of relative secret files.
+    pub credentials: PathBuf,
+    /// Whether `credentials` is systemd's credentials directory.
+    systemd_credentials: bool,
+}
+
+impl PathBases {
+    /// The bases for the configuration file `path`, given the process environment `env` (only
+    /// [`STATE_DIRECTORY_ENV`] and [`CREDENTIALS_DIRECTORY_ENV`] are read; a value that is empty or
+    /// not an absolute path is ignored).
+    pub fn new<'a>(path: &Path, env: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let config = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let (mut state, mut credentials) = (None, None);
+        for (k, v) in env {
+            let first = v.split(':').next().map(PathBuf::from).filter(|p| p.is_absolute());
+            match k {
+                STATE_DIRECTORY_ENV => state = first,
+                CREDENTIALS_DIRECTORY_ENV => credentials = Some(PathBuf::from(v)).filter(|p| p.is_absolute()),
+                _ => {}
+            }
+        }
+        Self {
+            state: state.unwrap_or_else(|| config.clone()),
+            systemd_credentials: credentials.is_some(),
+            credentials: credentials.unwrap_or_else(|| config.clone()),
+            config,
+        }
+    }
+
+    /// A read-only file named in the configuration.
+    pub fn config_file(&self, p: &Path) -> PathBuf {
+        join(&self.config, p)
+    }
+
+    /// A state file or directory named in the configuration.
+    pub fn state_file(&self, p: &Path) -> PathBuf {
+        join(&self.state, p)
+    }
+
+    /// A secret file named in the configuration.
+    pub fn secret_file(&self, p: &Path) -> PathBuf {
+        join(&self.credentials, p)
+    }
+
+    /// Whether secret files resolve against a systemd credentials directory.
+    pub fn has_credentials_dir(&self) -> bool {
+        self.systemd_credentials
+    }
+}
+
+fn join(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -94,5 +175,39 @@ mod tests {
         std::fs::write(&p, "name = \"a\"\n[sect]\nevery = \"soon\"\nlist = []\n").unwrap();
         let e = load_toml::<Doc>(&p, Vec::new(), &[], &[]).unwrap_err().to_string();
         assert!(e.contains("soon") && e.contains("x.toml"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_land_by_kind_of_file() {
+        let none = PathBases::new(Path::new("/etc/flashgate/broker.toml"), std::iter::empty());
+        assert_eq!(none.state_file(Path::new("ledger.db")), Path::new("/etc/flashgate/ledger.db"));
+        assert_eq!(none.secret_file(Path::new("pin")), Path::new("/etc/flashgate/pin"));
+        assert!(!none.has_credentials_dir());
+        let unit = PathBases::new(
+            Path::new("/etc/flashgate/broker.toml"),
+            [
+                (STATE_DIRECTORY_ENV, "/var/lib/flashgate:/var/lib/other"),
+                (CREDENTIALS_DIRECTORY_ENV, "/run/credentials/flashgate-broker.service"),
+                ("HOME", "/root"),
+            ],
+        );
+        assert_eq!(unit.config_file(Path::new("pki/ca.pem")), Path::new("/etc/flashgate/pki/ca.pem"));
+        assert_eq!(unit.state_file(Path::new("ledger.db")), Path::new("/var/lib/flashgate/ledger.db"));
+        assert_eq!(
+            unit.secret_file(Path::new("token-pin")),
+            Path::new("/run/credentials/flashgate-broker.service/token-pin")
+        );
+        assert_eq!(unit.state_file(Path::new("/srv/l.db")), Path::new("/srv/l.db"), "absolute paths stay");
+        assert!(unit.has_credentials_dir());
+        // A relative or empty value is not a systemd directory: ignored.
+        let odd = PathBases::new(
+            Path::new("line/broker.toml"),
+            [(STATE_DIRECTORY_ENV, "state"), (CREDENTIALS_DIRECTORY_ENV, "")],
+        );
+        assert_eq!(odd.state_file(Path::new("keys.fgks")), Path::new("line/keys.fgks"));
+        assert_eq!(
+            PathBases::new(Path::new("broker.toml"), std::iter::empty()).config_file(Path::new("a")),
+            Path::new("a")
+        );
     }
 }

@@ -160,6 +160,17 @@ pub enum LedgerError {
         #[source]
         source: sqlx::Error,
     },
+    /// The database could not be opened or connected to.
+    #[error("cannot open the {what} {location}: {source}")]
+    Open {
+        /// Which kind of ledger, e.g. "SQLite ledger".
+        what: &'static str,
+        /// The file (SQLite) or the URL without its password (PostgreSQL).
+        location: String,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
     /// Applying the schema migrations failed.
     #[error("ledger migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -328,7 +328,7 @@ fn restrict_sqlite_files(url: &str) -> Result<(), LedgerError> {
     match std::fs::OpenOptions::new().write(true).create_new(true).mode(LEDGER_FILE_MODE).open(path) {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io(path, e)),
+        Err(source) => return Err(LedgerError::File { what: "create the ledger file", path: path.into(), source }),
     }
     for p in [path.to_owned(), format!("{path}-wal"), format!("{path}-shm")] {
         match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(LEDGER_FILE_MODE)) {
@@ -338,6 +338,12 @@ fn restrict_sqlite_files(url: &str) -> Result<(), LedgerError> {
         }
     }
     Ok(())
+}
+
+/// The file of an SQLite URL (`sqlite://PATH?query` → `PATH`), for messages.
+fn sqlite_file(url: &str) -> &str {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
+    rest.split('?').next().unwrap_or(rest)
 }
 
 fn with_create_mode(url: &str) -> String {
@@ -376,7 +382,7 @@ async fn sqlite_pool(url: &str, max: u32, busy: Duration) -> Result<AnyPool, Led
         })
         .connect(url)
         .await
-        .map_err(LedgerError::db("open SQLite ledger"))
+        .map_err(|source| LedgerError::Open { what: "SQLite ledger", location: sqlite_file(url).to_owned(), source })
 }
 
 impl Ledger {
@@ -420,7 +426,11 @@ impl Ledger {
                     .acquire_timeout(cfg.busy_timeout)
                     .connect(&cfg.url)
                     .await
-                    .map_err(LedgerError::db("open PostgreSQL ledger"))?;
+                    .map_err(|source| LedgerError::Open {
+                        what: "PostgreSQL ledger",
+                        location: redact_url(&cfg.url),
+                        source,
+                    })?;
                 schema::migrate(&pool, dialect).await?;
                 (pool.clone(), pool)
             }
@@ -1502,5 +1512,20 @@ mod tests {
         assert!(!e.contains("secret"), "{e}");
         assert_eq!(with_create_mode("sqlite:///a.db"), "sqlite:///a.db?mode=rwc");
         assert_eq!(multi_row_insert("V ", 2, 2), "V ($1, $2), ($3, $4)");
+    }
+
+    /// Issue 12 item 2: a ledger that cannot be opened is named (SQLite's own words are only
+    /// "unable to open database file").
+    #[tokio::test]
+    async fn a_ledger_that_cannot_be_opened_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: SQLite cannot open it.
+        let e = Ledger::open(&format!("sqlite://{}", dir.path().display())).await.err().unwrap().to_string();
+        assert!(e.contains("cannot open the SQLite ledger") && e.contains(&dir.path().display().to_string()), "{e}");
+        // A parent that is not a directory (a read-only /etc fails the same way, naming the file).
+        std::fs::write(dir.path().join("file"), b"").unwrap();
+        let path = dir.path().join("file/ledger.db");
+        let e = Ledger::open(&format!("sqlite://{}", path.display())).await.err().unwrap().to_string();
+        assert!(e.contains("create the ledger file") && e.contains(&path.display().to_string()), "{e}");
     }
 }

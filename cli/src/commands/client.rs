@@ -4,6 +4,7 @@
 //! (`refused (QUOTA_EXHAUSTED): …`).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
@@ -49,6 +50,25 @@ pub struct ConnectArgs {
     /// Name the broker certificate must carry (default: the host of --broker).
     #[arg(long, global = true, value_name = "NAME")]
     pub server_name: Option<String>,
+    /// Wait up to this long (`30s`) for a broker that is still starting: a refused connection is
+    /// tried again until then. Without it, a broker not listening is an error at once.
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_wait)]
+    pub wait: Option<Duration>,
+}
+
+/// Longest `--wait` accepted.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// Pause between connection attempts under `--wait`.
+const WAIT_RETRY: Duration = Duration::from_millis(200);
+
+/// A `--wait` duration: a human duration (`30s`, `2m`) of at most [`MAX_WAIT`].
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration such as 30s: {e}"))?;
+    if d > MAX_WAIT {
+        return Err(format!("{s:?} is longer than the longest wait, {}", humantime::format_duration(MAX_WAIT)));
+    }
+    Ok(d)
 }
 
 /// A broker URL on the command line (`--broker`, `FLASHGATE_BROKER`), checked by
@@ -118,10 +138,19 @@ impl ConnectArgs {
         }
     }
 
-    /// A mutual-TLS channel to the broker.
+    /// A mutual-TLS channel to the broker; with `--wait`, a refused connection is tried again until
+    /// the wait is over (any other failure, a TLS refusal say, ends it at once).
     pub async fn channel(&self) -> Result<Channel> {
         let files = self.tls_files()?;
-        channel(&self.broker, &files, self.server_name.as_deref()).await
+        let deadline = self.wait.map(|w| tokio::time::Instant::now() + w);
+        loop {
+            match channel(&self.broker, &files, self.server_name.as_deref()).await {
+                Err(e) if deadline.is_some_and(|d| tokio::time::Instant::now() + WAIT_RETRY < d) && refused(&e) => {
+                    tokio::time::sleep(WAIT_RETRY).await;
+                }
+                other => return other,
+            }
+        }
     }
 }
 
@@ -147,6 +176,14 @@ pub async fn channel(broker: &str, files: &TlsFiles, server_name: Option<&str>) 
     transport::connect(broker, tls, server_name)
         .await
         .with_context(|| format!("connecting to broker {broker} as {}", files.cert.display()))
+}
+
+/// Whether connecting failed because nothing listens at the address (yet).
+fn refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+            || c.to_string().contains("Connection refused")
+    })
 }
 
 /// One line for a failed RPC: the Flashgate refusal (`refused (REASON): message`) or the gRPC code
@@ -216,6 +253,52 @@ mod tests {
         );
         assert!(parse_broker("https://broker:7443/admin").unwrap_err().contains("path \"/admin\""));
         assert!(parse_broker("broker:7443").unwrap_err().contains("missing scheme"));
+    }
+
+    #[test]
+    fn waits_are_bounded_durations() {
+        assert_eq!(parse_wait("30s").unwrap(), Duration::from_secs(30));
+        assert!(parse_wait("soon").unwrap_err().contains("30s"));
+        assert!(parse_wait("2h").unwrap_err().contains("longest wait, 1h"));
+        assert_eq!(parse_wait("1h").unwrap(), MAX_WAIT);
+    }
+
+    /// `--wait`: a broker that starts listening a moment later is reached; without it the refusal
+    /// is an error at once.
+    #[tokio::test]
+    async fn wait_retries_a_refused_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        pki::init_dev_pki(dir.path(), &pki::PkiInit::default()).unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut args = ConnectArgs {
+            broker: format!("https://127.0.0.1:{port}"),
+            pki: Some(dir.path().to_path_buf()),
+            name: "admin".into(),
+            cert: None,
+            key: None,
+            ca: None,
+            server_name: None,
+            wait: None,
+        };
+        let e = args.channel().await.unwrap_err();
+        assert!(refused(&e), "{e:#}");
+        // Something starts listening after 600 ms: with --wait the connection gets there (the TLS
+        // handshake then fails against a plain listener, which ends the wait at once).
+        args.wait = Some(Duration::from_secs(20));
+        let started = std::time::Instant::now();
+        let listener = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+            let (sock, _) = l.accept().await.unwrap();
+            drop(sock);
+        });
+        let e = args.channel().await.unwrap_err();
+        assert!(!refused(&e), "reached the listener: {e:#}");
+        assert!(started.elapsed() >= Duration::from_millis(500) && started.elapsed() < Duration::from_secs(15));
+        listener.await.unwrap();
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod bench_proc;
 pub mod broker;
 pub mod client;
 pub mod completions;
+pub mod config;
 pub mod demo;
 pub mod lab;
 pub mod man;

@@ -8,5 +8,7 @@ mod agent_serve;
 mod broker_check;
 mod broker_processes;
 mod chaos;
+mod deploy_files;
 mod lab_flow;
+mod readme_flows;
 mod shell_conventions;

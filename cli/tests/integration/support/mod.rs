@@ -212,3 +212,100 @@ pub fn write_agent_config(dir: &Path, broker_url: &str, port: u16, targets: u16,
     )
     .unwrap();
 }
+
+/// The fixed loopback ports README.md's flows and the installed example configurations use: the
+/// simulator's 7000..7003, the broker's 7443 and its metrics' 9464. Tests using them hold this lock
+/// (other tests take ephemeral ports, which Linux draws from 32768 up, never these).
+pub static FIXED_PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds [`FIXED_PORTS`] and waits until every port in `ports` is free on loopback (a process of an
+/// earlier test may still be closing), or panics naming the first one still taken after a minute.
+pub fn lock_fixed_ports(ports: &[u16]) -> std::sync::MutexGuard<'static, ()> {
+    let guard = FIXED_PORTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for &port in ports {
+        while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "port {port} on 127.0.0.1 is taken by another process (`ss -ltnp 'sport = :{port}'` names it); \
+                 this test needs it free"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+    guard
+}
+
+/// A bash script run in its own process group, so that whatever it starts in the background (`cmd
+/// &`) is stopped with it: SIGTERM to the whole group on drop, SIGKILL to what is left a moment later.
+pub struct ScriptGroup {
+    pub child: Child,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl ScriptGroup {
+    /// Runs `script` with `bash -euo pipefail` in `dir`, with the directory of the built `flashgate`
+    /// first on PATH and no inherited `FLASHGATE_*` variable; output goes to `dir/../NAME.out|.err`
+    /// (`log_dir`), so that background processes never hold a pipe of the test's.
+    pub fn start(dir: &Path, log_dir: &Path, name: &str, script: &str) -> Self {
+        use std::os::unix::process::CommandExt;
+        let bin_dir = Path::new(BIN).parent().unwrap();
+        let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let stdout = log_dir.join(format!("{name}.out"));
+        let stderr = log_dir.join(format!("{name}.err"));
+        let mut cmd = Command::new("bash");
+        cmd.args(["-euo", "pipefail", "-c", script])
+            .current_dir(dir)
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .process_group(0);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("FLASHGATE_") {
+                cmd.env_remove(k);
+            }
+        }
+        ScriptGroup { child: cmd.spawn().expect("run bash"), stdout, stderr }
+    }
+
+    /// Waits for the script itself (not what it left in the background), at most `timeout`.
+    pub fn wait(&mut self, timeout: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "the script ran longer than {timeout:?}\n{}", self.output());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// What the script printed so far, both streams.
+    pub fn output(&self) -> String {
+        format!(
+            "--- stdout\n{}\n--- stderr\n{}",
+            std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for ScriptGroup {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, killpg};
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        if killpg(group, Signal::SIGTERM).is_ok() {
+            // bash itself first (a zombie would keep the group alive), then the rest: SIGTERM lets
+            // the broker, agents and simulator close cleanly; what ignores it is killed.
+            let _ = self.child.wait();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while killpg(group, None).is_ok() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
