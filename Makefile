@@ -4,8 +4,9 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests need: stm32flash (a real AN3155 client nobody here wrote), softhsm2
 # (the PKCS#11 token the broker's HSM backend is tested against) and postgresql (a throwaway
-# cluster per test, started with initdb/pg_ctl on a loopback port, for the shared ledger).
-TEST_PACKAGES := stm32flash softhsm2 postgresql
+# cluster per test, started with initdb/pg_ctl on a loopback port, for the shared ledger) and tmux
+# (an 80x24 terminal whose screen the progress-display test reads).
+TEST_PACKAGES := stm32flash softhsm2 postgresql tmux
 
 .PHONY: all build test deps fmt clippy unit fuzz-check compose-test bench demo clean
 
@@ -34,7 +35,7 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 unit:
-	FLASHGATE_REQUIRE_STM32FLASH=1 FLASHGATE_REQUIRE_SOFTHSM=1 FLASHGATE_REQUIRE_POSTGRES=1 \
+	FLASHGATE_REQUIRE_STM32FLASH=1 FLASHGATE_REQUIRE_SOFTHSM=1 FLASHGATE_REQUIRE_POSTGRES=1 FLASHGATE_REQUIRE_TMUX=1 \
 		$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
 

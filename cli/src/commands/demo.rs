@@ -7,6 +7,12 @@
 //! Both stations' agents install in parallel with progress bars; the demo ends with a table (devices
 //! installed and verified, devices refused for "quota exhausted"), the audit chain verified through
 //! the admin API, and where the files are. `--keep` leaves the broker running to try `flashgate admin`.
+//! Ctrl-C while the stations run finishes the devices in flight; a second Ctrl-C aborts them (each
+//! journalled as failed); either way the demo then reports what was done and exits 130 unless every
+//! device was handled as expected. Every line fits an 80-column terminal.
+//! Ctrl-C while the stations run finishes the devices in flight; a second Ctrl-C aborts them (each
+//! journalled as failed); either way the demo then reports what was done and exits 130 unless every
+//! device was handled as expected. Every line fits an 80-column terminal.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +25,7 @@ use flashgate_agent::broker_client::{BrokerClient, Reporter};
 use flashgate_agent::images::ImageCache;
 use flashgate_agent::journal::Journal;
 use flashgate_agent::pipeline::{PipelineContext, ProbeTarget};
-use flashgate_agent::runner::{RunMode, RunOptions, RunSummary, run_batch};
+use flashgate_agent::runner::{RunMode, RunOptions, RunSummary, run_batch_stoppable};
 use flashgate_broker::config::{
     BrokerConfig, HsmMemberConfig, HsmSection, LedgerSection, LimitsConfig, ListenConfig, PASSPHRASE_ENV, TlsConfig,
     VendorConfig,
@@ -30,9 +36,8 @@ use flashgate_proto::transport::{TlsFiles, client_config, connect};
 use flashgate_proto::v1 as pb;
 use flashgate_proto::v1::admin_service_client::AdminServiceClient;
 use flashgate_sim::{SimConfig, Simulator};
-use indicatif::{MultiProgress, ProgressDrawTarget};
 use rand::RngCore;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
 use super::agent_ui;
@@ -208,7 +213,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let env = |k: &str| (k == PASSPHRASE_ENV).then(|| passphrase.to_string());
     let broker = flashgate_broker::server::start(&cfg, &dir, &env).await.context("starting the broker")?;
     let url = broker.url();
-    println!("✓ broker on {url} (soft HSM keystore, SQLite ledger), {} certificates", layout.files().count());
+    println!("✓ broker on {url} (soft HSM, SQLite ledger), {} certificates", layout.files().count());
 
     // 2. As the operator: a firmware key in the HSM, the image packed inside it, a batch.
     let admin_id = Identity::admin(TRUST_DOMAIN, "ops")?;
@@ -235,14 +240,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             not_after_ms: None,
         })
         .await?;
-    println!(
-        "✓ key {} generated in the HSM; image {}… packed inside it ({} bytes); batch {BATCH} quota {} for {}",
-        key.key_id,
-        &image.sha256[..16],
-        image.size,
-        args.quota,
-        SITES.join(", ")
-    );
+    println!("✓ key {} generated in the HSM", key.key_id);
+    println!("✓ image {}… packed inside the HSM ({} bytes)", &image.sha256[..16], image.size);
+    println!("✓ batch {BATCH}: quota {} for {}", args.quota, SITES.join(", "));
 
     // 3. Two stations, each with its simulated targets and its agent; both run at once.
     let split = [args.devices.div_ceil(2), args.devices / 2];
@@ -250,20 +250,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     for (site, n) in SITES.iter().zip(split) {
         stations.push(station(&dir, site, n, args.speed, &url, &vendor_key).await?);
     }
-    let multi = MultiProgress::with_draw_target(if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    });
-    let (_stop_tx, stop_rx) = watch::channel(false);
+    // Ctrl-C: the devices in flight finish; a second Ctrl-C aborts them (journalled as failed).
+    let console = agent_ui::Console::new();
+    let stop = console.interrupts(true);
     let mut runs = tokio::task::JoinSet::new();
     let mut uis = Vec::new();
     for s in &stations {
         let (tx, rx) = mpsc::unbounded_channel();
-        uis.push(tokio::spawn(agent_ui::display(rx, s.label.clone(), Some(multi.clone()))));
+        uis.push(tokio::spawn(agent_ui::display(rx, s.label.clone(), console.clone(), false)));
         let opts = RunOptions { mode: RunMode::OncePerProbe, ..RunOptions::new(BATCH) };
-        let (ctx, probes, label, stop) = (s.ctx.clone(), s.probes.clone(), s.label.clone(), stop_rx.clone());
-        runs.spawn(async move { (label, run_batch(ctx, probes, opts, tx, stop).await) });
+        let (ctx, probes, label, stop) = (s.ctx.clone(), s.probes.clone(), s.label.clone(), stop.clone());
+        runs.spawn(async move { (label, run_batch_stoppable(ctx, probes, opts, tx, stop).await) });
     }
     let mut summaries: Vec<(String, RunSummary)> = Vec::new();
     while let Some(r) = runs.join_next().await {
@@ -272,6 +269,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     for u in uis {
         let _ = u.await;
     }
+    console.clear();
+    let (stopped, aborted) = (*stop.finish.borrow(), *stop.abort.borrow());
     summaries.sort_by(|a, b| a.0.cmp(&b.0));
     let mut unreported = 0;
     for s in &stations {
@@ -305,10 +304,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     println!("finished in {:.1} s", started.elapsed().as_secs_f64());
     println!("files in {}:", dir.display());
-    println!("  pki/                 development CA and certificates (broker, admin ops, stations)");
-    println!("  vendor/              the simulator's test vendor CA (the broker trusts vendor-ca.pub)");
-    println!("  keys.fgks            the soft HSM keystore (passphrase in keystore-passphrase)");
-    println!("  ledger.db            the SQLite ledger: batches, licences, install reports, audit chain");
+    println!("  pki/                 development CA, broker/admin/station certificates");
+    println!("  vendor/              the simulator's test vendor CA (vendor-ca.pub trusted)");
+    println!("  keys.fgks            soft HSM keystore (passphrase: keystore-passphrase)");
+    println!("  ledger.db            SQLite ledger: batches, licences, reports, audit");
     println!("  stations/*/journal   each station's local result journal");
 
     let want_installed = args.quota.min(args.devices) as usize;
@@ -321,7 +320,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         && quota_refusals == want_refused
         && status.installed == want_installed as i64;
 
-    if args.keep {
+    if args.keep && !stopped {
+        console.over();
         println!();
         println!("The broker keeps running on {url}. Try, in another terminal:");
         let pki_dir = dir.join("pki");
@@ -329,12 +329,23 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         println!("  flashgate admin --broker {url} --pki {} --name ops stations", pki_dir.display());
         println!("  flashgate admin --broker {url} --pki {} --name ops audit verify", pki_dir.display());
         println!("Ctrl-C to stop.");
-        let _ = tokio::signal::ctrl_c().await;
+        let mut stopping = stop.finish.clone();
+        let _ = stopping.wait_for(|s| *s).await;
     }
     for s in stations {
         s.sim.shutdown().await?;
     }
     broker.shutdown().await?;
+    if aborted || (stopped && !ok) {
+        let aborted_devices = summaries.iter().flat_map(|(_, s)| &s.devices).filter(|d| d.outcome.is_aborted()).count();
+        return Err(crate::exit::with(
+            crate::exit::Exit::Interrupted,
+            anyhow::anyhow!(
+                "stopped by Ctrl-C: {installed} installed, {refused} refused, {failed} failed ({aborted_devices} \
+                 aborted)"
+            ),
+        ));
+    }
     if !ok {
         bail!(
             "the demo did not end as expected: {installed} installed (want {want_installed}), {refused} refused \

@@ -10,3 +10,4 @@ mod broker_processes;
 mod chaos;
 mod lab_flow;
 mod shell_conventions;
+mod terminal;
