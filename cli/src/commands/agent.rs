@@ -4,9 +4,11 @@
 //! in-flight devices, reports and leaves; a second Ctrl-C quits at once). `agent run --config agent.toml
 //! --batch ID` installs one given batch on every probe until it is exhausted or the operator stops it
 //! (Ctrl-C finishes the devices in flight; a second Ctrl-C aborts them, each journalled as failed
-//! before INSTALL, and the run exits 130), with progress bars and a summary table; both show progress
-//! bars when stderr is a terminal and log lines otherwise. `agent probes` lists the probes found; `agent journal` shows the
-//! local result history. The work lives in `flashgate_agent`.
+//! before INSTALL, and the run exits 130), with progress bars and a summary table; both show
+//! progress bars when stderr is a terminal and log lines otherwise. `agent probes` lists the probes
+//! found; `agent journal` shows the local result history. `agent run --json` prints one JSON object per device as it finishes and a
+//! summary object last, and nothing else on stdout (docs/json-output.md). The work lives in
+//! `flashgate_agent`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,7 +49,8 @@ pub struct ConfigArgs {
     /// The agent configuration (see deploy/config/agent.toml); `FLASHGATE_*` variables override it.
     #[arg(long, short, env = "FLASHGATE_AGENT_CONFIG")]
     pub config: PathBuf,
-    /// Print JSON instead of a table.
+    /// Print JSON instead of a table (`agent run`: one object per device as it finishes, then a
+    /// summary object; see docs/json-output.md).
     #[arg(long)]
     pub json: bool,
 }
@@ -239,6 +242,7 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     let reporter = ctx.reporter.clone();
     let journal = ctx.journal.clone();
     let label = station_label(&cfg);
+    let json = a.common.json;
     eprintln!("batch {}: {} probe(s), broker {}", a.batch, probes.len(), ctx.broker.current_endpoint());
     let opts = RunOptions {
         batch_id: a.batch.clone(),
@@ -253,7 +257,7 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     let stop = console.interrupts(true);
     let (finished, aborted) = (stop.finish.clone(), stop.abort.clone());
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-    let ui = tokio::spawn(agent_ui::display(ev_rx, label.clone(), console.clone(), false));
+    let ui = tokio::spawn(agent_ui::display(ev_rx, label.clone(), console.clone(), json));
     // One device per probe: the probes present now. Until exhausted: probes may come and go.
     let summary = if a.once {
         run_batch_stoppable(ctx, probes, opts, ev_tx, stop).await
@@ -275,19 +279,51 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     let patience = if interrupted == Some("abort") { Duration::from_secs(10) } else { Duration::from_secs(30) };
     let left = reporter.flush(patience).await;
     if a.stats {
-        print_stats(started.elapsed(), summary.devices.len());
+        print_stats(started.elapsed(), summary.devices.len(), json);
     }
     let result = run_exit(&summary, &journal, interrupted == Some("abort"));
-    println!("{}", agent_ui::summary_table(&[(label.clone(), &summary)]));
-    println!(
-        "{} installed, {} refused, {} failed{}",
-        summary.installed(),
-        summary.refused(),
-        summary.failed(),
-        summary.stopped_by.as_deref().map(|r| format!("; stopped: {r}")).unwrap_or_default()
-    );
+    if json {
+        // The exit code the run ends with, for a script that reads only standard output.
+        let code = result.as_ref().err().map_or(0, |e| crate::exit::classify(e) as u8);
+        println!("{}", summary_json(&label, &a.batch, &summary, interrupted, left, code));
+    } else {
+        println!("{}", agent_ui::summary_table(&[(label.clone(), &summary)]));
+        println!(
+            "{} installed, {} refused, {} failed{}",
+            summary.installed(),
+            summary.refused(),
+            summary.failed(),
+            summary.stopped_by.as_deref().map(|r| format!("; stopped: {r}")).unwrap_or_default()
+        );
+    }
     warn_unreported(&cfg, left);
     result
+}
+
+/// The last line of `agent run --json` (fields in docs/json-output.md).
+fn summary_json(
+    station: &str,
+    batch: &str,
+    s: &RunSummary,
+    interrupted: Option<&str>,
+    unreported: usize,
+    exit_code: u8,
+) -> serde_json::Value {
+    serde_json::json!({
+        "type": "summary",
+        "station": station,
+        "batch": batch,
+        "devices": s.devices.len(),
+        "installed": s.installed(),
+        "refused": s.refused(),
+        "failed": s.failed(),
+        "aborted": s.devices.iter().filter(|d| d.outcome.is_aborted()).count(),
+        "locked": s.locked(),
+        "stopped_by": s.stopped_by,
+        "interrupted": interrupted,
+        "unreported": unreported,
+        "exit_code": exit_code,
+    })
 }
 
 /// How `agent run` ends: a result that could not be journalled (74) first, then an operator's abort
@@ -348,7 +384,8 @@ fn run_exit(summary: &RunSummary, journal: &Journal, aborted: bool) -> anyhow::R
 }
 
 /// Wall time, CPU time (user + system) per device and peak resident memory of this process.
-fn print_stats(wall: Duration, devices: usize) {
+/// On stderr with `--json` (stdout then holds JSON only).
+fn print_stats(wall: Duration, devices: usize, to_stderr: bool) {
     use nix::sys::resource::{UsageWho, getrusage};
     match getrusage(UsageWho::RUSAGE_SELF) {
         Ok(u) => {
@@ -360,7 +397,11 @@ fn print_stats(wall: Duration, devices: usize) {
                 1000.0 * cpu / devices.max(1) as f64,
                 u.max_rss() as f64 / 1024.0
             );
-            println!("{line}");
+            if to_stderr {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
         }
         Err(e) => eprintln!("warning: getrusage failed: {e}"),
     }

@@ -9,7 +9,8 @@
 //! the admin API, and where the files are. `--keep` leaves the broker running to try `flashgate admin`.
 //! Ctrl-C while the stations run finishes the devices in flight; a second Ctrl-C aborts them (each
 //! journalled as failed); either way the demo then reports what was done and exits 130 unless every
-//! device was handled as expected. Every line fits an 80-column terminal.
+//! device was handled as expected. Every line fits an 80-column terminal. `--json` prints one object
+//! with the outcome at the end (docs/json-output.md) and tells the story on stderr.
 //! Ctrl-C while the stations run finishes the devices in flight; a second Ctrl-C aborts them (each
 //! journalled as failed); either way the demo then reports what was done and exits 130 unless every
 //! device was handled as expected. Every line fits an 80-column terminal.
@@ -65,6 +66,28 @@ pub struct DemoArgs {
     /// randomly named directory under the system temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Print one JSON object with the outcome at the end (and nothing else on stdout; the story goes
+    /// to stderr). See docs/json-output.md.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A line for a person: on stdout, or on stderr when stdout holds the JSON (`--json`).
+macro_rules! say {
+    ($json:expr) => {
+        if $json {
+            eprintln!()
+        } else {
+            println!()
+        }
+    };
+    ($json:expr, $($arg:tt)+) => {
+        if $json {
+            eprintln!($($arg)+)
+        } else {
+            println!($($arg)+)
+        }
+    };
 }
 
 /// A deterministic demo firmware: a 48 KiB application at the start of flash and a calibration table.
@@ -181,12 +204,15 @@ async fn station(dir: &Path, site: &str, targets: u32, speed: f64, url: &str, ve
 /// Run `flashgate demo`.
 pub async fn run(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
+    let json = args.json;
     let dir = demo_dir(args.dir.clone())?;
-    println!(
+    say!(
+        json,
         "Flashgate demo: broker + 2 sites, {} simulated STM32L4 devices, batch quota {}",
-        args.devices, args.quota
+        args.devices,
+        args.quota
     );
-    println!("files: {}", dir.display());
+    say!(json, "files: {}", dir.display());
 
     // 1. PKI, vendor CA, broker (soft HSM + SQLite, embedded defaults).
     let layout = pki::init_dev_pki(
@@ -213,7 +239,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let env = |k: &str| (k == PASSPHRASE_ENV).then(|| passphrase.to_string());
     let broker = flashgate_broker::server::start(&cfg, &dir, &env).await.context("starting the broker")?;
     let url = broker.url();
-    println!("✓ broker on {url} (soft HSM, SQLite ledger), {} certificates", layout.files().count());
+    say!(json, "✓ broker on {url} (soft HSM, SQLite ledger), {} certificates", layout.files().count());
 
     // 2. As the operator: a firmware key in the HSM, the image packed inside it, a batch.
     let admin_id = Identity::admin(TRUST_DOMAIN, "ops")?;
@@ -240,9 +266,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             not_after_ms: None,
         })
         .await?;
-    println!("✓ key {} generated in the HSM", key.key_id);
-    println!("✓ image {}… packed inside the HSM ({} bytes)", &image.sha256[..16], image.size);
-    println!("✓ batch {BATCH}: quota {} for {}", args.quota, SITES.join(", "));
+    say!(json, "✓ key {} generated in the HSM", key.key_id);
+    say!(json, "✓ image {}… packed inside the HSM ({} bytes)", &image.sha256[..16], image.size);
+    say!(json, "✓ batch {BATCH}: quota {} for {}", args.quota, SITES.join(", "));
 
     // 3. Two stations, each with its simulated targets and its agent; both run at once.
     let split = [args.devices.div_ceil(2), args.devices / 2];
@@ -279,8 +305,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     // 4. The outcome, as the stations saw it and as the broker's ledger and audit chain record it.
     let rows: Vec<(String, &RunSummary)> = summaries.iter().map(|(l, s)| (l.clone(), s)).collect();
-    println!();
-    print!("{}", agent_ui::summary_table(&rows));
+    say!(json);
+    if json {
+        eprint!("{}", agent_ui::summary_table(&rows));
+    } else {
+        print!("{}", agent_ui::summary_table(&rows));
+    }
     let installed: usize = summaries.iter().map(|(_, s)| s.installed()).sum();
     let refused: usize = summaries.iter().map(|(_, s)| s.refused()).sum();
     let failed: usize = summaries.iter().map(|(_, s)| s.failed()).sum();
@@ -291,24 +321,28 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .count();
     let status = admin.batch_status(pb::BatchStatusRequest { id: BATCH.into() }).await?.into_inner();
     let audit = admin.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
-    println!();
-    println!("{installed} installed and verified, {quota_refusals} refused for \"quota exhausted\", {failed} failed");
-    println!(
+    say!(json);
+    say!(json, "{installed} installed and verified, {quota_refusals} refused for \"quota exhausted\", {failed} failed");
+    say!(
+        json,
         "ledger: batch {BATCH} issued {} of {}, {} installed reports, {} remaining",
-        status.issued, status.quota, status.installed, status.remaining
+        status.issued,
+        status.quota,
+        status.installed,
+        status.remaining
     );
     if audit.ok {
-        println!("audit chain verified: {} records, head {}…", audit.records, &audit.head_hash[..16]);
+        say!(json, "audit chain verified: {} records, head {}…", audit.records, &audit.head_hash[..16]);
     } else {
-        println!("AUDIT CHAIN BROKEN at seq {}: {}", audit.broken_seq, audit.fault);
+        say!(json, "AUDIT CHAIN BROKEN at seq {}: {}", audit.broken_seq, audit.fault);
     }
-    println!("finished in {:.1} s", started.elapsed().as_secs_f64());
-    println!("files in {}:", dir.display());
-    println!("  pki/                 development CA, broker/admin/station certificates");
-    println!("  vendor/              the simulator's test vendor CA (vendor-ca.pub trusted)");
-    println!("  keys.fgks            soft HSM keystore (passphrase: keystore-passphrase)");
-    println!("  ledger.db            SQLite ledger: batches, licences, reports, audit");
-    println!("  stations/*/journal   each station's local result journal");
+    say!(json, "finished in {:.1} s", started.elapsed().as_secs_f64());
+    say!(json, "files in {}:", dir.display());
+    say!(json, "  pki/                 development CA, broker/admin/station certificates");
+    say!(json, "  vendor/              the simulator's test vendor CA (vendor-ca.pub trusted)");
+    say!(json, "  keys.fgks            soft HSM keystore (passphrase: keystore-passphrase)");
+    say!(json, "  ledger.db            SQLite ledger: batches, licences, reports, audit");
+    say!(json, "  stations/*/journal   each station's local result journal");
 
     let want_installed = args.quota.min(args.devices) as usize;
     let want_refused = (args.devices - args.quota.min(args.devices)) as usize;
@@ -320,15 +354,50 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         && quota_refusals == want_refused
         && status.installed == want_installed as i64;
 
+    if json {
+        let devices: Vec<_> = summaries
+            .iter()
+            .flat_map(|(station, s)| s.devices.iter().map(move |d| (station, d)))
+            .map(|(station, d)| agent_ui::device_json(station, &d.probe, d.attempts, &d.outcome))
+            .collect();
+        let aborted_devices = summaries.iter().flat_map(|(_, s)| &s.devices).filter(|d| d.outcome.is_aborted()).count();
+        println!(
+            "{}",
+            serde_json::json!({
+                "type": "demo",
+                "ok": ok && !aborted,
+                "devices": devices.len(),
+                "installed": installed,
+                "refused": refused,
+                "quota_refusals": quota_refusals,
+                "failed": failed,
+                "aborted": aborted_devices,
+                "unreported": unreported,
+                "interrupted": if aborted { Some("abort") } else if stopped { Some("finish") } else { None },
+                "batch": {
+                    "id": BATCH,
+                    "quota": status.quota,
+                    "issued": status.issued,
+                    "installed": status.installed,
+                    "remaining": status.remaining,
+                },
+                "audit": { "ok": audit.ok, "records": audit.records, "head_hash": audit.head_hash },
+                "broker": url,
+                "dir": dir.display().to_string(),
+                "seconds": started.elapsed().as_secs_f64(),
+                "results": devices,
+            })
+        );
+    }
     if args.keep && !stopped {
         console.over();
-        println!();
-        println!("The broker keeps running on {url}. Try, in another terminal:");
+        say!(json);
+        say!(json, "The broker keeps running on {url}. Try, in another terminal:");
         let pki_dir = dir.join("pki");
-        println!("  flashgate admin --broker {url} --pki {} --name ops batch status {BATCH}", pki_dir.display());
-        println!("  flashgate admin --broker {url} --pki {} --name ops stations", pki_dir.display());
-        println!("  flashgate admin --broker {url} --pki {} --name ops audit verify", pki_dir.display());
-        println!("Ctrl-C to stop.");
+        say!(json, "  flashgate admin --broker {url} --pki {} --name ops batch status {BATCH}", pki_dir.display());
+        say!(json, "  flashgate admin --broker {url} --pki {} --name ops stations", pki_dir.display());
+        say!(json, "  flashgate admin --broker {url} --pki {} --name ops audit verify", pki_dir.display());
+        say!(json, "Ctrl-C to stop.");
         let mut stopping = stop.finish.clone();
         let _ = stopping.wait_for(|s| *s).await;
     }

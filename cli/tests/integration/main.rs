@@ -8,6 +8,7 @@ mod agent_serve;
 mod broker_check;
 mod broker_processes;
 mod chaos;
+mod json_output;
 mod lab_flow;
 mod shell_conventions;
 mod terminal;
