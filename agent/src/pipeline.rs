@@ -6,14 +6,17 @@
 //! may be retried with the same licence, consuming no quota. When no broker answers (for the licence
 //! or the image) the device is not failed: nothing was written to it, nothing is journalled, and the
 //! outcome [`DeviceOutcome::BrokerUnreachable`] tells the runner to try it again once a broker answers.
+//! An operator's abort abandons a device before INSTALL and journals it as failed ([`ABORTED`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use flashgate_common::cert::ChipCertificate;
 use flashgate_common::family::Family;
 use flashgate_common::protocol::SfiStatus;
 use flashgate_proto::v1::{IssueLicenceRequest, ProbeInfo as PbProbe};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use flashgate_common::sfi::{AsyncImageReader, ImageReader, ReaderOptions};
@@ -140,7 +143,16 @@ pub enum DeviceOutcome {
     },
 }
 
+/// How the message of a device aborted by the operator begins (a [`DeviceOutcome::Failed`] whose
+/// result is journalled and reported like any failure: the licence stays valid for a retry).
+pub const ABORTED: &str = "aborted by the operator";
+
 impl DeviceOutcome {
+    /// A device whose install the operator aborted ([`ABORTED`]) before INSTALL was sent.
+    pub fn is_aborted(&self) -> bool {
+        matches!(self, Self::Failed { message, .. } if message.starts_with(ABORTED))
+    }
+
     /// The device id, when known.
     pub fn device_id(&self) -> Option<&str> {
         match self {
@@ -254,7 +266,12 @@ pub async fn identify<T: crate::bootloader::Transport>(bl: &mut Bootloader<T>) -
 
 /// Runs the pipeline for the device of `session` on `target` for `batch_id` (attempt number `attempt`
 /// for this device on this station), journals the result and hands it to the reporter. `events`
-/// receives progress.
+/// receives progress. `abort` set to true (the operator's second Ctrl-C) abandons the device where it
+/// is — unless INSTALL was already sent, whose answer is then awaited (the chip decides from there
+/// on, and an unknown result would be lost) — and journals it as failed with [`ABORTED`]: a licensed
+/// device's result is reported to the broker like any failure; the next attempt on the board aborts
+/// the chip's open SFI session, which erases what it received.
+/// A dropped `abort` sender means no abort.
 pub async fn install_device(
     ctx: &PipelineContext,
     target: &ProbeTarget,
@@ -262,13 +279,50 @@ pub async fn install_device(
     batch_id: &str,
     attempt: u32,
     events: &(dyn Fn(StageEvent) + Send + Sync),
+    abort: &watch::Receiver<bool>,
 ) -> DeviceOutcome {
     let span = tracing::info_span!("device", probe = %target.id, batch = %batch_id, device = %session.device.device_id);
     async {
         let started = Instant::now();
         let mut timings: Vec<(String, u64)> = Vec::new();
         let mut licensed = false;
-        let outcome = run(ctx, target, session, batch_id, events, &mut timings, &mut licensed).await;
+        let device_id = session.device.device_id.clone();
+        // Set once INSTALL is on its way: from then on the chip decides, and the verdict is awaited.
+        let committed = AtomicBool::new(false);
+        let watched = |e: StageEvent| {
+            if let StageEvent::Install {
+                stage: InstallStage::Install | InstallStage::Verify | InstallStage::Finished,
+                ..
+            } = &e
+            {
+                committed.store(true, Ordering::Release);
+            }
+            events(e);
+        };
+        let outcome = {
+            let work = run(ctx, target, session, batch_id, &watched, &mut timings, &mut licensed);
+            tokio::pin!(work);
+            tokio::select! {
+                biased;
+                o = &mut work => o,
+                () = aborted(abort.clone()) => {
+                    if committed.load(Ordering::Acquire) {
+                        tracing::info!("abort asked after INSTALL was sent: waiting for the chip's verdict");
+                        work.await
+                    } else {
+                        tracing::info!("aborted by the operator before INSTALL");
+                        DeviceOutcome::Failed {
+                            device_id: Some(device_id.clone()),
+                            status_code: HOST_FAILURE,
+                            message: format!(
+                                "{ABORTED} before INSTALL: not installed (the next attempt on this board \
+                                 erases what it received; the licence stays valid)"
+                            ),
+                        }
+                    }
+                }
+            }
+        };
         timings.push(("total".into(), started.elapsed().as_micros() as u64));
         let result = match &outcome {
             DeviceOutcome::Installed { .. } => "installed",
@@ -292,6 +346,13 @@ pub async fn install_device(
     }
     .instrument(span)
     .await
+}
+
+/// Resolves when `abort` turns true; never when its sender is gone without having aborted.
+pub async fn aborted(mut abort: watch::Receiver<bool>) {
+    if abort.wait_for(|a| *a).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn lap(timings: &mut Vec<(String, u64)>, stage: &str, since: &mut Instant) {
@@ -589,3 +650,37 @@ fn now_ms() -> i64 {
 
 /// How long to wait between attempts to find a responding bootloader on a probe.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_abort_resolves_once_set_and_never_when_its_sender_is_gone() {
+        let (tx, rx) = watch::channel(false);
+        let waiting = tokio::spawn(aborted(rx.clone()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        tx.send(true).unwrap_or_default();
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("abort seen").expect("task");
+
+        let (gone, rx) = watch::channel(false);
+        drop(gone);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), aborted(rx)).await.is_err(),
+            "a dropped sender aborted"
+        );
+    }
+
+    #[test]
+    fn an_aborted_outcome_is_a_failure_that_says_so() {
+        let o = DeviceOutcome::Failed {
+            device_id: Some("d".into()),
+            status_code: HOST_FAILURE,
+            message: format!("{ABORTED} before INSTALL"),
+        };
+        assert!(o.is_aborted());
+        let f = DeviceOutcome::Failed { device_id: None, status_code: HOST_FAILURE, message: "link lost".into() };
+        assert!(!f.is_aborted());
+    }
+}

@@ -6,8 +6,9 @@
 //! pauses (up to [`BROKER_WAIT_MAX`]) until a broker answers, without using up its attempts. The run ends when every probe is done
 //! ([`RunMode::OncePerProbe`]), when the batch is exhausted or closed (a board already on a fixture
 //! then still gets its verdict, a refusal that consumes nothing, so every board the run saw is either
-//! installed or refused), or when the operator stops it — devices already being installed always
-//! finish first.
+//! installed or refused), or when the operator stops it — devices already being installed finish
+//! first, unless the operator then aborts them ([`Stop::abort`]): each is abandoned before INSTALL
+//! and journalled as failed ([`crate::pipeline::ABORTED`]), so no result is lost.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::pipeline::{
-    DeviceOutcome, Found, PipelineContext, ProbeTarget, StageEvent, install_device, look, record_locked,
+    DeviceOutcome, Found, PipelineContext, ProbeTarget, StageEvent, aborted, install_device, look, record_locked,
     recover_interrupted,
 };
 
@@ -134,6 +135,26 @@ impl RunSummary {
     }
 }
 
+/// How the operator ends a run: `finish` set to true takes no new device and lets the devices in
+/// flight finish; `abort` set to true (after `finish`, or alone) also abandons the devices in flight
+/// before INSTALL, journalling each as failed ([`crate::pipeline::ABORTED`]). A dropped sender never
+/// stops or aborts.
+#[derive(Debug, Clone)]
+pub struct Stop {
+    /// No new device; devices in flight finish.
+    pub finish: watch::Receiver<bool>,
+    /// Devices in flight are abandoned before INSTALL (implies `finish`).
+    pub abort: watch::Receiver<bool>,
+}
+
+impl Stop {
+    /// A stop that `finish` ends gracefully and nothing aborts.
+    pub fn finish_only(finish: watch::Receiver<bool>) -> Self {
+        let (_gone, abort) = watch::channel(false);
+        Self { finish, abort }
+    }
+}
+
 /// Pause between tries of a journal that cannot be written, while a probe waits for it.
 pub const JOURNAL_RETRY: Duration = Duration::from_secs(1);
 
@@ -168,13 +189,19 @@ struct Shared {
     stopped_by: std::sync::Mutex<Option<String>>,
     events: mpsc::UnboundedSender<RunEvent>,
     stop: watch::Receiver<bool>,
+    abort: watch::Receiver<bool>,
 }
 
 impl Shared {
     /// Stopped by the operator, or (until-exhausted runs) the batch can issue nothing more. A
     /// once-per-probe run still visits every probe so each device gets its own answer.
     fn done(&self) -> bool {
-        *self.stop.borrow() || self.batch_ended()
+        self.stopping() || self.batch_ended()
+    }
+
+    /// The operator stopped (or aborted) the run.
+    fn stopping(&self) -> bool {
+        *self.stop.borrow() || *self.abort.borrow()
     }
 
     /// An until-exhausted run whose batch can issue nothing more.
@@ -195,6 +222,17 @@ pub async fn run_batch(
     opts: RunOptions,
     events: mpsc::UnboundedSender<RunEvent>,
     stop: watch::Receiver<bool>,
+) -> RunSummary {
+    run_batch_stoppable(ctx, probes, opts, events, Stop::finish_only(stop)).await
+}
+
+/// [`run_batch`] that the operator can also abort ([`Stop`]).
+pub async fn run_batch_stoppable(
+    ctx: PipelineContext,
+    probes: Vec<ProbeTarget>,
+    opts: RunOptions,
+    events: mpsc::UnboundedSender<RunEvent>,
+    stop: Stop,
 ) -> RunSummary {
     let shared = shared(ctx, opts, events, stop);
     let mut tasks = tokio::task::JoinSet::new();
@@ -221,12 +259,24 @@ pub async fn run_batch(
 /// flight has finished; a once-per-probe run ends when every probe seen has handled its device.
 pub async fn run_batch_watching(
     ctx: PipelineContext,
+    probes: watch::Receiver<Vec<ProbeTarget>>,
+    opts: RunOptions,
+    events: mpsc::UnboundedSender<RunEvent>,
+    stop: watch::Receiver<bool>,
+) -> RunSummary {
+    run_batch_watching_stoppable(ctx, probes, opts, events, Stop::finish_only(stop)).await
+}
+
+/// [`run_batch_watching`] that the operator can also abort ([`Stop`]).
+pub async fn run_batch_watching_stoppable(
+    ctx: PipelineContext,
     mut probes: watch::Receiver<Vec<ProbeTarget>>,
     opts: RunOptions,
     events: mpsc::UnboundedSender<RunEvent>,
-    mut stop: watch::Receiver<bool>,
+    stop: Stop,
 ) -> RunSummary {
-    let shared = shared(ctx, opts, events, stop.clone());
+    let mut finish = stop.finish.clone();
+    let shared = shared(ctx, opts, events, stop);
     let mut tasks = tokio::task::JoinSet::new();
     let mut running: HashMap<String, (watch::Sender<bool>, ProbeTarget)> = HashMap::new();
     let mut summary = RunSummary::default();
@@ -269,7 +319,8 @@ pub async fn run_batch_watching(
                 Ok(mut devices) => summary.devices.append(&mut devices),
                 Err(e) => tracing::error!(error = %e, "probe task failed"),
             },
-            _ = stop.wait_for(|s| *s), if !*stop.borrow() => {}
+            _ = finish.wait_for(|s| *s), if !*finish.borrow() => {}
+            () = aborted(shared.abort.clone()), if !*shared.abort.borrow() => {}
             else => break,
         }
         if tasks.is_empty() && !watcher_alive && !shared.done() && running.is_empty() {
@@ -280,12 +331,7 @@ pub async fn run_batch_watching(
     summary
 }
 
-fn shared(
-    ctx: PipelineContext,
-    opts: RunOptions,
-    events: mpsc::UnboundedSender<RunEvent>,
-    stop: watch::Receiver<bool>,
-) -> Arc<Shared> {
+fn shared(ctx: PipelineContext, opts: RunOptions, events: mpsc::UnboundedSender<RunEvent>, stop: Stop) -> Arc<Shared> {
     Arc::new(Shared {
         ctx,
         slots: Semaphore::new(opts.max_parallel.max(1)),
@@ -293,7 +339,8 @@ fn shared(
         exhausted: AtomicBool::new(false),
         stopped_by: std::sync::Mutex::new(None),
         events,
-        stop,
+        stop: stop.finish,
+        abort: stop.abort,
     })
 }
 
@@ -303,6 +350,7 @@ async fn sleep_or_stop(shared: &Shared, mine: &watch::Receiver<bool>, d: Duratio
     tokio::select! {
         () = tokio::time::sleep(d) => {}
         _ = stop.wait_for(|s| *s) => {}
+        () = aborted(shared.abort.clone()) => {}
         _ = mine.wait_for(|s| *s) => {}
     }
 }
@@ -318,7 +366,7 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
     // A board already on the fixture when the batch runs out still gets its verdict (the broker refuses
     // it, consuming nothing), so that every board the run saw is either installed or refused; only
     // waiting for *new* boards ends with the batch. The operator's stop ends the loop at once.
-    while !*shared.stop.borrow() && !gone(&mine) {
+    while !shared.stopping() && !gone(&mine) {
         // A result that cannot be made durable is never counted as done: while the journal cannot be
         // written no new board is taken (held results are retried; a once-per-probe run ends).
         if shared.ctx.journal.fault().is_some() {
@@ -405,7 +453,7 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
             continue;
         }
         let Ok(_slot) = shared.slots.acquire().await else { break };
-        if *shared.stop.borrow() || gone(&mine) {
+        if shared.stopping() || gone(&mine) {
             break;
         }
         if shared.ctx.journal.fault().is_some() {
@@ -445,7 +493,7 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
                             status_code: crate::pipeline::HOST_FAILURE,
                             message: format!("device {device} no longer answers: {why}"),
                         };
-                        if attempt < shared.opts.max_attempts && !*shared.stop.borrow() && !gone(&mine) {
+                        if attempt < shared.opts.max_attempts && !shared.stopping() && !gone(&mine) {
                             attempt += 1;
                             sleep_or_stop(&shared, &mine, shared.opts.poll_interval).await;
                             continue;
@@ -455,9 +503,11 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
                 },
             };
             emit(StageEvent::Identify);
-            let outcome = install_device(&shared.ctx, &probe, current, &shared.opts.batch_id, attempt, &emit).await;
+            let outcome =
+                install_device(&shared.ctx, &probe, current, &shared.opts.batch_id, attempt, &emit, &shared.abort)
+                    .await;
             match &outcome {
-                DeviceOutcome::BrokerUnreachable { message, .. } if !*shared.stop.borrow() && !gone(&mine) => {
+                DeviceOutcome::BrokerUnreachable { message, .. } if !shared.stopping() && !gone(&mine) => {
                     broker_waits += 1;
                     let pause = broker_wait(broker_waits);
                     if broker_waits == 1 || broker_waits.is_multiple_of(10) {
@@ -472,7 +522,7 @@ async fn probe_loop(shared: Arc<Shared>, probe: ProbeTarget, mine: watch::Receiv
                 }
                 DeviceOutcome::Failed { message, .. }
                     if attempt < shared.opts.max_attempts
-                        && !*shared.stop.borrow()
+                        && !shared.stopping()
                         && shared.ctx.journal.fault().is_none() =>
                 {
                     tracing::warn!(probe = %probe.id, attempt, %message, "install failed; retrying with the same licence");

@@ -41,6 +41,10 @@ pub enum Exit {
     /// A device failed: it refused the licence or the image, or its flash CRC did not match
     /// (Flashgate's own).
     DeviceFailed = 81,
+    /// The operator stopped the work with Ctrl-C before it was done: a second Ctrl-C aborted the
+    /// devices in flight (`agent run`, `demo`; each journalled as failed before INSTALL), or a
+    /// demo stopped before every device was handled (128 + SIGINT, as a shell reports it).
+    Interrupted = 130,
 }
 
 /// Every code with its meaning, for `--help` and the docs.
@@ -58,6 +62,7 @@ pub const TABLE: &[(Exit, &str)] = &[
     (Exit::Config, "configuration error"),
     (Exit::Refused, "refused by the broker (quota exhausted, batch paused/closed, site, unknown batch)"),
     (Exit::DeviceFailed, "a device failed (licence or image refused by the chip, CRC mismatch)"),
+    (Exit::Interrupted, "stopped by Ctrl-C: devices in flight aborted (second Ctrl-C), or a demo cut short"),
 ];
 
 /// The help text listing every exit code.

@@ -93,6 +93,9 @@ fn main() -> std::process::ExitCode {
         Command::Agent(commands::agent::AgentCommand::Serve(_)) => {
             "warn,flashgate_agent::daemon=info,flashgate_agent::station=info,flashgate_agent::broker_client=info"
         }
+        // The demo creates its batch before its stations first connect, as designed: the broker's
+        // warning about sites without stations would only clutter its screen.
+        Command::Demo(_) => "warn,flashgate_broker::service::admin=error",
         _ => "warn",
     };
     output::init_tracing(cli.log.as_deref().unwrap_or(default_filter), cli.log_format == "json");

@@ -3,9 +3,12 @@
 //! admin station assign/pause`), on every probe, until it is exhausted or paused (Ctrl-C finishes
 //! in-flight devices, reports and leaves; a second Ctrl-C quits at once). `agent run --config agent.toml
 //! --batch ID` installs one given batch on every probe until it is exhausted or the operator stops it
-//! (Ctrl-C as above), with progress bars and a summary table; both show progress bars when stderr is
-//! a terminal and log lines otherwise. `agent probes` lists the probes found; `agent journal` shows the
-//! local result history. The work lives in `flashgate_agent`.
+//! (Ctrl-C finishes the devices in flight; a second Ctrl-C aborts them, each journalled as failed
+//! before INSTALL, and the run exits 130), with progress bars and a summary table; both show
+//! progress bars when stderr is a terminal and log lines otherwise. `agent probes` lists the probes
+//! found; `agent journal` shows the local result history. `agent run --json` prints one JSON object per device as it finishes and a
+//! summary object last, and nothing else on stdout (docs/json-output.md). The work lives in
+//! `flashgate_agent`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +23,7 @@ use flashgate_agent::images::ImageCache;
 use flashgate_agent::journal::{EntryState, Journal};
 use flashgate_agent::pipeline::{PipelineContext, ProbeTarget};
 use flashgate_agent::probe::{ProbeEndpoint, ProbeInfo, ProbeWatcher, discover_report, format_probes, probes_json};
-use flashgate_agent::runner::{RunMode, RunOptions, run_batch, run_batch_watching};
+use flashgate_agent::runner::{RunMode, RunOptions, RunSummary, run_batch_stoppable, run_batch_watching_stoppable};
 use flashgate_proto::transport::{TlsFiles, client_config};
 use tokio::sync::{mpsc, watch};
 
@@ -46,7 +49,8 @@ pub struct ConfigArgs {
     /// The agent configuration (see deploy/config/agent.toml); `FLASHGATE_*` variables override it.
     #[arg(long, short, env = "FLASHGATE_AGENT_CONFIG")]
     pub config: PathBuf,
-    /// Print JSON instead of a table.
+    /// Print JSON instead of a table (`agent run`: one object per device as it finishes, then a
+    /// summary object; see docs/json-output.md).
     #[arg(long)]
     pub json: bool,
 }
@@ -198,20 +202,6 @@ impl Station {
     }
 }
 
-/// A stop flag set by Ctrl-C or SIGTERM (devices in flight finish); a second Ctrl-C quits at once.
-fn stop_on_ctrl_c() -> watch::Receiver<bool> {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        super::broker::shutdown_signal().await;
-        eprintln!("stopping: finishing the devices in flight (Ctrl-C again to quit now)");
-        let _ = stop_tx.send(true);
-        if tokio::signal::ctrl_c().await.is_ok() {
-            std::process::exit(130);
-        }
-    });
-    stop_rx
-}
-
 fn warn_unreported(cfg: &AgentConfig, left: usize) {
     if left > 0 {
         eprintln!(
@@ -229,12 +219,15 @@ async fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
         probes.len(),
         cfg.broker.endpoints.join(", ")
     );
-    let stop = stop_on_ctrl_c();
+    // The daemon finishes the devices in flight on Ctrl-C or SIGTERM; a second Ctrl-C quits at once.
+    let console = agent_ui::Console::new();
+    let stop = console.interrupts(false);
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-    let ui = tokio::spawn(agent_ui::display(ev_rx, label, None));
-    let outcome = run_daemon(&cfg, watch_probes(&watcher, probes), ctx, stop, Some(ev_tx)).await;
+    let ui = tokio::spawn(agent_ui::display(ev_rx, label, console.clone(), false));
+    let outcome = run_daemon(&cfg, watch_probes(&watcher, probes), ctx, stop.finish, Some(ev_tx)).await;
     drop(watcher);
     let _ = ui.await;
+    console.clear();
     let summary = outcome?;
     println!(
         "{} run(s): {} installed, {} refused, {} failed",
@@ -248,6 +241,8 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
     let Station { cfg, ctx, probes, watcher } = Station::setup(&a.common.config, &a.probes, true)?;
     let reporter = ctx.reporter.clone();
     let journal = ctx.journal.clone();
+    let label = station_label(&cfg);
+    let json = a.common.json;
     eprintln!("batch {}: {} probe(s), broker {}", a.batch, probes.len(), ctx.broker.current_endpoint());
     let opts = RunOptions {
         batch_id: a.batch.clone(),
@@ -257,40 +252,83 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         poll_interval: cfg.run.poll_interval,
     };
     let started = std::time::Instant::now();
-    let stop_rx = stop_on_ctrl_c();
+    // Ctrl-C: the devices in flight finish; a second Ctrl-C aborts them (journalled, exit 130).
+    let console = agent_ui::Console::new();
+    let stop = console.interrupts(true);
+    let (finished, aborted) = (stop.finish.clone(), stop.abort.clone());
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-    let ui = tokio::spawn(agent_ui::display(ev_rx, station_label(&cfg), None));
+    let ui = tokio::spawn(agent_ui::display(ev_rx, label.clone(), console.clone(), json));
     // One device per probe: the probes present now. Until exhausted: probes may come and go.
     let summary = if a.once {
-        run_batch(ctx, probes, opts, ev_tx, stop_rx).await
+        run_batch_stoppable(ctx, probes, opts, ev_tx, stop).await
     } else {
-        run_batch_watching(ctx, watch_probes(&watcher, probes), opts, ev_tx, stop_rx).await
+        run_batch_watching_stoppable(ctx, watch_probes(&watcher, probes), opts, ev_tx, stop).await
     };
     drop(watcher);
     let _ = ui.await;
+    console.clear();
+    let interrupted = if *aborted.borrow() {
+        Some("abort")
+    } else if *finished.borrow() {
+        Some("finish")
+    } else {
+        None
+    };
 
-    let left = reporter.flush(Duration::from_secs(30)).await;
+    // After an abort the operator wants out: less patience for an absent broker.
+    let patience = if interrupted == Some("abort") { Duration::from_secs(10) } else { Duration::from_secs(30) };
+    let left = reporter.flush(patience).await;
     if a.stats {
-        print_stats(started.elapsed(), summary.devices.len());
+        print_stats(started.elapsed(), summary.devices.len(), json);
     }
-    println!("{}", agent_ui::summary_table(&[(station_label(&cfg), &summary)]));
-    println!(
-        "{} installed, {} refused, {} failed{}",
-        summary.installed(),
-        summary.refused(),
-        summary.failed(),
-        summary.stopped_by.as_deref().map(|r| format!("; stopped: {r}")).unwrap_or_default()
-    );
+    let result = run_exit(&summary, &journal, interrupted == Some("abort"));
+    if json {
+        // The exit code the run ends with, for a script that reads only standard output.
+        let code = result.as_ref().err().map_or(0, |e| crate::exit::classify(e) as u8);
+        println!("{}", summary_json(&label, &a.batch, &summary, interrupted, left, code));
+    } else {
+        println!("{}", agent_ui::summary_table(&[(label.clone(), &summary)]));
+        println!(
+            "{} installed, {} refused, {} failed{}",
+            summary.installed(),
+            summary.refused(),
+            summary.failed(),
+            summary.stopped_by.as_deref().map(|r| format!("; stopped: {r}")).unwrap_or_default()
+        );
+    }
     warn_unreported(&cfg, left);
-    run_exit(&summary, &journal)
+    result
 }
 
-/// How `agent run` ends: a result that could not be journalled (74) first, then failed devices (81),
-/// then refusals (80); 0 when every device seen was installed.
-fn run_exit(
-    summary: &flashgate_agent::runner::RunSummary,
-    journal: &flashgate_agent::journal::Journal,
-) -> anyhow::Result<()> {
+/// The last line of `agent run --json` (fields in docs/json-output.md).
+fn summary_json(
+    station: &str,
+    batch: &str,
+    s: &RunSummary,
+    interrupted: Option<&str>,
+    unreported: usize,
+    exit_code: u8,
+) -> serde_json::Value {
+    serde_json::json!({
+        "type": "summary",
+        "station": station,
+        "batch": batch,
+        "devices": s.devices.len(),
+        "installed": s.installed(),
+        "refused": s.refused(),
+        "failed": s.failed(),
+        "aborted": s.devices.iter().filter(|d| d.outcome.is_aborted()).count(),
+        "locked": s.locked(),
+        "stopped_by": s.stopped_by,
+        "interrupted": interrupted,
+        "unreported": unreported,
+        "exit_code": exit_code,
+    })
+}
+
+/// How `agent run` ends: a result that could not be journalled (74) first, then an operator's abort
+/// (130), then failed devices (81), then refusals (80); 0 when every device seen was installed.
+fn run_exit(summary: &RunSummary, journal: &Journal, aborted: bool) -> anyhow::Result<()> {
     use crate::exit::{Exit, with};
     if journal.faults_seen() > 0 {
         let now = journal.fault().map(|f| format!("; still failing: {f}")).unwrap_or_default();
@@ -299,6 +337,16 @@ fn run_exit(
             anyhow::anyhow!(
                 "the journal could not be written during the run ({} result(s) still held in memory){now}",
                 journal.held_count()
+            ),
+        ));
+    }
+    if aborted {
+        let n = summary.devices.iter().filter(|d| d.outcome.is_aborted()).count();
+        return Err(with(
+            Exit::Interrupted,
+            anyhow::anyhow!(
+                "aborted by the operator: {n} device(s) in flight were abandoned before INSTALL and journalled as \
+                 failed (not installed; their licences stay valid for a retry)"
             ),
         ));
     }
@@ -336,18 +384,24 @@ fn run_exit(
 }
 
 /// Wall time, CPU time (user + system) per device and peak resident memory of this process.
-fn print_stats(wall: Duration, devices: usize) {
+/// On stderr with `--json` (stdout then holds JSON only).
+fn print_stats(wall: Duration, devices: usize, to_stderr: bool) {
     use nix::sys::resource::{UsageWho, getrusage};
     match getrusage(UsageWho::RUSAGE_SELF) {
         Ok(u) => {
             let tv = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
             let cpu = tv(u.user_time()) + tv(u.system_time());
-            println!(
+            let line = format!(
                 "agent stats: {devices} devices, wall {:.2} s, CPU {cpu:.2} s ({:.1} ms per device), peak RSS {:.1} MiB",
                 wall.as_secs_f64(),
                 1000.0 * cpu / devices.max(1) as f64,
                 u.max_rss() as f64 / 1024.0
             );
+            if to_stderr {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
         }
         Err(e) => eprintln!("warning: getrusage failed: {e}"),
     }

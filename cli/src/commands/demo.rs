@@ -7,6 +7,13 @@
 //! Both stations' agents install in parallel with progress bars; the demo ends with a table (devices
 //! installed and verified, devices refused for "quota exhausted"), the audit chain verified through
 //! the admin API, and where the files are. `--keep` leaves the broker running to try `flashgate admin`.
+//! Ctrl-C while the stations run finishes the devices in flight; a second Ctrl-C aborts them (each
+//! journalled as failed); either way the demo then reports what was done and exits 130 unless every
+//! device was handled as expected. Every line fits an 80-column terminal. `--json` prints one object
+//! with the outcome at the end (docs/json-output.md) and tells the story on stderr.
+//! Ctrl-C while the stations run finishes the devices in flight; a second Ctrl-C aborts them (each
+//! journalled as failed); either way the demo then reports what was done and exits 130 unless every
+//! device was handled as expected. Every line fits an 80-column terminal.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +26,7 @@ use flashgate_agent::broker_client::{BrokerClient, Reporter};
 use flashgate_agent::images::ImageCache;
 use flashgate_agent::journal::Journal;
 use flashgate_agent::pipeline::{PipelineContext, ProbeTarget};
-use flashgate_agent::runner::{RunMode, RunOptions, RunSummary, run_batch};
+use flashgate_agent::runner::{RunMode, RunOptions, RunSummary, run_batch_stoppable};
 use flashgate_broker::config::{
     BrokerConfig, HsmMemberConfig, HsmSection, LedgerSection, LimitsConfig, ListenConfig, PASSPHRASE_ENV, TlsConfig,
     VendorConfig,
@@ -30,9 +37,8 @@ use flashgate_proto::transport::{TlsFiles, client_config, connect};
 use flashgate_proto::v1 as pb;
 use flashgate_proto::v1::admin_service_client::AdminServiceClient;
 use flashgate_sim::{SimConfig, Simulator};
-use indicatif::{MultiProgress, ProgressDrawTarget};
 use rand::RngCore;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
 use super::agent_ui;
@@ -60,6 +66,28 @@ pub struct DemoArgs {
     /// randomly named directory under the system temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Print one JSON object with the outcome at the end (and nothing else on stdout; the story goes
+    /// to stderr). See docs/json-output.md.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A line for a person: on stdout, or on stderr when stdout holds the JSON (`--json`).
+macro_rules! say {
+    ($json:expr) => {
+        if $json {
+            eprintln!()
+        } else {
+            println!()
+        }
+    };
+    ($json:expr, $($arg:tt)+) => {
+        if $json {
+            eprintln!($($arg)+)
+        } else {
+            println!($($arg)+)
+        }
+    };
 }
 
 /// A deterministic demo firmware: a 48 KiB application at the start of flash and a calibration table.
@@ -176,12 +204,15 @@ async fn station(dir: &Path, site: &str, targets: u32, speed: f64, url: &str, ve
 /// Run `flashgate demo`.
 pub async fn run(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
+    let json = args.json;
     let dir = demo_dir(args.dir.clone())?;
-    println!(
+    say!(
+        json,
         "Flashgate demo: broker + 2 sites, {} simulated STM32L4 devices, batch quota {}",
-        args.devices, args.quota
+        args.devices,
+        args.quota
     );
-    println!("files: {}", dir.display());
+    say!(json, "files: {}", dir.display());
 
     // 1. PKI, vendor CA, broker (soft HSM + SQLite, embedded defaults).
     let layout = pki::init_dev_pki(
@@ -208,7 +239,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let env = |k: &str| (k == PASSPHRASE_ENV).then(|| passphrase.to_string());
     let broker = flashgate_broker::server::start(&cfg, &dir, &env).await.context("starting the broker")?;
     let url = broker.url();
-    println!("✓ broker on {url} (soft HSM keystore, SQLite ledger), {} certificates", layout.files().count());
+    say!(json, "✓ broker on {url} (soft HSM, SQLite ledger), {} certificates", layout.files().count());
 
     // 2. As the operator: a firmware key in the HSM, the image packed inside it, a batch.
     let admin_id = Identity::admin(TRUST_DOMAIN, "ops")?;
@@ -235,14 +266,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             not_after_ms: None,
         })
         .await?;
-    println!(
-        "✓ key {} generated in the HSM; image {}… packed inside it ({} bytes); batch {BATCH} quota {} for {}",
-        key.key_id,
-        &image.sha256[..16],
-        image.size,
-        args.quota,
-        SITES.join(", ")
-    );
+    say!(json, "✓ key {} generated in the HSM", key.key_id);
+    say!(json, "✓ image {}… packed inside the HSM ({} bytes)", &image.sha256[..16], image.size);
+    say!(json, "✓ batch {BATCH}: quota {} for {}", args.quota, SITES.join(", "));
 
     // 3. Two stations, each with its simulated targets and its agent; both run at once.
     let split = [args.devices.div_ceil(2), args.devices / 2];
@@ -250,20 +276,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     for (site, n) in SITES.iter().zip(split) {
         stations.push(station(&dir, site, n, args.speed, &url, &vendor_key).await?);
     }
-    let multi = MultiProgress::with_draw_target(if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    });
-    let (_stop_tx, stop_rx) = watch::channel(false);
+    // Ctrl-C: the devices in flight finish; a second Ctrl-C aborts them (journalled as failed).
+    let console = agent_ui::Console::new();
+    let stop = console.interrupts(true);
     let mut runs = tokio::task::JoinSet::new();
     let mut uis = Vec::new();
     for s in &stations {
         let (tx, rx) = mpsc::unbounded_channel();
-        uis.push(tokio::spawn(agent_ui::display(rx, s.label.clone(), Some(multi.clone()))));
+        uis.push(tokio::spawn(agent_ui::display(rx, s.label.clone(), console.clone(), false)));
         let opts = RunOptions { mode: RunMode::OncePerProbe, ..RunOptions::new(BATCH) };
-        let (ctx, probes, label, stop) = (s.ctx.clone(), s.probes.clone(), s.label.clone(), stop_rx.clone());
-        runs.spawn(async move { (label, run_batch(ctx, probes, opts, tx, stop).await) });
+        let (ctx, probes, label, stop) = (s.ctx.clone(), s.probes.clone(), s.label.clone(), stop.clone());
+        runs.spawn(async move { (label, run_batch_stoppable(ctx, probes, opts, tx, stop).await) });
     }
     let mut summaries: Vec<(String, RunSummary)> = Vec::new();
     while let Some(r) = runs.join_next().await {
@@ -272,6 +295,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     for u in uis {
         let _ = u.await;
     }
+    console.clear();
+    let (stopped, aborted) = (*stop.finish.borrow(), *stop.abort.borrow());
     summaries.sort_by(|a, b| a.0.cmp(&b.0));
     let mut unreported = 0;
     for s in &stations {
@@ -280,8 +305,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     // 4. The outcome, as the stations saw it and as the broker's ledger and audit chain record it.
     let rows: Vec<(String, &RunSummary)> = summaries.iter().map(|(l, s)| (l.clone(), s)).collect();
-    println!();
-    print!("{}", agent_ui::summary_table(&rows));
+    say!(json);
+    if json {
+        eprint!("{}", agent_ui::summary_table(&rows));
+    } else {
+        print!("{}", agent_ui::summary_table(&rows));
+    }
     let installed: usize = summaries.iter().map(|(_, s)| s.installed()).sum();
     let refused: usize = summaries.iter().map(|(_, s)| s.refused()).sum();
     let failed: usize = summaries.iter().map(|(_, s)| s.failed()).sum();
@@ -292,24 +321,28 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .count();
     let status = admin.batch_status(pb::BatchStatusRequest { id: BATCH.into() }).await?.into_inner();
     let audit = admin.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
-    println!();
-    println!("{installed} installed and verified, {quota_refusals} refused for \"quota exhausted\", {failed} failed");
-    println!(
+    say!(json);
+    say!(json, "{installed} installed and verified, {quota_refusals} refused for \"quota exhausted\", {failed} failed");
+    say!(
+        json,
         "ledger: batch {BATCH} issued {} of {}, {} installed reports, {} remaining",
-        status.issued, status.quota, status.installed, status.remaining
+        status.issued,
+        status.quota,
+        status.installed,
+        status.remaining
     );
     if audit.ok {
-        println!("audit chain verified: {} records, head {}…", audit.records, &audit.head_hash[..16]);
+        say!(json, "audit chain verified: {} records, head {}…", audit.records, &audit.head_hash[..16]);
     } else {
-        println!("AUDIT CHAIN BROKEN at seq {}: {}", audit.broken_seq, audit.fault);
+        say!(json, "AUDIT CHAIN BROKEN at seq {}: {}", audit.broken_seq, audit.fault);
     }
-    println!("finished in {:.1} s", started.elapsed().as_secs_f64());
-    println!("files in {}:", dir.display());
-    println!("  pki/                 development CA and certificates (broker, admin ops, stations)");
-    println!("  vendor/              the simulator's test vendor CA (the broker trusts vendor-ca.pub)");
-    println!("  keys.fgks            the soft HSM keystore (passphrase in keystore-passphrase)");
-    println!("  ledger.db            the SQLite ledger: batches, licences, install reports, audit chain");
-    println!("  stations/*/journal   each station's local result journal");
+    say!(json, "finished in {:.1} s", started.elapsed().as_secs_f64());
+    say!(json, "files in {}:", dir.display());
+    say!(json, "  pki/                 development CA, broker/admin/station certificates");
+    say!(json, "  vendor/              the simulator's test vendor CA (vendor-ca.pub trusted)");
+    say!(json, "  keys.fgks            soft HSM keystore (passphrase: keystore-passphrase)");
+    say!(json, "  ledger.db            SQLite ledger: batches, licences, reports, audit");
+    say!(json, "  stations/*/journal   each station's local result journal");
 
     let want_installed = args.quota.min(args.devices) as usize;
     let want_refused = (args.devices - args.quota.min(args.devices)) as usize;
@@ -321,20 +354,67 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         && quota_refusals == want_refused
         && status.installed == want_installed as i64;
 
-    if args.keep {
-        println!();
-        println!("The broker keeps running on {url}. Try, in another terminal:");
+    if json {
+        let devices: Vec<_> = summaries
+            .iter()
+            .flat_map(|(station, s)| s.devices.iter().map(move |d| (station, d)))
+            .map(|(station, d)| agent_ui::device_json(station, &d.probe, d.attempts, &d.outcome))
+            .collect();
+        let aborted_devices = summaries.iter().flat_map(|(_, s)| &s.devices).filter(|d| d.outcome.is_aborted()).count();
+        println!(
+            "{}",
+            serde_json::json!({
+                "type": "demo",
+                "ok": ok && !aborted,
+                "devices": devices.len(),
+                "installed": installed,
+                "refused": refused,
+                "quota_refusals": quota_refusals,
+                "failed": failed,
+                "aborted": aborted_devices,
+                "unreported": unreported,
+                "interrupted": if aborted { Some("abort") } else if stopped { Some("finish") } else { None },
+                "batch": {
+                    "id": BATCH,
+                    "quota": status.quota,
+                    "issued": status.issued,
+                    "installed": status.installed,
+                    "remaining": status.remaining,
+                },
+                "audit": { "ok": audit.ok, "records": audit.records, "head_hash": audit.head_hash },
+                "broker": url,
+                "dir": dir.display().to_string(),
+                "seconds": started.elapsed().as_secs_f64(),
+                "results": devices,
+            })
+        );
+    }
+    if args.keep && !stopped {
+        console.over();
+        say!(json);
+        say!(json, "The broker keeps running on {url}. Try, in another terminal:");
         let pki_dir = dir.join("pki");
-        println!("  flashgate admin --broker {url} --pki {} --name ops batch status {BATCH}", pki_dir.display());
-        println!("  flashgate admin --broker {url} --pki {} --name ops stations", pki_dir.display());
-        println!("  flashgate admin --broker {url} --pki {} --name ops audit verify", pki_dir.display());
-        println!("Ctrl-C to stop.");
-        let _ = tokio::signal::ctrl_c().await;
+        say!(json, "  flashgate admin --broker {url} --pki {} --name ops batch status {BATCH}", pki_dir.display());
+        say!(json, "  flashgate admin --broker {url} --pki {} --name ops stations", pki_dir.display());
+        say!(json, "  flashgate admin --broker {url} --pki {} --name ops audit verify", pki_dir.display());
+        say!(json, "Ctrl-C to stop.");
+        let mut stopping = stop.finish.clone();
+        let _ = stopping.wait_for(|s| *s).await;
     }
     for s in stations {
         s.sim.shutdown().await?;
     }
     broker.shutdown().await?;
+    if aborted || (stopped && !ok) {
+        let aborted_devices = summaries.iter().flat_map(|(_, s)| &s.devices).filter(|d| d.outcome.is_aborted()).count();
+        return Err(crate::exit::with(
+            crate::exit::Exit::Interrupted,
+            anyhow::anyhow!(
+                "stopped by Ctrl-C: {installed} installed, {refused} refused, {failed} failed ({aborted_devices} \
+                 aborted)"
+            ),
+        ));
+    }
     if !ok {
         bail!(
             "the demo did not end as expected: {installed} installed (want {want_installed}), {refused} refused \

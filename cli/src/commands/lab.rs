@@ -1,5 +1,6 @@
 //! The lab flow without a broker: `flashgate cert`, `flashgate licence issue`, `flashgate flash`.
-//! What a developer does at a desk with one board and key files.
+//! What a developer does at a desk with one board and key files. `flash --json` prints one object
+//! about the install (docs/json-output.md).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -74,6 +75,9 @@ pub struct FlashArgs {
     /// Fail unless the device reports this flash CRC-32 after install (as printed by `pack`).
     #[arg(long, value_parser = super::parse_size)]
     pub expect_crc: Option<u32>,
+    /// Print one JSON object about the install (and nothing else on stdout) instead of the summary.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Run `flashgate cert`.
@@ -173,20 +177,44 @@ pub async fn flash(args: FlashArgs) -> Result<()> {
         }
     };
     let secs = started.elapsed().as_secs_f64().max(1e-9);
+    if args.json {
+        let matches = args.expect_crc.zip(report.crc).map(|(want, got)| want == got);
+        println!(
+            "{}",
+            serde_json::json!({
+                "target": args.target.to_string(),
+                "image": args.image.display().to_string(),
+                "installed": true,
+                "areas": report.areas,
+                "bytes": report.bytes,
+                "seconds": secs,
+                "bytes_per_second": (report.bytes as f64 / secs).round(),
+                "retries": report.link.retries,
+                "flash_crc": report.crc,
+                "expected_crc": args.expect_crc,
+                "crc_matches": matches,
+            })
+        );
+    }
+    let say = |line: String| {
+        if !args.json {
+            println!("{line}");
+        }
+    };
     let crc = match report.crc {
         Some(crc) => format!("0x{crc:08X}"),
         None => "unknown (INSTALL's answer was lost; GET_STATE confirmed installed)".to_string(),
     };
-    println!(
+    say(format!(
         "installed {} in {} areas in {secs:.1} s ({}/s, {} retries); device flash CRC-32 {crc}",
         human_bytes(report.bytes),
         report.areas,
         human_bytes((report.bytes as f64 / secs) as u64),
         report.link.retries,
-    );
+    ));
     if let Some(expected) = args.expect_crc {
         match report.crc {
-            Some(crc) if crc == expected => println!("flash CRC-32 matches the expected value"),
+            Some(crc) if crc == expected => say("flash CRC-32 matches the expected value".to_owned()),
             Some(crc) => {
                 return Err(crate::exit::with(
                     crate::exit::Exit::DeviceFailed,

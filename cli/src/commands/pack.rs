@@ -1,4 +1,5 @@
-//! `flashgate pack`: firmware (ELF, Intel HEX, raw binary) → encrypted `.sfi` image.
+//! `flashgate pack`: firmware (ELF, Intel HEX, raw binary) → encrypted `.sfi` image. `--json` prints
+//! one object describing the image instead of the summary (docs/json-output.md).
 
 use std::path::PathBuf;
 
@@ -51,6 +52,10 @@ pub struct PackArgs {
     /// given here is written in place, never replaced.
     #[arg(long)]
     pub out: PathBuf,
+    /// Print one JSON object describing the image (and nothing else on stdout) instead of the
+    /// summary; not with `--out -`.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Whether the option bytes among `areas` set RDP level 2 (pairs: record 0 = 0xCC; positional:
@@ -68,6 +73,17 @@ fn sets_rdp_level_2(areas: &[sfi::PlainArea], profile: &flashgate_common::family
 /// Run `flashgate pack`.
 pub fn run(args: PackArgs) -> Result<()> {
     let profile = args.family.profile();
+    if args.json && args.out.as_os_str() == "-" {
+        return Err(crate::exit::with(
+            crate::exit::Exit::Usage,
+            anyhow::anyhow!("--json needs --out FILE: with --out - the image itself is standard output"),
+        ));
+    }
+    // What a person reads goes to stderr when stdout holds the image or the JSON.
+    let note = |text: String| {
+        if args.json || args.out.as_os_str() == "-" { eprintln!("{text}") } else { println!("{text}") }
+    };
+    let mut nonce_path: Option<PathBuf> = args.nonce.clone();
     if args.max_area == 0 || args.max_area > sfi::MAX_AREA_SIZE {
         bail!("--max-area {} must be between 1 and {} bytes", args.max_area, sfi::MAX_AREA_SIZE);
     }
@@ -86,12 +102,8 @@ pub fn run(args: PackArgs) -> Result<()> {
     let (key, nonce) = match (&args.generate_key, &args.key, &args.nonce) {
         (Some(dir), _, _) => {
             let (key, nonce, kp, np) = keyfile::generate_key_files(dir)?;
-            let note = format!("generated key {} and nonce {} (mode 0600)", kp.display(), np.display());
-            if args.out.as_os_str() == "-" {
-                eprintln!("{note}")
-            } else {
-                println!("{note}")
-            }
+            note(format!("generated key {} and nonce {} (mode 0600)", kp.display(), np.display()));
+            nonce_path = Some(np);
             (key, nonce)
         }
         (None, Some(k), Some(n)) => {
@@ -123,12 +135,8 @@ pub fn run(args: PackArgs) -> Result<()> {
                 }
             };
             flashgate_common::atomic_file::write(&path, &nonce.0, flashgate_common::atomic_file::PRIVATE_MODE)?;
-            let note = format!("fresh nonce {} (mode 0600)", path.display());
-            if args.out.as_os_str() == "-" {
-                eprintln!("{note}")
-            } else {
-                println!("{note}")
-            }
+            note(format!("fresh nonce {} (mode 0600)", path.display()));
+            nonce_path = Some(path);
             (keyfile::read_key_file(k)?, nonce)
         }
         _ => bail!("give --key (and optionally --nonce), or --generate-key DIR"),
@@ -149,8 +157,38 @@ pub fn run(args: PackArgs) -> Result<()> {
     let to_stdout = out.is_stdout();
     out.commit()?;
     let key_path = args.key.clone().or_else(|| args.generate_key.as_ref().map(|d| d.join(keyfile::KEY_FILE)));
-    if let Some(k) = key_path {
-        keyfile::record_nonce(&k, &nonce)?;
+    if let Some(k) = &key_path {
+        keyfile::record_nonce(k, &nonce)?;
+    }
+    let expected_crc = sfi::expected_flash_crc(profile, &areas);
+    if args.json {
+        let list: Vec<_> = areas
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                serde_json::json!({
+                    "index": i + 1,
+                    "type": (a.area_type.as_byte() as char).to_string(),
+                    "address": a.address,
+                    "size": a.data.len(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "image": target,
+                "size": size,
+                "family": args.family.name(),
+                "areas": list,
+                "expected_flash_crc": expected_crc,
+                "key": key_path.as_ref().map(|p| p.display().to_string()),
+                "nonce": nonce_path.as_ref().map(|p| p.display().to_string()),
+                "fresh_nonce": args.nonce.is_none(),
+                "generated_key": args.generate_key.is_some(),
+            })
+        );
+        return Ok(());
     }
 
     let mut summary = format!("{target} ({}, {} areas, family {})\n", human_bytes(size), areas.len(), args.family);
@@ -164,8 +202,7 @@ pub fn run(args: PackArgs) -> Result<()> {
             a.data.len()
         ));
     }
-    summary
-        .push_str(&format!("expected flash CRC-32 after install: 0x{:08X}", sfi::expected_flash_crc(profile, &areas)));
+    summary.push_str(&format!("expected flash CRC-32 after install: 0x{expected_crc:08X}"));
     // With the image on standard output, what a person reads goes to standard error.
     if to_stdout {
         eprintln!("{summary}");

@@ -1,4 +1,6 @@
 //! `flashgate sfi inspect`: print an image's header and areas; with the key, verify every tag.
+//! `--json` prints the same as one object once the whole image was read (nothing on stdout when it
+//! does not verify; docs/json-output.md).
 
 use std::path::PathBuf;
 
@@ -29,6 +31,9 @@ pub struct InspectArgs {
     /// Check addresses against this family's memory map (and print the expected flash CRC with --key).
     #[arg(long)]
     pub family: Option<Family>,
+    /// Print one JSON object (and nothing else on stdout) instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Run `flashgate sfi …`.
@@ -44,14 +49,27 @@ pub fn run(cmd: SfiCommand) -> Result<()> {
         (Some(k), Some(n)) => Some((keyfile::read_key_file(k)?, keyfile::read_nonce_file(n)?)),
         _ => None,
     };
-    println!("{}: {} bytes, .sfi version {}, {} areas", args.image.display(), len, header.version, header.area_count);
-    println!("header tag {}", hex::encode(header.tag));
+    // Lines for a person, printed as they come; with --json nothing until the whole image was read.
+    let say = |line: String| {
+        if !args.json {
+            println!("{line}");
+        }
+    };
+    say(format!(
+        "{}: {} bytes, .sfi version {}, {} areas",
+        args.image.display(),
+        len,
+        header.version,
+        header.area_count
+    ));
+    say(format!("header tag {}", hex::encode(header.tag)));
     if let Some((key, nonce)) = &secrets {
         sfi::verify_header(key, nonce, &header)?;
-        println!("header tag verified");
+        say("header tag verified".to_owned());
     }
-    println!("  {:>4} {:>4} {:>10} {:>10} {:>10}  tag", "#", "type", "address", "size", "offset");
+    say(format!("  {:>4} {:>4} {:>10} {:>10} {:>10}  tag", "#", "type", "address", "size", "offset"));
     let mut plain = Vec::new();
+    let mut listed = Vec::new();
     while let Some(area) = reader.next_area()? {
         let d = area.descriptor.clone();
         let offset = area.offset;
@@ -66,7 +84,7 @@ pub fn run(cmd: SfiCommand) -> Result<()> {
             }
             None => "",
         };
-        println!(
+        say(format!(
             "  {:>4} {:>4} 0x{:08X} {:>10} {:>10}  {} {}",
             d.index,
             d.area_type.as_byte() as char,
@@ -75,15 +93,42 @@ pub fn run(cmd: SfiCommand) -> Result<()> {
             offset,
             hex::encode(d.tag),
             verdict
+        ));
+        listed.push(serde_json::json!({
+            "index": d.index,
+            "type": (d.area_type.as_byte() as char).to_string(),
+            "address": d.address,
+            "size": d.size,
+            "offset": offset,
+            "tag": hex::encode(d.tag),
+            "verified": secrets.is_some(),
+        }));
+    }
+    let expected_crc = match (&secrets, args.family) {
+        (Some(_), Some(family)) => Some(sfi::expected_flash_crc(family.profile(), &plain)),
+        _ => None,
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "image": args.image.display().to_string(),
+                "size": len,
+                "version": header.version,
+                "area_count": header.area_count,
+                "header_tag": hex::encode(header.tag),
+                "verified": secrets.is_some(),
+                "family": args.family.map(Family::name),
+                "areas": listed,
+                "expected_flash_crc": expected_crc,
+            })
         );
+        return Ok(());
     }
     if secrets.is_some() {
         println!("every tag verified");
-        if let Some(family) = args.family {
-            println!(
-                "expected flash CRC-32 after install on {family}: 0x{:08X}",
-                sfi::expected_flash_crc(family.profile(), &plain)
-            );
+        if let (Some(family), Some(crc)) = (args.family, expected_crc) {
+            println!("expected flash CRC-32 after install on {family}: 0x{crc:08X}");
         }
     }
     Ok(())

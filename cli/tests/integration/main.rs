@@ -9,6 +9,8 @@ mod broker_check;
 mod broker_processes;
 mod chaos;
 mod deploy_files;
+mod json_output;
 mod lab_flow;
 mod readme_flows;
 mod shell_conventions;
+mod terminal;
