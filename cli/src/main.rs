@@ -53,6 +53,9 @@ enum Command {
     Agent(commands::agent::AgentCommand),
     /// Run the licence broker (gRPC over mutual TLS) from a configuration file.
     Broker(commands::broker::BrokerArgs),
+    /// Verify an audit export offline (no broker, no database).
+    #[command(subcommand)]
+    Audit(commands::audit::AuditCommand),
     /// Measure throughput (used by `make bench`).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -132,6 +135,7 @@ fn main() -> std::process::ExitCode {
                 commands::broker::run(args, secrets).await
             }
             Command::Agent(cmd) => commands::agent::run(cmd).await,
+            Command::Audit(cmd) => commands::audit::run(cmd),
             Command::Bench(cmd) => commands::bench::run(cmd).await,
             Command::Completions(args) => commands::completions::run(args, cli_command()),
             Command::Man(args) => commands::man::run(args, cli_command()),
