@@ -144,8 +144,7 @@ async fn sign_locked(
 ) -> Result<SignedCheckpoint, CheckpointFailure> {
     let appended = state.ledger().appended().count();
     let (seq, hash) = state.ledger().audit_head().await?;
-    let hash32: [u8; 32] =
-        hash.as_slice().try_into().map_err(|_| CheckpointFailure::Head { seq, len: hash.len() })?;
+    let hash32: [u8; 32] = hash.as_slice().try_into().map_err(|_| CheckpointFailure::Head { seq, len: hash.len() })?;
     let head = CheckpointHead {
         ledger_id: state.ledger().ledger_id(),
         seq: u64::try_from(seq).map_err(|_| CheckpointFailure::Head { seq, len: hash.len() })?,

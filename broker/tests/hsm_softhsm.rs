@@ -161,7 +161,8 @@ fn hsm_softhsm_audit_key_is_generated_once_and_signs_checkpoints() {
     // Another connection (a broker restart) finds the same key pair on the token by its label.
     let again = connect(fx, "fg-audit", 1);
     assert_eq!(again.ensure_audit_key().unwrap(), vk);
-    let head = CheckpointHead { ledger_id: [3; 16], seq: 42, hash: [9; 32], at: 1_800_000_000, broker: "broker-1".into() };
+    let head =
+        CheckpointHead { ledger_id: [3; 16], seq: 42, hash: [9; 32], at: 1_800_000_000, broker: "broker-1".into() };
     let sig = again.sign_audit(&head.body().unwrap()).unwrap();
     let cp = SignedCheckpoint::from_parts(head, sig).unwrap();
     assert_eq!(cp.verify(&[vk]), Ok(0), "CKM_ECDSA over SHA-256 of the body verifies as a checkpoint signature");

@@ -488,7 +488,10 @@ pub fn verify(
                 }
                 newest = newest.max(cp.head.seq);
                 signed.push(Witness::from_checkpoint(
-                    format!("checkpoint seq {} signed by {} at {} (export line {lineno})", cp.head.seq, cp.head.broker, cp.head.at),
+                    format!(
+                        "checkpoint seq {} signed by {} at {} (export line {lineno})",
+                        cp.head.seq, cp.head.broker, cp.head.at
+                    ),
                     &cp,
                 ));
             }
@@ -564,7 +567,10 @@ pub fn verify(
                 let got = hex::encode(std::mem::take(&mut hash).finalize());
                 if e.lines_sha256 != got {
                     return Err(VerifyError::Truncated {
-                        why: format!("the end line's lines_sha256 {} differs from the lines before it ({got})", e.lines_sha256),
+                        why: format!(
+                            "the end line's lines_sha256 {} differs from the lines before it ({got})",
+                            e.lines_sha256
+                        ),
                     });
                 }
                 let want = [e.records, e.checkpoints, e.licences, e.batches];
@@ -697,7 +703,8 @@ mod tests {
             head_hash,
         }));
         for &seq in &b.cps {
-            let head = CheckpointHead { ledger_id: ID, seq, hash: hash_at(&b.records, seq), at: 7, broker: "broker-1".into() };
+            let head =
+                CheckpointHead { ledger_id: ID, seq, hash: hash_at(&b.records, seq), at: 7, broker: "broker-1".into() };
             let cp = head.sign(&key()).unwrap();
             out += &w.line(&Line::Checkpoint(CheckpointLine {
                 checkpoint: hex::encode(cp.to_bytes().unwrap()),
@@ -859,7 +866,8 @@ mod tests {
 
     #[test]
     fn witness_files_skip_comments_and_name_bad_lines() {
-        let cp = CheckpointHead { ledger_id: ID, seq: 1, hash: [1; 32], at: 1, broker: "b".into() }.sign(&key()).unwrap();
+        let cp =
+            CheckpointHead { ledger_id: ID, seq: 1, hash: [1; 32], at: 1, broker: "b".into() }.sign(&key()).unwrap();
         let hexcp = hex::encode(cp.to_bytes().unwrap());
         let got = read_witnesses("f", &format!("# comment\n\n{hexcp} trailing words\n")).unwrap();
         assert_eq!(got, vec![("f:3".to_owned(), cp)]);

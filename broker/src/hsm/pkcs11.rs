@@ -542,9 +542,7 @@ impl Pkcs11Hsm {
 
     /// The audit key pair's handles (private, public), if the token holds it.
     fn find_audit_pair(&self, session: &Session) -> Result<Option<(ObjectHandle, ObjectHandle)>, HsmError> {
-        let find = |class| {
-            session.find_objects(&Self::audit_template(class)).map_err(self.err("C_FindObjects", None))
-        };
+        let find = |class| session.find_objects(&Self::audit_template(class)).map_err(self.err("C_FindObjects", None));
         let private = find(ObjectClass::PRIVATE_KEY)?;
         let public = find(ObjectClass::PUBLIC_KEY)?;
         match (private.first(), public.first()) {

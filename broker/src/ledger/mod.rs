@@ -1465,7 +1465,7 @@ impl Ledger {
         out: &mpsc::Sender<String>,
     ) -> Result<flashgate_common::audit_export::EndLine, LedgerError> {
         use flashgate_common::audit_export::{
-            BatchLine, CheckpointLine, ExportWriter, Header, Line, LicenceLine, RecordLine, EXPORT_FORMAT,
+            BatchLine, CheckpointLine, EXPORT_FORMAT, ExportWriter, Header, LicenceLine, Line, RecordLine,
         };
         const OP: &str = "export audit";
         const PAGE: i64 = 2000;
@@ -1502,9 +1502,8 @@ impl Ledger {
         .await?;
         let mut after: (i64, i64, String) = (-1, 0, String::new());
         loop {
-            let page = checkpoints::page(&mut conn, (after.0, after.1, &after.2), PAGE)
-                .await
-                .map_err(LedgerError::db(OP))?;
+            let page =
+                checkpoints::page(&mut conn, (after.0, after.1, &after.2), PAGE).await.map_err(LedgerError::db(OP))?;
             let Some(last) = page.last() else { break };
             after = (last.seq, last.at, last.broker.clone());
             for c in page {
@@ -1612,8 +1611,8 @@ async fn ensure_identity(pool: &AnyPool, dialect: Dialect) -> Result<([u8; 16], 
         let corrupt = |why: String| LedgerError::Corrupt { what: "ledger_meta", id: "1".into(), why };
         let id: [u8; 16] =
             id.as_slice().try_into().map_err(|_| corrupt(format!("ledger_id is {} bytes, expected 16", id.len())))?;
-        let genesis =
-            Genesis::from_name(&genesis).ok_or_else(|| corrupt(format!("genesis {genesis:?} is not bound or legacy")))?;
+        let genesis = Genesis::from_name(&genesis)
+            .ok_or_else(|| corrupt(format!("genesis {genesis:?} is not bound or legacy")))?;
         return Ok((id, genesis));
     }
     let mut id = [0u8; 16];

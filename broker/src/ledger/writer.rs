@@ -100,7 +100,8 @@ async fn process(pool: &AnyPool, dialect: Dialect, ops: Vec<WriteOp>, appended: 
             tracing::warn!(parent: &span, error = %e, items = ops.len(), "group commit rolled back; retrying items one by one");
             for op in ops {
                 let mut c = Counts::default();
-                let r = match run_group(pool, dialect, &[&op.payload], &mut c, appended).instrument(span.clone()).await {
+                let r = match run_group(pool, dialect, &[&op.payload], &mut c, appended).instrument(span.clone()).await
+                {
                     Ok(mut v) => {
                         metrics::counter!(crate::service::metric::LICENCES, "outcome" => "issued").increment(c.issued);
                         v.pop().unwrap_or(Err(LedgerError::Internal { what: "empty group result" }))

@@ -15,11 +15,11 @@ use flashgate_common::licence::KeyId;
 use flashgate_common::pki::Identity;
 use flashgate_common::sfi::{AreaType, FirmwareKey, ImageReader, PlainArea, ReaderOptions, expected_flash_crc};
 use flashgate_proto::errors::refusal;
-use p256::pkcs8::EncodePublicKey as _;
-use sha2::Digest as _;
 use flashgate_proto::transport::normalize_serial;
 use flashgate_proto::v1 as pb;
 use flashgate_proto::v1::admin_service_server::AdminService;
+use p256::pkcs8::EncodePublicKey as _;
+use sha2::Digest as _;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -930,7 +930,12 @@ impl AdminService for Admin {
                         if !chunk.is_empty() {
                             let _ = tx.send(Ok(pb::AuditBundleChunk { data: chunk })).await;
                         }
-                        tracing::info!(records = end.records, checkpoints = end.checkpoints, licences = end.licences, "audit export streamed");
+                        tracing::info!(
+                            records = end.records,
+                            checkpoints = end.checkpoints,
+                            licences = end.licences,
+                            "audit export streamed"
+                        );
                     }
                     Ok(Err(e)) => {
                         let _ = tx.send(Err(lst(e))).await;
@@ -956,7 +961,10 @@ impl AdminService for Admin {
                     (m, spki)
                 })
                 .map(|(m, spki)| pb::HsmMember {
-                    audit_key_fingerprint: spki.as_ref().map(|d| hex::encode(sha2::Sha256::digest(d))).unwrap_or_default(),
+                    audit_key_fingerprint: spki
+                        .as_ref()
+                        .map(|d| hex::encode(sha2::Sha256::digest(d)))
+                        .unwrap_or_default(),
                     audit_key_spki: spki.unwrap_or_default(),
                     name: m.name,
                     healthy: m.healthy,

@@ -839,7 +839,10 @@ async fn audit_checkpoint(client: &mut Client, json: bool) -> Result<()> {
             })
         );
     } else {
-        println!("checkpoint of ledger {} signed by {} at {}: head seq {} hash {}", r.ledger_id, r.broker, r.at, r.seq, r.hash);
+        println!(
+            "checkpoint of ledger {} signed by {} at {}: head seq {} hash {}",
+            r.ledger_id, r.broker, r.at, r.seq, r.hash
+        );
         println!("{}", hex::encode(&r.checkpoint));
     }
     Ok(())
@@ -867,8 +870,12 @@ async fn audit_key(client: &mut Client, out: Option<PathBuf>, der: bool) -> Resu
             let vk = p256::ecdsa::VerifyingKey::from_public_key_der(&m.audit_key_spki)
                 .map_err(|e| anyhow::anyhow!("member {}: the broker sent an unusable audit key: {e}", m.name))?;
             let pem = vk.to_public_key_pem(LineEnding::LF).map_err(|e| anyhow::anyhow!("PEM encoding: {e}"))?;
-            writeln!(writer, "# audit-signing key of HSM member {} of broker {} (SHA-256 {})", m.name, r.broker, m.audit_key_fingerprint)
-                .with_context(|| format!("writing to {target}"))?;
+            writeln!(
+                writer,
+                "# audit-signing key of HSM member {} of broker {} (SHA-256 {})",
+                m.name, r.broker, m.audit_key_fingerprint
+            )
+            .with_context(|| format!("writing to {target}"))?;
             writer.write_all(pem.as_bytes()).with_context(|| format!("writing to {target}"))?;
         }
     }

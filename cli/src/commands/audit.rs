@@ -51,7 +51,9 @@ fn read_bounded(path: &Path, what: &str) -> Result<Vec<u8>> {
     use std::io::Read as _;
     let f = std::fs::File::open(path).with_context(|| format!("opening {what} {}", path.display()))?;
     let mut buf = Vec::new();
-    f.take(MAX_KEY_OR_WITNESS_FILE + 1).read_to_end(&mut buf).with_context(|| format!("reading {what} {}", path.display()))?;
+    f.take(MAX_KEY_OR_WITNESS_FILE + 1)
+        .read_to_end(&mut buf)
+        .with_context(|| format!("reading {what} {}", path.display()))?;
     if buf.len() as u64 > MAX_KEY_OR_WITNESS_FILE {
         bail!("{what} {} is larger than {MAX_KEY_OR_WITNESS_FILE} bytes", path.display());
     }
@@ -63,8 +65,9 @@ pub fn read_trust(path: &Path) -> Result<Vec<VerifyingKey>> {
     let bytes = read_bounded(path, "trust file")?;
     let text = std::str::from_utf8(&bytes).ok().filter(|t| t.contains("-----BEGIN PUBLIC KEY-----"));
     let Some(text) = text else {
-        let k = VerifyingKey::from_public_key_der(&bytes)
-            .map_err(|e| anyhow::anyhow!("trust file {}: neither PEM PUBLIC KEY blocks nor a P-256 DER key: {e}", path.display()))?;
+        let k = VerifyingKey::from_public_key_der(&bytes).map_err(|e| {
+            anyhow::anyhow!("trust file {}: neither PEM PUBLIC KEY blocks nor a P-256 DER key: {e}", path.display())
+        })?;
         return Ok(vec![k]);
     };
     let mut keys = Vec::new();
@@ -113,7 +116,9 @@ fn verify(a: VerifyArgs) -> Result<()> {
     report(&a, &result)?;
     match result {
         Ok(_) => Ok(()),
-        Err(e) => Err(anyhow::Error::new(e).context(format!("the audit export {} does not verify", a.export.display()))),
+        Err(e) => {
+            Err(anyhow::Error::new(e).context(format!("the audit export {} does not verify", a.export.display())))
+        }
     }
 }
 

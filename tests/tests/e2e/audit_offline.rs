@@ -23,7 +23,11 @@ use tokio_stream::StreamExt;
 /// A broker that signs only when told (and at start and on export), appending to `sinks`.
 fn spec(sinks: Vec<std::path::PathBuf>) -> BrokerSpec {
     BrokerSpec {
-        checkpoints: CheckpointSettings { every_records: 1_000_000, interval: std::time::Duration::from_secs(3600), sinks },
+        checkpoints: CheckpointSettings {
+            every_records: 1_000_000,
+            interval: std::time::Duration::from_secs(3600),
+            sinks,
+        },
         ..BrokerSpec::default()
     }
 }
@@ -87,7 +91,11 @@ async fn export(broker: &TestBroker) -> Vec<u8> {
     chunks.into_iter().flat_map(|c| c.data).collect()
 }
 
-fn verify(bytes: &[u8], keys: &[AuditPublicKey], witnesses: &[(String, SignedCheckpoint)]) -> Result<Report, VerifyError> {
+fn verify(
+    bytes: &[u8],
+    keys: &[AuditPublicKey],
+    witnesses: &[(String, SignedCheckpoint)],
+) -> Result<Report, VerifyError> {
     audit_export::verify(bytes, keys, witnesses)
 }
 
@@ -165,7 +173,9 @@ async fn deleting_the_last_3_records_and_moving_the_head_back_is_named_by_a_chec
     assert_eq!(online.records, 197);
     let e = verify(&export(&broker).await, &trusted(&broker), &[]).unwrap_err();
     match &e {
-        VerifyError::Witness { error: WitnessError::ChainTooShort { witness, seq, chain_end, first_missing }, .. } => {
+        VerifyError::Witness {
+            error: WitnessError::ChainTooShort { witness, seq, chain_end, first_missing }, ..
+        } => {
             assert_eq!((*seq, *chain_end, *first_missing), (200, 197, 198));
             assert!(witness.contains("checkpoint seq 200 signed by broker-1"), "{witness}");
         }
@@ -215,7 +225,11 @@ async fn rechaining_126_records_after_an_edit_is_named_by_the_signed_checkpoints
         VerifyError::Witness { error: WitnessError::HashDiffers { witness, seq }, after } => {
             assert_eq!(*seq, 120, "the first checkpoint after the edit");
             assert!(witness.contains("checkpoint seq 120"), "{witness}");
-            assert_eq!(after.as_ref().map(|(s, _)| *s), Some(60), "the rewrite lies after the last agreeing checkpoint");
+            assert_eq!(
+                after.as_ref().map(|(s, _)| *s),
+                Some(60),
+                "the rewrite lies after the last agreeing checkpoint"
+            );
         }
         other => panic!("expected the checkpoint at seq 120 to name the rewrite, got {other}"),
     }
