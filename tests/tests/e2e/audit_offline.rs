@@ -7,6 +7,8 @@
 //! it (with the last one that still agrees), and forged checkpoint bytes fail their signature; (c) with
 //! the checkpoints after the rewrite deleted too, only the station's witness — the checkpoint its
 //! licence response carried, kept in its journal directory — names it; (d) a truncated export is named.
+//! Also when the broker signs: after N records of its writer, on its timer for records written outside
+//! it, and at shutdown (the file sink receiving each), and that licence responses carry the newest.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use flashgate_agent::witness::{self, Noted, Witnesses};
@@ -298,4 +300,65 @@ async fn deleted_checkpoints_are_caught_by_the_stations_witness() {
     let e = verify(&bytes, &keys, &sink_witnesses(dir.path())).unwrap_err();
     assert!(matches!(e, VerifyError::Witness { error: WitnessError::ChainTooShort { .. }, .. }), "{e}");
     assert!(e.to_string().contains("sink.hex:"), "{e}");
+}
+
+/// Waits up to 5 s for the newest stored checkpoint to reach `seq`.
+async fn newest_reaches(broker: &TestBroker, seq: i64) -> i64 {
+    let ledger = broker.running().state().ledger();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let got = ledger.latest_checkpoint().await.unwrap().map_or(-1, |c| c.seq);
+        if got >= seq || std::time::Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_signs_every_n_records_every_interval_and_at_shutdown() {
+    let world = World::new();
+    let dir = tempfile::tempdir().unwrap();
+    let sink = dir.path().join("sink.hex");
+    let hour = std::time::Duration::from_secs(3600);
+    let mut broker = world
+        .start_broker(BrokerSpec {
+            checkpoints: CheckpointSettings { every_records: 5, interval: hour, sinks: vec![sink.clone()] },
+            ..BrokerSpec::default()
+        })
+        .await;
+    broker.seed_batch("lot", 20, &["berlin"]).await;
+    let st = broker.station("berlin", 1).await;
+    // Five licences through the group-commit writer wake the signer (its timer is an hour away).
+    for _ in 0..5 {
+        st.issue("lot", &world.chip()).await.unwrap();
+    }
+    let (head, _) = broker.running().state().ledger().audit_head().await.unwrap();
+    assert_eq!(newest_reaches(&broker, head).await, head, "a checkpoint after 5 records");
+    // The next licence response carries it.
+    let r = st.issue("lot", &world.chip()).await.unwrap();
+    assert_eq!(SignedCheckpoint::parse(&r.checkpoint).unwrap().head.seq, head as u64);
+    // At shutdown the last records are signed before the ledger closes.
+    fill_to(&broker, head + 3).await;
+    let url = broker.ledger_url().to_owned();
+    broker.shutdown().await;
+    let ledger = flashgate_broker::ledger::Ledger::open(&url).await.unwrap();
+    let last = ledger.latest_checkpoint().await.unwrap().unwrap();
+    assert_eq!(last.seq, head + 3, "the shutdown checkpoint covers the last record");
+    let sunk = audit_export::read_witnesses("sink", &std::fs::read_to_string(&sink).unwrap()).unwrap();
+    assert_eq!(sunk.last().unwrap().1.head.seq, (head + 3) as u64, "the sink got it too");
+
+    // Another broker, signing on its 1 s timer only: a record outside the writer is signed within it.
+    let timed = world
+        .start_broker(BrokerSpec {
+            checkpoints: CheckpointSettings {
+                every_records: 1_000_000,
+                interval: std::time::Duration::from_secs(1),
+                sinks: Vec::new(),
+            },
+            ..BrokerSpec::default()
+        })
+        .await;
+    fill_to(&timed, 3).await;
+    assert_eq!(newest_reaches(&timed, 3).await, 3, "a checkpoint within the interval");
 }
