@@ -110,6 +110,9 @@ pub enum AuditFault {
     /// The first record does not start from the genesis hash of the ledger's id: the chain was started
     /// from another hash (rebuilt elsewhere, or its first records deleted and the rest re-chained).
     Genesis,
+    /// A stored signed checkpoint contradicts the chain (records rewritten, or deleted with the head moved
+    /// back, after it was signed), or does not parse.
+    Checkpoint(String),
     /// The ledger's identity row (`ledger_meta`) is missing or differs from the one read when the ledger
     /// was opened.
     Identity(String),
@@ -141,6 +144,7 @@ impl fmt::Display for AuditFault {
                  another hash)",
             ),
             Self::Identity(what) => write!(f, "ledger identity: {what}"),
+            Self::Checkpoint(what) => write!(f, "{what}"),
             Self::Unreconciled(what) => write!(f, "the chain does not match the ledger: {what}"),
             Self::HeadMismatch { head_seq, chain_seq } => write!(
                 f,

@@ -1405,7 +1405,27 @@ impl Ledger {
                 )),
             });
         }
-        let mut v = audit::Verifier::new(self.inner.genesis.first_prev_hash(&self.inner.ledger_id));
+        let first_prev = self.inner.genesis.first_prev_hash(&self.inner.ledger_id);
+        let mut v = audit::Verifier::new(first_prev);
+        // The stored checkpoints, held against the chain: a rewrite that left them in place is named here
+        // too. (Their signatures are checked offline by `flashgate audit verify`, against keys held outside
+        // the ledger; here they only have to agree with the chain.)
+        let witnesses = self.stored_witnesses(&mut conn).await?;
+        let mut wc = flashgate_common::checkpoint::WitnessCheck::with_genesis(witnesses, first_prev);
+        let contradicted = |e: flashgate_common::checkpoint::WitnessError,
+                            wc: &flashgate_common::checkpoint::WitnessCheck| {
+            use flashgate_common::checkpoint::WitnessError as W;
+            let after =
+                wc.last_agreed().map(|(s, n)| format!("; the rewrite lies after seq {s}, which {n} vouches for"));
+            let seq = match &e {
+                W::HashDiffers { seq, .. } => *seq,
+                W::ChainTooShort { first_missing, .. } => *first_missing,
+            };
+            LedgerError::AuditBroken {
+                seq: i64::try_from(seq).unwrap_or(i64::MAX),
+                why: AuditFault::Checkpoint(format!("{e}{}", after.unwrap_or_default())),
+            }
+        };
         // Every `licence.issued` record's (batch, device), with its seq, to reconcile with the tables.
         let mut issued: HashMap<(String, String), i64> = HashMap::new();
         let mut after = 0;
@@ -1419,6 +1439,12 @@ impl Ledger {
                     break 'pages;
                 }
                 v.push(r)?;
+                // push checked the stored hash equals the recomputed one (32 bytes).
+                let mut h = [0u8; 32];
+                if r.hash.len() == 32 {
+                    h.copy_from_slice(&r.hash);
+                }
+                wc.record(u64::try_from(r.seq).unwrap_or(0), &h).map_err(|e| contradicted(e, &wc))?;
                 if r.event == "licence.issued"
                     && let Some((batch, device)) = audit::parse_device_subject(&r.subject)
                 {
@@ -1427,11 +1453,50 @@ impl Ledger {
             }
         }
         let mut summary = v.finish(head_seq, &head_hash)?;
+        let agreed = wc.clone();
+        wc.finish(u64::try_from(head_seq).unwrap_or(0)).map_err(|e| contradicted(e, &agreed))?;
         summary.ledger_id = hex::encode(self.inner.ledger_id);
         summary.genesis = self.inner.genesis;
         reconcile(&mut conn, head_seq, issued).await?;
         conn.rollback().await.map_err(LedgerError::db(OP))?;
         Ok(summary)
+    }
+
+    /// The stored checkpoints of this ledger as witnesses (parsed; a row that does not parse or names
+    /// another ledger or seq is a broken audit).
+    async fn stored_witnesses(
+        &self,
+        conn: &mut AnyConnection,
+    ) -> Result<Vec<flashgate_common::checkpoint::Witness>, LedgerError> {
+        use flashgate_common::checkpoint::{SignedCheckpoint, Witness};
+        const OP: &str = "verify audit: read checkpoints";
+        let mut out = Vec::new();
+        let mut after: (i64, i64, String) = (-1, 0, String::new());
+        loop {
+            let page =
+                checkpoints::page(conn, (after.0, after.1, &after.2), 2000).await.map_err(LedgerError::db(OP))?;
+            let Some(last) = page.last() else { return Ok(out) };
+            after = (last.seq, last.at, last.broker.clone());
+            for c in page {
+                let bad = |why: String| LedgerError::AuditBroken { seq: c.seq, why: AuditFault::Checkpoint(why) };
+                let cp = SignedCheckpoint::parse(&c.bytes).map_err(|e| {
+                    bad(format!("the stored checkpoint of seq {} by {} does not parse: {e}", c.seq, c.broker))
+                })?;
+                if cp.head.ledger_id != self.inner.ledger_id || i64::try_from(cp.head.seq).ok() != Some(c.seq) {
+                    return Err(bad(format!(
+                        "the stored checkpoint of seq {} by {} signs seq {} of ledger {}",
+                        c.seq,
+                        c.broker,
+                        cp.head.seq,
+                        hex::encode(cp.head.ledger_id)
+                    )));
+                }
+                out.push(Witness::from_checkpoint(
+                    format!("stored checkpoint seq {} signed by {} at {}", cp.head.seq, cp.head.broker, cp.head.at),
+                    &cp,
+                ));
+            }
+        }
     }
 
     /// Writes the audit log as JSON lines (hashes in hex) and returns the number of records written.
