@@ -20,6 +20,9 @@
 //! are not synced: losing one only makes the reporter send that result again, which the broker
 //! ignores by `result_id`.
 //!
+//! - `checkpoints.hex`: the newest signed audit checkpoint received per ledger ([`crate::witness`]),
+//!   the station's witness of the broker's history (`flashgate agent journal --checkpoints`).
+//!
 //! Recovery on [`Journal::open`]: a torn last line (a crash in the middle of a write) is logged,
 //! ignored and truncated away; any other malformed line is an error naming the file and line.
 //! The journal file is locked (`flock`-style, exclusive) while open, so two daemons cannot share
@@ -181,6 +184,9 @@ pub enum JournalError {
     /// A blocking journal task panicked or was cancelled.
     #[error("journal task failed: {0}")]
     Task(String),
+    /// The station's audit checkpoints beside the journal are unreadable (see [`crate::witness`]).
+    #[error("journal: {0}")]
+    Witness(#[from] crate::witness::WitnessError),
 }
 
 /// One line of `journal.jsonl`.
@@ -232,6 +238,8 @@ pub struct Journal {
     path: PathBuf,
     journal_id: String,
     inner: Mutex<Inner>,
+    /// The newest signed audit checkpoints received, per ledger (`checkpoints.hex`).
+    witnesses: crate::witness::Witnesses,
 }
 
 impl std::fmt::Debug for Journal {
@@ -397,7 +405,9 @@ impl Journal {
             .map(|(seq, (entry, _))| (seq, entry))
             .collect();
         tracing::debug!(journal = %path.display(), next_seq, unreported = pending.len(), "journal opened");
+        let witnesses = crate::witness::Witnesses::open(dir)?;
         Ok(Journal {
+            witnesses,
             dir: dir.to_path_buf(),
             path,
             journal_id,
@@ -422,6 +432,21 @@ impl Journal {
         let path = dir.join(LOG_FILE);
         let file = File::open(&path).map_err(io_err("opening", &path))?;
         Ok(scan(&file, &path)?.entries.into_values().collect())
+    }
+
+    /// Keeps the signed audit checkpoint of a licence response if it is the newest of its ledger
+    /// ([`crate::witness`]). A checkpoint that does not parse, or that cannot be written, is logged and
+    /// dropped: it never fails the install.
+    pub fn note_checkpoint(&self, bytes: &[u8]) {
+        match self.witnesses.note(bytes) {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "audit checkpoint not kept"),
+        }
+    }
+
+    /// The signed audit checkpoints this station holds, one per ledger.
+    pub fn checkpoints(&self) -> Vec<flashgate_common::checkpoint::SignedCheckpoint> {
+        self.witnesses.held()
     }
 
     /// The journal directory.

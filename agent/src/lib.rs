@@ -22,3 +22,4 @@ pub mod pipeline;
 pub mod probe;
 pub mod runner;
 pub mod station;
+pub mod witness;

@@ -77,6 +77,78 @@ pub struct BrokerConfig {
     /// Operational limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Signed audit checkpoints.
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+/// Default of [`AuditSection::checkpoint_every_records`].
+pub const DEFAULT_CHECKPOINT_EVERY_RECORDS: u64 = 1000;
+/// Largest [`AuditSection::checkpoint_every_records`].
+pub const MAX_CHECKPOINT_EVERY_RECORDS: u64 = 1_000_000;
+/// Default of [`AuditSection::checkpoint_interval`].
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// Shortest [`AuditSection::checkpoint_interval`].
+pub const MIN_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest [`AuditSection::checkpoint_interval`].
+pub const MAX_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(3600);
+/// Most entries of [`AuditSection::checkpoint_sinks`].
+pub const MAX_CHECKPOINT_SINKS: usize = 8;
+
+/// `[audit]`: when the broker signs the head of the audit chain (docs/protocol.md §3). It signs every
+/// `checkpoint_every_records` records its writer appends, every `checkpoint_interval` when the head
+/// moved (also by other brokers on the ledger), at start, at shutdown and on demand.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Sign after this many new records (1..=1,000,000).
+    #[serde(default = "default_checkpoint_every_records")]
+    pub checkpoint_every_records: u64,
+    /// Sign at least this often while the head moves (1 s ..= 1 h).
+    #[serde(default = "default_checkpoint_interval", deserialize_with = "duration")]
+    pub checkpoint_interval: Duration,
+    /// External append-only sinks every checkpoint is also written to: `file:PATH` (one hex checkpoint
+    /// per line, the witness file format of `flashgate audit verify --witness`). At most 8.
+    #[serde(default)]
+    pub checkpoint_sinks: Vec<String>,
+}
+
+fn default_checkpoint_every_records() -> u64 {
+    DEFAULT_CHECKPOINT_EVERY_RECORDS
+}
+fn default_checkpoint_interval() -> Duration {
+    DEFAULT_CHECKPOINT_INTERVAL
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        Self {
+            checkpoint_every_records: DEFAULT_CHECKPOINT_EVERY_RECORDS,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            checkpoint_sinks: Vec::new(),
+        }
+    }
+}
+
+impl AuditSection {
+    /// The file sinks named by `checkpoint_sinks` (relative paths against `base`), or which entry is wrong.
+    pub fn file_sinks(&self, base: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+        self.checkpoint_sinks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => {
+                    let p = Path::new(p);
+                    Ok(if p.is_absolute() { p.to_path_buf() } else { base.join(p) })
+                }
+                _ => Err(ConfigError::Invalid {
+                    key: format!("audit.checkpoint_sinks[{i}]"),
+                    value: s.clone(),
+                    why: "expected file:PATH (the only sink kind)".into(),
+                }),
+            })
+            .collect()
+    }
 }
 
 /// `[listen]`.
@@ -324,8 +396,12 @@ impl BrokerConfig {
     /// ([`BrokerConfig::resolve_paths`]), then validates.
     pub fn load_from(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let env: Vec<(String, String)> = env.into_iter().collect();
-        let mut cfg: BrokerConfig =
-            settings::load_toml(path, env.iter().cloned(), &TOP_LEVEL_ENV, &["vendor.ca_keys"])?;
+        let mut cfg: BrokerConfig = settings::load_toml(
+            path,
+            env.iter().cloned(),
+            &TOP_LEVEL_ENV,
+            &["vendor.ca_keys", "audit.checkpoint_sinks"],
+        )?;
         cfg.resolve_paths(&settings::PathBases::new(path, env.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
         cfg.validate()?;
         Ok(cfg)
@@ -376,6 +452,15 @@ impl BrokerConfig {
                 };
             }
         }
+        // Checkpoint sinks are written by the broker: state, like the ledger.
+        for sink in &mut self.audit.checkpoint_sinks {
+            if let Some(p) = sink.strip_prefix("file:")
+                && !p.is_empty()
+                && !p.starts_with('/')
+            {
+                *sink = format!("file:{}", bases.state_file(Path::new(p)).display());
+            }
+        }
     }
 
     /// Checks what the schema cannot.
@@ -405,6 +490,29 @@ impl BrokerConfig {
                 "expected a number from 1 to 1024",
             );
         }
+        let a = &self.audit;
+        if !(1..=MAX_CHECKPOINT_EVERY_RECORDS).contains(&a.checkpoint_every_records) {
+            return invalid(
+                "audit.checkpoint_every_records",
+                a.checkpoint_every_records.to_string(),
+                &format!("expected 1 to {MAX_CHECKPOINT_EVERY_RECORDS}"),
+            );
+        }
+        if !(MIN_CHECKPOINT_INTERVAL..=MAX_CHECKPOINT_INTERVAL).contains(&a.checkpoint_interval) {
+            return invalid(
+                "audit.checkpoint_interval",
+                humantime::format_duration(a.checkpoint_interval).to_string(),
+                "expected 1s to 1h",
+            );
+        }
+        if a.checkpoint_sinks.len() > MAX_CHECKPOINT_SINKS {
+            return invalid(
+                "audit.checkpoint_sinks",
+                a.checkpoint_sinks.len().to_string(),
+                &format!("at most {MAX_CHECKPOINT_SINKS} sinks"),
+            );
+        }
+        a.file_sinks(Path::new(""))?;
         for (i, m) in self.hsm.members.iter().enumerate() {
             if let HsmMemberConfig::Pkcs11 { pin_env, pin_file, sessions, .. } = m {
                 if pin_env.is_some() == pin_file.is_some() {
@@ -558,6 +666,35 @@ path = "keys.fgks"
         );
         let e = load(&pin, &[]).unwrap_err().to_string();
         assert!(e.contains("pin_env or pin_file"), "{e}");
+    }
+
+    #[test]
+    fn audit_section_defaults_and_limits() {
+        let c = load(GOOD, &[]).unwrap();
+        assert_eq!(c.audit.checkpoint_every_records, 1000);
+        assert_eq!(c.audit.checkpoint_interval, Duration::from_secs(10));
+        assert!(c.audit.checkpoint_sinks.is_empty());
+        let with = |section: &str| format!("{GOOD}[audit]\n{section}\n");
+        let c = load(&with("checkpoint_every_records = 1000000\ncheckpoint_interval = \"1h\""), &[]).unwrap();
+        assert_eq!(c.audit.checkpoint_every_records, MAX_CHECKPOINT_EVERY_RECORDS);
+        for (bad, key) in [
+            ("checkpoint_every_records = 0", "audit.checkpoint_every_records"),
+            ("checkpoint_every_records = 1000001", "audit.checkpoint_every_records"),
+            ("checkpoint_interval = \"999ms\"", "audit.checkpoint_interval"),
+            ("checkpoint_interval = \"61m\"", "audit.checkpoint_interval"),
+            ("checkpoint_sinks = [\"syslog:local0\"]", "audit.checkpoint_sinks[0]"),
+        ] {
+            let e = load(&with(bad), &[]).unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        let nine: Vec<String> = (0..9).map(|i| format!("\"file:/tmp/s{i}\"")).collect();
+        let e = load(&with(&format!("checkpoint_sinks = [{}]", nine.join(", "))), &[]).unwrap_err().to_string();
+        assert!(e.contains("at most 8"), "{e}");
+        let c = load(GOOD, &[("FLASHGATE_AUDIT__CHECKPOINT_SINKS", "file:a.log,file:/b.log")]).unwrap();
+        assert_eq!(
+            c.audit.file_sinks(Path::new("/etc/fg")).unwrap(),
+            vec![PathBuf::from("/etc/fg/a.log"), PathBuf::from("/b.log")]
+        );
     }
 
     #[test]

@@ -11,9 +11,12 @@
 //! - [`service`]: the gRPC services (licences, images, the stations' control stream, admin), caller
 //!   authorisation by SPIFFE identity, and the mapping of domain errors to gRPC statuses with
 //!   machine-readable refusal reasons.
+//! - [`checkpoint`]: the signer of audit checkpoints (the chain head signed with an HSM's audit key,
+//!   periodically, at start and shutdown, on demand) and the newest checkpoint licence responses carry.
 //! - [`config`]: `broker.toml` with `FLASHGATE_*` overrides.
 //! - [`server`]: starting, serving and gracefully stopping a broker.
 
+pub mod checkpoint;
 pub mod config;
 pub mod hsm;
 pub mod ledger;

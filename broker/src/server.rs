@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::checkpoint::{self, CheckpointSettings};
 use crate::config::{BrokerConfig, ConfigError, HsmMemberConfig, LimitsConfig, read_secret};
 use crate::hsm::{HsmBackend, HsmError, HsmPool, KdfParams, Pkcs11Config, Pkcs11Hsm, PoolConfig, SoftHsm};
 use crate::ledger::{Ledger, LedgerConfig, LedgerError};
@@ -112,6 +113,8 @@ pub struct ServeSpec {
     pub pool: HsmPool,
     /// Limits.
     pub limits: LimitsConfig,
+    /// When to sign audit checkpoints.
+    pub checkpoints: CheckpointSettings,
 }
 
 /// A broker serving on [`RunningBroker::addr`].
@@ -122,6 +125,7 @@ pub struct RunningBroker {
     task: JoinHandle<Result<(), ServerError>>,
     grace: Duration,
     admission: Arc<AdmissionStats>,
+    signer: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for RunningBroker {
@@ -171,6 +175,11 @@ impl RunningBroker {
                 Ok(())
             }
         };
+        // The last records of this run are signed before the ledger closes.
+        self.signer.abort();
+        if let Err(e) = checkpoint::sign_if_moved(&self.state, "shutdown").await {
+            tracing::warn!(error = %e, "could not sign the audit checkpoint at shutdown");
+        }
         self.state.ledger().close().await;
         result
     }
@@ -276,6 +285,16 @@ pub async fn check(cfg: &BrokerConfig, base: &Path, env: &dyn Fn(&str) -> Option
             }
         }
     }
+    match cfg.audit.file_sinks(base) {
+        Ok(sinks) => {
+            for s in sinks {
+                if !s.parent().is_some_and(|d| d.as_os_str().is_empty() || d.is_dir()) {
+                    problems.push(format!("audit checkpoint sink {}: its directory does not exist", s.display()));
+                }
+            }
+        }
+        Err(e) => problems.push(e.to_string()),
+    }
     match cfg.ledger.url.strip_prefix("sqlite://") {
         Some(path) => {
             let path = relative(base, Path::new(path.split('?').next().unwrap_or(path)));
@@ -353,6 +372,11 @@ pub async fn start(
         ledger,
         pool,
         limits: cfg.limits.clone(),
+        checkpoints: CheckpointSettings {
+            every_records: cfg.audit.checkpoint_every_records,
+            interval: cfg.audit.checkpoint_interval,
+            sinks: cfg.audit.file_sinks(base)?,
+        },
     })
     .await
 }
@@ -367,8 +391,17 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
         spec.pool,
         spec.vendor_keys,
         revoked.clone(),
+        spec.checkpoints,
     );
     let n = state.refresh_revocations().await?;
+    // The audit-signing key of every member (created inside it at first start), then a checkpoint of the
+    // head as it is now, before any request is served.
+    let keys = state.pool().ensure_audit_keys().await;
+    if keys == 0 {
+        tracing::warn!("no HSM member has an audit-signing key: audit checkpoints are not signed");
+    }
+    checkpoint::start(&state).await;
+    let signer = tokio::spawn(checkpoint::run(state.clone()));
     let stats = Arc::new(AdmissionStats::default());
     let tls = transport::server_config(&spec.tls, revoked)?;
     let listener = TcpListener::bind(spec.listen)
@@ -451,5 +484,13 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
         tracing::info!(broker = %name, "broker stopped");
         r.map_err(ServerError::from)
     });
-    Ok(RunningBroker { addr, state, shutdown: Some(tx), task, grace: spec.limits.shutdown_grace, admission: stats })
+    Ok(RunningBroker {
+        addr,
+        state,
+        shutdown: Some(tx),
+        task,
+        grace: spec.limits.shutdown_grace,
+        admission: stats,
+        signer,
+    })
 }

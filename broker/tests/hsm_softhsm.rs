@@ -1,6 +1,8 @@
 //! PKCS#11 backend against SoftHSM2: licences issued inside the token open on the chip side,
 //! image encryption in the token equals `common::sfi::write_image`, the key-file ceremony puts the
-//! same key into two tokens that both issue valid licences, and a throughput smoke figure.
+//! same key into two tokens that both issue valid licences, the audit-signing key pair generated on
+//! the token once (found again by label after a reconnect) signs checkpoints that verify, and a
+//! throughput smoke figure.
 //!
 //! SoftHSM2 reads `SOFTHSM2_CONF` once, when the module is initialised (once per process). So this
 //! binary has one process-wide fixture: on first use it writes a configuration pointing at a
@@ -25,7 +27,7 @@ use rand::rngs::StdRng;
 use zeroize::Zeroizing;
 
 const PRODUCT: [u8; 8] = *b"46201002";
-const TOKENS: [&str; 5] = ["fg-lic", "fg-img", "fg-a", "fg-b", "fg-perf"];
+const TOKENS: [&str; 6] = ["fg-lic", "fg-img", "fg-a", "fg-b", "fg-perf", "fg-audit"];
 const PIN: &str = "1234";
 
 struct Fixture {
@@ -145,6 +147,27 @@ fn hsm_softhsm_licence_from_generated_key_opens_on_the_chip() {
     // Unknown keys are a logical error.
     let e = hsm.issue_licence(&KeyId([0; 16]), &cert, &nonce).unwrap_err();
     assert!(matches!(e, HsmError::UnknownKey { .. }) && !e.is_device_error(), "{e}");
+}
+
+#[test]
+fn hsm_softhsm_audit_key_is_generated_once_and_signs_checkpoints() {
+    use flashgate_common::checkpoint::{CheckpointHead, SignedCheckpoint};
+    let Some(fx) = fixture() else { return };
+    let hsm = connect(fx, "fg-audit", 2);
+    let e = hsm.sign_audit(b"before").unwrap_err();
+    assert!(matches!(e, HsmError::NoAuditKey { .. }), "{e}");
+    let vk = hsm.ensure_audit_key().unwrap();
+    assert_eq!(hsm.ensure_audit_key().unwrap(), vk, "the key pair is generated once");
+    // Another connection (a broker restart) finds the same key pair on the token by its label.
+    let again = connect(fx, "fg-audit", 1);
+    assert_eq!(again.ensure_audit_key().unwrap(), vk);
+    let head =
+        CheckpointHead { ledger_id: [3; 16], seq: 42, hash: [9; 32], at: 1_800_000_000, broker: "broker-1".into() };
+    let sig = again.sign_audit(&head.body().unwrap()).unwrap();
+    let cp = SignedCheckpoint::from_parts(head, sig).unwrap();
+    assert_eq!(cp.verify(&[vk]), Ok(0), "CKM_ECDSA over SHA-256 of the body verifies as a checkpoint signature");
+    // Firmware keys are not confused with it.
+    assert!(hsm.list_keys().unwrap().is_empty());
 }
 
 fn chip_other() -> ChipKey {

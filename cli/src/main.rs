@@ -62,6 +62,9 @@ enum Command {
     /// Example configurations of the broker and the station agent.
     #[command(subcommand)]
     Config(commands::config::ConfigCommand),
+    /// Verify an audit export offline (no broker, no database).
+    #[command(subcommand)]
+    Audit(commands::audit::AuditCommand),
     /// Measure throughput (used by `make bench`).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -145,6 +148,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Agent(cmd) => commands::agent::run(cmd).await,
             Command::Config(cmd) => commands::config::run(cmd),
+            Command::Audit(cmd) => commands::audit::run(cmd),
             Command::Bench(cmd) => commands::bench::run(cmd).await,
             Command::Completions(args) => commands::completions::run(args, cli_command()),
             Command::Man(args) => commands::man::run(args, cli_command()),

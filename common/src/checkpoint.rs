@@ -211,7 +211,7 @@ pub struct Witness {
     pub name: String,
     /// Seq of the record it vouches for (0: the empty chain).
     pub seq: u64,
-    /// Hash that record must have (the genesis hash, all zeros, for seq 0).
+    /// Hash that record must have (for seq 0: the genesis hash of the ledger).
     pub hash: [u8; 32],
 }
 
@@ -260,13 +260,30 @@ pub enum WitnessError {
 pub struct WitnessCheck {
     /// Not yet reached, sorted by seq.
     pending: std::collections::VecDeque<Witness>,
+    /// The hash a seq-0 witness (a checkpoint of the empty chain) must carry.
+    genesis: [u8; 32],
+    /// The last witness the chain agreed with: its seq and name.
+    agreed: Option<(u64, String)>,
 }
 
 impl WitnessCheck {
-    /// Checks against `witnesses` (any order).
-    pub fn new(mut witnesses: Vec<Witness>) -> Self {
+    /// Checks against `witnesses` (any order), for a chain whose empty state hashes to all zeros (a
+    /// ledger created before ledger ids, and the toy chains of tests).
+    pub fn new(witnesses: Vec<Witness>) -> Self {
+        Self::with_genesis(witnesses, [0u8; 32])
+    }
+
+    /// Checks against `witnesses` (any order), for a chain whose empty state (seq 0) hashes to `genesis`
+    /// (`flashgate_common::audit::genesis_hash` of the ledger id).
+    pub fn with_genesis(mut witnesses: Vec<Witness>, genesis: [u8; 32]) -> Self {
         witnesses.sort_by_key(|w| w.seq);
-        Self { pending: witnesses.into() }
+        Self { pending: witnesses.into(), genesis, agreed: None }
+    }
+
+    /// The last witness the chain agreed with so far (seq and name): after a [`WitnessError::HashDiffers`]
+    /// the rewrite lies after this seq (or anywhere from seq 1 when `None`).
+    pub fn last_agreed(&self) -> Option<(u64, &str)> {
+        self.agreed.as_ref().map(|(s, n)| (*s, n.as_str()))
     }
 
     /// Pops the witnesses before `seq` (only seq 0 ones in a gap-free feed): they vouch for the genesis.
@@ -275,10 +292,12 @@ impl WitnessCheck {
             if w.seq >= seq {
                 break;
             }
-            if w.seq != 0 || w.hash != [0u8; 32] {
+            if w.seq != 0 || w.hash != self.genesis {
                 return Err(WitnessError::HashDiffers { witness: w.name.clone(), seq: w.seq });
             }
-            self.pending.pop_front();
+            if let Some(w) = self.pending.pop_front() {
+                self.agreed = Some((w.seq, w.name));
+            }
         }
         Ok(())
     }
@@ -293,7 +312,9 @@ impl WitnessCheck {
             if &w.hash != hash {
                 return Err(WitnessError::HashDiffers { witness: w.name.clone(), seq });
             }
-            self.pending.pop_front();
+            if let Some(w) = self.pending.pop_front() {
+                self.agreed = Some((w.seq, w.name));
+            }
         }
         Ok(())
     }
@@ -472,9 +493,20 @@ mod tests {
         let e =
             check(&forged, vec![w("sink", &c, 50), w("station-1 journal", &c, 100), w("later", &c, 180)]).unwrap_err();
         assert_eq!(e, WitnessError::HashDiffers { witness: "station-1 journal".into(), seq: 100 });
+        // The rewrite lies after the last witness that agreed.
+        let mut wc = WitnessCheck::new(vec![w("sink", &c, 50), w("station-1 journal", &c, 100)]);
+        let first_bad = (1..=200u64).find(|&s| wc.record(s, &forged[s as usize - 1]).is_err()).unwrap();
+        assert_eq!(first_bad, 100);
+        assert_eq!(wc.last_agreed(), Some((50, "sink")));
         // A bad genesis witness is named too.
         let bad = Witness { name: "bogus".into(), seq: 0, hash: [1; 32] };
         assert_eq!(check(&c, vec![bad]), Err(WitnessError::HashDiffers { witness: "bogus".into(), seq: 0 }));
+        // With a ledger's genesis, a seq-0 witness must carry it (not zeros).
+        let g = [9u8; 32];
+        let ok = WitnessCheck::with_genesis(vec![Witness { name: "empty".into(), seq: 0, hash: g }], g);
+        assert_eq!(ok.finish(0), Ok(()));
+        let zero = WitnessCheck::with_genesis(vec![Witness { name: "zero".into(), seq: 0, hash: [0; 32] }], g);
+        assert_eq!(zero.finish(0), Err(WitnessError::HashDiffers { witness: "zero".into(), seq: 0 }));
     }
 
     proptest! {

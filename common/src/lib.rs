@@ -1,9 +1,12 @@
 //! Flashgate SFI profile v1, shared by every component: the `.sfi` image format and its crypto,
 //! chip certificates, licences, STM32 family profiles, firmware inputs for the packer, and the
 //! AN3155 bootloader constants with the Flashgate SFI opcodes, and the X.509 identities and
-//! development PKI of the networked components (`pki`), and signed audit checkpoints (`checkpoint`).
+//! development PKI of the networked components (`pki`), the audit chain's record and genesis hashes (`audit`), the audit export and its offline verification
+//! (`audit_export`), and signed audit checkpoints (`checkpoint`).
 
 pub mod atomic_file;
+pub mod audit;
+pub mod audit_export;
 pub mod cert;
 pub mod checkpoint;
 pub mod family;

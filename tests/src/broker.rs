@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use flashgate_broker::checkpoint::CheckpointSettings;
 use flashgate_broker::config::LimitsConfig;
 use flashgate_broker::hsm::{HsmBackend, HsmPool, KdfParams, PoolConfig, SoftHsm};
 use flashgate_broker::ledger::Ledger;
@@ -276,6 +277,7 @@ impl World {
             ledger,
             pool,
             limits: spec.limits,
+            checkpoints: spec.checkpoints,
         })
         .await
         .expect("serve broker");
@@ -301,6 +303,8 @@ pub struct BrokerSpec {
     pub vendor_keys: Option<Vec<VendorCaPublicKey>>,
     /// Address to listen on; `None`: an ephemeral port on 127.0.0.1.
     pub listen: Option<SocketAddr>,
+    /// When to sign audit checkpoints.
+    pub checkpoints: CheckpointSettings,
 }
 
 impl Default for BrokerSpec {
@@ -313,6 +317,7 @@ impl Default for BrokerSpec {
             limits: LimitsConfig::default(),
             vendor_keys: None,
             listen: None,
+            checkpoints: CheckpointSettings::default(),
         }
     }
 }

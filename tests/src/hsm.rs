@@ -121,6 +121,16 @@ impl HsmBackend for Switchable {
         self.inner.encrypt_image(key_id, nonce, areas)
     }
 
+    fn ensure_audit_key(&self) -> Result<flashgate_broker::hsm::AuditPublicKey, HsmError> {
+        self.check()?;
+        self.inner.ensure_audit_key()
+    }
+
+    fn sign_audit(&self, message: &[u8]) -> Result<[u8; 64], HsmError> {
+        self.check()?;
+        self.inner.sign_audit(message)
+    }
+
     fn health(&self) -> Result<(), HsmError> {
         self.check()?;
         self.inner.health()

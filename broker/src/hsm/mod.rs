@@ -20,9 +20,14 @@ use flashgate_common::sfi::{FirmwareKey, ImageNonce, PlainArea, SfiError};
 use rand::RngCore;
 use zeroize::Zeroizing;
 
+/// The public half of an audit-signing key (ECDSA P-256).
+pub use p256::ecdsa::VerifyingKey as AuditPublicKey;
 pub use pkcs11::{Pkcs11Config, Pkcs11Hsm};
 pub use pool::{HsmPool, MemberStatus, PoolConfig};
 pub use soft::{KdfParams, SoftHsm};
+
+/// `CKA_LABEL` (and `CKA_ID`) of the audit-signing key pair on a PKCS#11 token.
+pub const AUDIT_KEY_LABEL: &str = "flashgate-audit";
 
 /// A firmware key as a backend lists it: its id and its human label (never the key itself).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -76,6 +81,21 @@ pub trait HsmBackend: Send + Sync {
     /// fresh nonce per image.
     fn encrypt_image(&self, key_id: &KeyId, nonce: &ImageNonce, areas: &[PlainArea]) -> Result<Vec<u8>, HsmError>;
 
+    /// The public half of this member's audit-signing key (ECDSA P-256), creating the key inside the
+    /// member if it has none yet (soft keystore: stored encrypted in the keystore; PKCS#11: a key pair
+    /// generated on the token with label [`AUDIT_KEY_LABEL`], `CKA_SIGN`, non-extractable). The broker
+    /// calls it at start. Backends without one answer [`HsmError::Unsupported`].
+    fn ensure_audit_key(&self) -> Result<AuditPublicKey, HsmError> {
+        Err(HsmError::Unsupported(format!("HSM \"{}\" has no audit-signing key", self.name())))
+    }
+
+    /// Sign `message` with the audit-signing key: ECDSA P-256 over SHA-256(message), `r || s`.
+    /// [`HsmError::NoAuditKey`] before [`HsmBackend::ensure_audit_key`] created it.
+    fn sign_audit(&self, message: &[u8]) -> Result<[u8; 64], HsmError> {
+        let _ = message;
+        Err(HsmError::Unsupported(format!("HSM \"{}\" has no audit-signing key", self.name())))
+    }
+
     /// Check the backend can serve requests (a cheap round trip to the device).
     fn health(&self) -> Result<(), HsmError>;
 
@@ -112,6 +132,12 @@ pub enum HsmError {
         member: String,
         /// The id.
         key_id: KeyId,
+    },
+    /// The member has no audit-signing key yet (`ensure_audit_key` was not called).
+    #[error("HSM \"{member}\" holds no audit-signing key yet")]
+    NoAuditKey {
+        /// The backend's name.
+        member: String,
     },
     /// The label is empty or too long.
     #[error("invalid key label {label:?}: {reason}")]

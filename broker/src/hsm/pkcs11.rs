@@ -12,6 +12,11 @@
 //! the KEK from two `CKM_AES_CBC_ENCRYPT_DATA` halves);
 //! `C_WrapKey(CKM_AES_KEY_WRAP)` of the firmware key → 24 bytes.
 //!
+//! The audit-signing key is a P-256 key pair on the token (`CKA_TOKEN`, label and id
+//! `flashgate-audit`; private half `CKA_SIGN`, sensitive, non-extractable), generated with
+//! `C_GenerateKeyPair(CKM_EC_KEY_PAIR_GEN)` at the broker's first start; checkpoints are signed
+//! with `C_Sign(CKM_ECDSA)` over their SHA-256, computed by the broker.
+//!
 //! Modules are loaded and `C_Initialize`d once per process and path (a module reads its
 //! configuration, e.g. `SOFTHSM2_CONF`, at that moment) and never finalised.
 
@@ -36,7 +41,7 @@ use flashgate_common::sfi::{
 };
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{HsmBackend, HsmError, KeyInfo, check_label, licence_error, random_key_id};
+use super::{AUDIT_KEY_LABEL, HsmBackend, HsmError, KeyInfo, check_label, licence_error, random_key_id};
 
 /// DER of the P-256 curve OID (1.2.840.10045.3.1.7), the value of `CKA_EC_PARAMS`.
 const P256_OID_DER: [u8; 10] = [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
@@ -163,6 +168,8 @@ pub struct Pkcs11Hsm {
     available: Condvar,
     /// Key id → token object handle (valid across this application's sessions).
     handles: RwLock<HashMap<KeyId, ObjectHandle>>,
+    /// The audit-signing private key's handle, once found or generated.
+    audit: RwLock<Option<ObjectHandle>>,
 }
 
 impl std::fmt::Debug for Pkcs11Hsm {
@@ -234,6 +241,7 @@ impl Pkcs11Hsm {
             sessions: Mutex::new(Sessions { idle: Vec::new(), open: 0 }),
             available: Condvar::new(),
             handles: RwLock::new(HashMap::new()),
+            audit: RwLock::new(None),
             config,
         };
         // Open and log in the first session now, so a wrong PIN fails here.
@@ -291,6 +299,7 @@ impl Pkcs11Hsm {
         {
             lease.broken = true;
             self.handles.write().unwrap_or_else(|p| p.into_inner()).clear();
+            *self.audit.write().unwrap_or_else(|p| p.into_inner()) = None;
         }
         r
     }
@@ -520,6 +529,46 @@ impl Pkcs11Hsm {
     }
 }
 
+impl Pkcs11Hsm {
+    /// The template that finds one half of the audit key pair.
+    fn audit_template(class: ObjectClass) -> Vec<Attribute> {
+        vec![
+            Attribute::Class(class),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Token(true),
+            Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
+        ]
+    }
+
+    /// The audit key pair's handles (private, public), if the token holds it.
+    fn find_audit_pair(&self, session: &Session) -> Result<Option<(ObjectHandle, ObjectHandle)>, HsmError> {
+        let find = |class| session.find_objects(&Self::audit_template(class)).map_err(self.err("C_FindObjects", None));
+        let private = find(ObjectClass::PRIVATE_KEY)?;
+        let public = find(ObjectClass::PUBLIC_KEY)?;
+        match (private.first(), public.first()) {
+            (Some(p), Some(q)) => Ok(Some((*p, *q))),
+            (None, None) => Ok(None),
+            _ => Err(HsmError::TokenReply {
+                token: self.config.token_label.clone(),
+                what: "audit-signing key pair",
+                reason: format!("only one half of the {AUDIT_KEY_LABEL:?} key pair is on the token"),
+            }),
+        }
+    }
+
+    fn audit_public(&self, session: &Session, public: ObjectHandle) -> Result<p256::ecdsa::VerifyingKey, HsmError> {
+        let xy = self.read_ec_point(session, public)?;
+        let mut sec1 = [0u8; 65];
+        sec1[0] = 0x04;
+        sec1[1..].copy_from_slice(&xy);
+        p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map_err(|_| HsmError::TokenReply {
+            token: self.config.token_label.clone(),
+            what: "CKA_EC_POINT of the audit-signing key",
+            reason: "not a point on P-256".into(),
+        })
+    }
+}
+
 /// Parse an EC point as tokens return it: DER `OCTET STRING` (04 41 04||X||Y) or raw 04||X||Y.
 pub fn parse_ec_point(bytes: &[u8]) -> Result<[u8; 64], String> {
     let raw = match bytes {
@@ -644,6 +693,67 @@ impl HsmBackend for Pkcs11Hsm {
                 out.extend_from_slice(&ct);
             }
             Ok(out)
+        })
+    }
+
+    fn ensure_audit_key(&self) -> Result<p256::ecdsa::VerifyingKey, HsmError> {
+        self.with_session(|session| {
+            if let Some((private, public)) = self.find_audit_pair(session)? {
+                *self.audit.write().unwrap_or_else(|p| p.into_inner()) = Some(private);
+                return self.audit_public(session, public);
+            }
+            let label = AUDIT_KEY_LABEL.as_bytes().to_vec();
+            let (public, private) = session
+                .generate_key_pair(
+                    &Mechanism::EccKeyPairGen,
+                    &[
+                        Attribute::Token(true),
+                        Attribute::Private(false),
+                        Attribute::Verify(true),
+                        Attribute::EcParams(P256_OID_DER.to_vec()),
+                        Attribute::Label(label.clone()),
+                        Attribute::Id(label.clone()),
+                    ],
+                    &[
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Sign(true),
+                        Attribute::Derive(false),
+                        Attribute::Label(label.clone()),
+                        Attribute::Id(label),
+                    ],
+                )
+                .map_err(self.err("C_GenerateKeyPair", Some("CKM_EC_KEY_PAIR_GEN")))?;
+            *self.audit.write().unwrap_or_else(|p| p.into_inner()) = Some(private);
+            tracing::info!(member = %self.name, label = AUDIT_KEY_LABEL, "audit-signing key pair generated on the token");
+            self.audit_public(session, public)
+        })
+    }
+
+    fn sign_audit(&self, message: &[u8]) -> Result<[u8; 64], HsmError> {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(message);
+        self.with_session(|session| {
+            let cached = *self.audit.read().unwrap_or_else(|p| p.into_inner());
+            let private = match cached {
+                Some(h) => h,
+                None => {
+                    let (h, _) = self
+                        .find_audit_pair(session)?
+                        .ok_or_else(|| HsmError::NoAuditKey { member: self.name.clone() })?;
+                    *self.audit.write().unwrap_or_else(|p| p.into_inner()) = Some(h);
+                    h
+                }
+            };
+            let sig =
+                session.sign(&Mechanism::Ecdsa, private, &digest).map_err(self.err("C_Sign", Some("CKM_ECDSA")))?;
+            <[u8; 64]>::try_from(sig.as_slice()).map_err(|_| HsmError::TokenReply {
+                token: self.config.token_label.clone(),
+                what: "ECDSA signature",
+                reason: format!("expected r || s (64 bytes), got {} bytes", sig.len()),
+            })
         })
     }
 

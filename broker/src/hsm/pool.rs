@@ -94,6 +94,8 @@ pub struct MemberStatus {
     pub latency_max: Duration,
     /// Latency of the last request.
     pub latency_last: Duration,
+    /// The public half of its audit-signing key, once [`HsmPool::ensure_audit_keys`] read or created it.
+    pub audit_key: Option<p256::ecdsa::VerifyingKey>,
 }
 
 #[derive(Debug)]
@@ -122,6 +124,7 @@ struct Member {
     in_flight: AtomicUsize,
     health: Mutex<Health>,
     stats: Mutex<Stats>,
+    audit_key: Mutex<Option<p256::ecdsa::VerifyingKey>>,
 }
 
 struct Inner {
@@ -410,6 +413,7 @@ impl HsmPool {
                         probing: false,
                     }),
                     stats: Mutex::new(Stats::default()),
+                    audit_key: Mutex::new(None),
                 }
             })
             .collect();
@@ -538,6 +542,67 @@ impl HsmPool {
         spawn_member(&m.name, move || backend.list_keys()).await
     }
 
+    /// Reads — creating it where missing — every member's audit-signing key (the broker does this at
+    /// start). Returns how many members have one; members that cannot (a backend without audit keys,
+    /// a device failure) are logged and skipped, and a later call retries them.
+    pub async fn ensure_audit_keys(&self) -> usize {
+        let mut n = 0;
+        for m in &self.inner.members {
+            if lock(&m.audit_key).is_some() {
+                n += 1;
+                continue;
+            }
+            let backend = m.backend.clone();
+            match spawn_member(&m.name, move || backend.ensure_audit_key()).await {
+                Ok(vk) => {
+                    *lock(&m.audit_key) = Some(vk);
+                    n += 1;
+                }
+                Err(e) => tracing::warn!(member = %m.name, error = %e, "HSM member has no audit-signing key"),
+            }
+        }
+        n
+    }
+
+    /// Every member's audit-signing public key known so far, with the member's name.
+    pub fn audit_keys(&self) -> Vec<(String, p256::ecdsa::VerifyingKey)> {
+        self.inner.members.iter().filter_map(|m| lock(&m.audit_key).map(|k| (m.name.clone(), k))).collect()
+    }
+
+    /// Signs `message` with the audit-signing key of a healthy member that has one, failing over on
+    /// device errors. Returns `r || s` and the public key that verifies it.
+    pub async fn sign_audit(&self, message: Vec<u8>) -> Result<([u8; 64], p256::ecdsa::VerifyingKey), HsmError> {
+        let message = Arc::new(message);
+        let mut last = None;
+        let mut tried = vec![false; self.inner.members.len()];
+        while let Some(idx) = self.inner.pick(&tried) {
+            tried[idx] = true;
+            let m = &self.inner.members[idx];
+            let Some(vk) = *lock(&m.audit_key) else { continue };
+            let (backend, msg) = (m.backend.clone(), message.clone());
+            let r = tokio::time::timeout(
+                self.inner.config.timeout,
+                spawn_member(&m.name, move || backend.sign_audit(&msg)),
+            )
+            .await
+            .unwrap_or(Err(HsmError::Timeout { op: "sign_audit", after: self.inner.config.timeout }));
+            match r {
+                Ok(sig) => return Ok((sig, vk)),
+                Err(e) if e.is_device_error() => {
+                    self.inner.mark_failed(idx, &e);
+                    last = Some(e);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(match last {
+            Some(e) => e,
+            None => HsmError::Unsupported(
+                "no healthy HSM member holds an audit-signing key: checkpoints cannot be signed".into(),
+            ),
+        })
+    }
+
     /// Take a member out of dispatch (as if it had failed) until a health probe succeeds again.
     /// Returns false if no member has this name.
     pub fn mark_unhealthy(&self, name: &str, reason: &str) -> bool {
@@ -593,6 +658,7 @@ impl HsmPool {
                     },
                     latency_max: s.max,
                     latency_last: s.last,
+                    audit_key: *lock(&m.audit_key),
                 }
             })
             .collect()

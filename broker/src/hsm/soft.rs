@@ -7,7 +7,10 @@
 //! "p_cost":…,"salt":"<hex>"},"cipher":"aes-256-gcm","nonce":"<hex>","ciphertext":"<hex>"}`.
 //! The AES-256-GCM key is argon2id(passphrase, salt); the AAD binds format, version and KDF
 //! parameters; the plaintext is the binary key table `"FGKT" || u32 count || count × (key_id[16]
-//! || key[16] || u16 label_len || label)` (little-endian). The file is written atomically (temporary
+//! || key[16] || u16 label_len || label)` (little-endian), followed — once the broker has created
+//! its audit-signing key — by `"FGAS" || scalar[32]`, the ECDSA P-256 private key that signs audit
+//! checkpoints (created at the broker's first start, never leaves the keystore; a table without it
+//! is read as before). The file is written atomically (temporary
 //! file with mode 0600, fsync, rename, fsync of the directory); keys in memory are zeroized on drop.
 
 use std::collections::BTreeMap;
@@ -20,6 +23,8 @@ use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use flashgate_common::cert::ChipCertificate;
 use flashgate_common::licence::{KeyId, Licence, issue_with_os_ephemeral};
 use flashgate_common::sfi::{FirmwareKey, ImageNonce, PlainArea, image_to_vec};
+use p256::ecdsa::signature::Signer;
+use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
 use rand::RngCore;
 use rand::rngs::OsRng;
 use serde::{Deserialize, Serialize};
@@ -30,6 +35,8 @@ use super::{HsmBackend, HsmError, KeyInfo, check_label, licence_error, random_ke
 const FORMAT: &str = "flashgate-keystore";
 const VERSION: u32 = 1;
 const TABLE_MAGIC: &[u8; 4] = b"FGKT";
+/// Marks the audit-signing key after the key entries of the table.
+const AUDIT_MAGIC: &[u8; 4] = b"FGAS";
 const SALT_LEN: usize = 16;
 
 /// argon2id parameters of the keystore key derivation.
@@ -82,6 +89,8 @@ pub struct SoftHsm {
     /// argon2id(passphrase, salt): the keystore encryption key (zeroized on drop).
     store_key: Zeroizing<[u8; 32]>,
     keys: RwLock<BTreeMap<KeyId, Entry>>,
+    /// The audit-signing key, once created (zeroized on drop).
+    audit: RwLock<Option<SigningKey>>,
     /// Serialises writers of the file (readers use `keys` only).
     write_lock: Mutex<()>,
     capacity: usize,
@@ -136,8 +145,8 @@ impl SoftHsm {
         let mut salt = [0u8; SALT_LEN];
         OsRng.fill_bytes(&mut salt);
         let store_key = derive_store_key(passphrase, &salt, params)?;
-        let hsm = Self::assemble(path, params, salt, store_key, BTreeMap::new());
-        hsm.persist(&BTreeMap::new())?;
+        let hsm = Self::assemble(path, params, salt, store_key, BTreeMap::new(), None);
+        hsm.persist(&BTreeMap::new(), None)?;
         Ok(hsm)
     }
 
@@ -188,8 +197,8 @@ impl SoftHsm {
                 .decrypt(Nonce::from_slice(&nonce), Payload { msg: &ciphertext, aad: aad.as_bytes() })
                 .map_err(|_| HsmError::WrongPassphrase { path: path.to_path_buf() })?,
         );
-        let keys = parse_table(&plain).map_err(|reason| fmt_err(format!("key table: {reason}")))?;
-        Ok(Self::assemble(path, params, salt, store_key, keys))
+        let (keys, audit) = parse_table(&plain).map_err(|reason| fmt_err(format!("key table: {reason}")))?;
+        Ok(Self::assemble(path, params, salt, store_key, keys, audit))
     }
 
     /// Open the keystore at `path`, creating an empty one with `params` if there is no file.
@@ -203,6 +212,7 @@ impl SoftHsm {
         salt: [u8; SALT_LEN],
         store_key: Zeroizing<[u8; 32]>,
         keys: BTreeMap<KeyId, Entry>,
+        audit: Option<SigningKey>,
     ) -> Self {
         Self {
             name: format!("soft:{}", path.display()),
@@ -211,6 +221,7 @@ impl SoftHsm {
             salt,
             store_key,
             keys: RwLock::new(keys),
+            audit: RwLock::new(audit),
             write_lock: Mutex::new(()),
             capacity: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
         }
@@ -221,10 +232,10 @@ impl SoftHsm {
         &self.path
     }
 
-    /// Encrypt `keys` and replace the file atomically.
-    fn persist(&self, keys: &BTreeMap<KeyId, Entry>) -> Result<(), HsmError> {
+    /// Encrypt `keys` (and the audit-signing key) and replace the file atomically.
+    fn persist(&self, keys: &BTreeMap<KeyId, Entry>, audit: Option<&SigningKey>) -> Result<(), HsmError> {
         let io = |op| move |source| HsmError::KeystoreIo { path: self.path.clone(), op, source };
-        let plain = serialise_table(keys);
+        let plain = serialise_table(keys, audit);
         let salt_hex = hex::encode(self.salt);
         let mut nonce = [0u8; 12];
         OsRng.fill_bytes(&mut nonce);
@@ -260,7 +271,8 @@ impl SoftHsm {
             let mut next: BTreeMap<KeyId, Entry> =
                 keys.iter().map(|(id, e)| (*id, Entry { label: e.label.clone(), key: e.key.clone() })).collect();
             next.insert(key_id, Entry { label: label.to_string(), key: key.clone() });
-            self.persist(&next)?;
+            let audit = self.audit.read().unwrap_or_else(|p| p.into_inner());
+            self.persist(&next, audit.as_ref())?;
         }
         self.keys.write().unwrap_or_else(|p| p.into_inner()).insert(key_id, Entry { label: label.to_string(), key });
         tracing::info!(member = %self.name, %key_id, label, "firmware key stored");
@@ -274,8 +286,8 @@ impl SoftHsm {
     }
 }
 
-fn serialise_table(keys: &BTreeMap<KeyId, Entry>) -> Zeroizing<Vec<u8>> {
-    let mut out = Zeroizing::new(Vec::with_capacity(8 + keys.len() * 64));
+fn serialise_table(keys: &BTreeMap<KeyId, Entry>, audit: Option<&SigningKey>) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(8 + keys.len() * 64 + 36));
     out.extend_from_slice(TABLE_MAGIC);
     out.extend_from_slice(&(keys.len() as u32).to_le_bytes());
     for (id, e) in keys {
@@ -285,10 +297,17 @@ fn serialise_table(keys: &BTreeMap<KeyId, Entry>) -> Zeroizing<Vec<u8>> {
         out.extend_from_slice(&(e.label.len() as u16).to_le_bytes());
         out.extend_from_slice(e.label.as_bytes());
     }
+    if let Some(k) = audit {
+        out.extend_from_slice(AUDIT_MAGIC);
+        let scalar = Zeroizing::new(<[u8; 32]>::from(k.to_bytes()));
+        out.extend_from_slice(scalar.as_ref());
+    }
     out
 }
 
-fn parse_table(b: &[u8]) -> Result<BTreeMap<KeyId, Entry>, String> {
+type Table = (BTreeMap<KeyId, Entry>, Option<SigningKey>);
+
+fn parse_table(b: &[u8]) -> Result<Table, String> {
     let take = |pos: &mut usize, n: usize| -> Result<&[u8], String> {
         let s = b.get(*pos..*pos + n).ok_or_else(|| format!("offset {}: truncated (need {n} bytes)", *pos))?;
         *pos += n;
@@ -314,10 +333,20 @@ fn parse_table(b: &[u8]) -> Result<BTreeMap<KeyId, Entry>, String> {
             return Err(format!("offset {at}: entry {i} field key_id: duplicate id {}", KeyId(id)));
         }
     }
+    let mut audit = None;
+    if b.len() > pos && b[pos..].starts_with(AUDIT_MAGIC) {
+        let at = pos;
+        pos += AUDIT_MAGIC.len();
+        let scalar = Zeroizing::new(<[u8; 32]>::try_from(take(&mut pos, 32)?).map_err(|_| "audit key")?);
+        audit = Some(
+            SigningKey::from_slice(scalar.as_ref())
+                .map_err(|_| format!("offset {at}: the audit-signing key is not a P-256 scalar"))?,
+        );
+    }
     if pos != b.len() {
         return Err(format!("offset {pos}: {} trailing bytes", b.len() - pos));
     }
-    Ok(keys)
+    Ok((keys, audit))
 }
 
 impl HsmBackend for SoftHsm {
@@ -353,6 +382,32 @@ impl HsmBackend for SoftHsm {
         self.with_key(key_id, |key| Ok(image_to_vec(key, nonce, areas)?))
     }
 
+    fn ensure_audit_key(&self) -> Result<VerifyingKey, HsmError> {
+        if let Some(k) = self.audit.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(*k.verifying_key());
+        }
+        let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = self.audit.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(*k.verifying_key());
+        }
+        let key = SigningKey::random(&mut OsRng);
+        {
+            let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+            self.persist(&keys, Some(&key))?;
+        }
+        let vk = *key.verifying_key();
+        *self.audit.write().unwrap_or_else(|p| p.into_inner()) = Some(key);
+        tracing::info!(member = %self.name, "audit-signing key (ECDSA P-256) created in the keystore");
+        Ok(vk)
+    }
+
+    fn sign_audit(&self, message: &[u8]) -> Result<[u8; 64], HsmError> {
+        let audit = self.audit.read().unwrap_or_else(|p| p.into_inner());
+        let key = audit.as_ref().ok_or_else(|| HsmError::NoAuditKey { member: self.name.clone() })?;
+        let sig: Signature = key.sign(message);
+        Ok(sig.to_bytes().into())
+    }
+
     fn health(&self) -> Result<(), HsmError> {
         std::fs::metadata(&self.path).map(|_| ()).map_err(|source| HsmError::KeystoreIo {
             path: self.path.clone(),
@@ -383,13 +438,54 @@ mod tests {
         let mut keys = BTreeMap::new();
         keys.insert(KeyId([1; 16]), Entry { label: "a".into(), key: FirmwareKey::new([2; 16]) });
         keys.insert(KeyId([3; 16]), Entry { label: "bé".into(), key: FirmwareKey::new([4; 16]) });
-        let bytes = serialise_table(&keys);
-        let back = parse_table(&bytes).unwrap();
+        let bytes = serialise_table(&keys, None);
+        let (back, audit) = parse_table(&bytes).unwrap();
+        assert!(audit.is_none());
         assert_eq!(back.len(), 2);
         assert_eq!(back[&KeyId([3; 16])].label, "bé");
         assert_eq!(back[&KeyId([3; 16])].key.as_bytes(), &[4; 16]);
         let e = parse_table(&bytes[..bytes.len() - 1]).err().unwrap();
         assert!(e.contains("truncated"), "{e}");
+        // With the audit-signing key after the entries.
+        let ak = SigningKey::from_slice(&[5; 32]).unwrap();
+        let bytes = serialise_table(&keys, Some(&ak));
+        let (back, audit) = parse_table(&bytes).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(audit.unwrap().to_bytes(), ak.to_bytes());
+        let e = parse_table(&bytes[..bytes.len() - 1]).err().unwrap();
+        assert!(e.contains("truncated"), "{e}");
+        let mut zero = bytes.to_vec();
+        let n = zero.len();
+        zero[n - 32..].fill(0);
+        let e = parse_table(&zero).err().unwrap();
+        assert!(e.contains("not a P-256 scalar"), "{e}");
+    }
+
+    #[test]
+    fn audit_key_is_created_once_stored_encrypted_and_signs() {
+        use flashgate_common::checkpoint::{CheckpointHead, SignedCheckpoint};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.fgks");
+        let pass = Zeroizing::new("pw".to_string());
+        let fast = KdfParams { m_cost: 8, t_cost: 1, p_cost: 1 };
+        let hsm = SoftHsm::create(&path, &pass, fast).unwrap();
+        assert!(matches!(hsm.sign_audit(b"x"), Err(HsmError::NoAuditKey { .. })));
+        let fw = hsm.generate_key("fw").unwrap();
+        let vk = hsm.ensure_audit_key().unwrap();
+        assert_eq!(hsm.ensure_audit_key().unwrap(), vk);
+        let scalar = hsm.audit.read().unwrap().as_ref().unwrap().to_bytes();
+        let file = std::fs::read_to_string(&path).unwrap();
+        assert!(!file.contains(&hex::encode(scalar)), "the audit key is stored encrypted");
+        // Reopened: the same audit key and the firmware keys, and keys added later keep it.
+        let back = SoftHsm::open(&path, &pass).unwrap();
+        assert_eq!(back.ensure_audit_key().unwrap(), vk);
+        assert!(back.has_key(&fw.key_id).unwrap());
+        back.generate_key("fw-2").unwrap();
+        let again = SoftHsm::open(&path, &pass).unwrap();
+        assert_eq!(again.ensure_audit_key().unwrap(), vk);
+        let head = CheckpointHead { ledger_id: [1; 16], seq: 7, hash: [2; 32], at: 3, broker: "b".into() };
+        let cp = SignedCheckpoint::from_parts(head.clone(), again.sign_audit(&head.body().unwrap()).unwrap()).unwrap();
+        assert_eq!(cp.verify(&[vk]), Ok(0));
     }
 
     #[test]

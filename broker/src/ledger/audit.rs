@@ -1,24 +1,21 @@
 //! The hash-chained audit log: record hashing (canonical, length-prefixed encoding), appending inside the
 //! caller's transaction, and verification of the whole chain.
 //!
-//! `hash(n) = SHA-256("flashgate-audit-v1" || prev_hash || be64(seq) || be64(at) || lp(actor) || lp(event)
-//! || lp(subject) || lp(details))` where `lp(x) = be32(len(x)) || x` and `prev_hash` of the first record is 32
-//! zero bytes. The single-row table `audit_head (seq, hash)` is read at the start of every writing transaction
+//! `hash(n) = SHA-256("flashgate-audit-v1" || lp(prev_hash) || be64(seq) || be64(at) || lp(actor) || lp(event)
+//! || lp(subject) || lp(details))` where `lp(x) = be32(len(x)) || x` (implemented in
+//! `flashgate_common::audit`, shared with the offline verifier). The `prev_hash` of the first record is the
+//! genesis hash of the ledger's random id (`ledger_meta`), so a chain cannot start from an arbitrary hash;
+//! ledgers created before schema v5 keep their 32-zero-byte start and are marked `legacy`. The single-row table `audit_head (seq, hash)` is read at the start of every writing transaction
 //! (`FOR UPDATE` on PostgreSQL, which serialises brokers sharing one ledger; SQLite's `BEGIN IMMEDIATE` already
-//! holds the write lock) and updated before commit. The chain is keyless: it detects edits, deletions and
-//! reordering by anyone who does not also rewrite every later record and the head.
+//! holds the write lock) and updated before commit. On its own the chain detects edits, deletions and reordering
+//! by anyone who does not also rewrite every later record and the head; signed checkpoints
+//! ([`super::checkpoints`]) and the witnesses that keep them detect those rewrites too.
 
-use sha2::{Digest, Sha256};
+pub use flashgate_common::audit::{Genesis, LEGACY_GENESIS_HASH, genesis_hash, record_hash};
 use sqlx::{AnyConnection, Row};
 
 use super::Dialect;
 use super::error::{AuditFault, LedgerError};
-
-/// Domain separation prefix of every record hash.
-const HASH_DOMAIN: &[u8] = b"flashgate-audit-v1";
-
-/// The `prev_hash` of the first record.
-pub const GENESIS_HASH: [u8; 32] = [0; 32];
 
 /// One stored audit record.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -45,33 +42,6 @@ pub struct AuditRecord {
 
 fn ser_hex<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&hex::encode(v))
-}
-
-/// Computes a record hash over the canonical encoding of its fields.
-pub fn record_hash(
-    prev_hash: &[u8],
-    seq: i64,
-    at: i64,
-    actor: &str,
-    event: &str,
-    subject: &str,
-    details: &str,
-) -> [u8; 32] {
-    fn lp(h: &mut Sha256, b: &[u8]) {
-        // Fields longer than 4 GiB cannot be stored in the ledger; saturating keeps the encoding total.
-        h.update(u32::try_from(b.len()).unwrap_or(u32::MAX).to_be_bytes());
-        h.update(b);
-    }
-    let mut h = Sha256::new();
-    h.update(HASH_DOMAIN);
-    lp(&mut h, prev_hash);
-    h.update(seq.to_be_bytes());
-    h.update(at.to_be_bytes());
-    lp(&mut h, actor.as_bytes());
-    lp(&mut h, event.as_bytes());
-    lp(&mut h, subject.as_bytes());
-    lp(&mut h, details.as_bytes());
-    h.finalize().into()
 }
 
 impl AuditRecord {
@@ -224,8 +194,12 @@ pub struct AuditSummary {
     pub records: i64,
     /// Sequence number of the head (equals `records`).
     pub head_seq: i64,
-    /// Hex hash of the head record (all zeros for an empty log).
+    /// Hex hash of the head record (the genesis hash for an empty log).
     pub head_hash: String,
+    /// Hex of the ledger id.
+    pub ledger_id: String,
+    /// How the chain starts.
+    pub genesis: Genesis,
 }
 
 /// Incremental verifier: feed records in `seq` order, then [`Verifier::finish`] with the head.
@@ -235,16 +209,10 @@ pub struct Verifier {
     prev_hash: Vec<u8>,
 }
 
-impl Default for Verifier {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Verifier {
-    /// A verifier expecting seq 1 with the genesis `prev_hash`.
-    pub fn new() -> Self {
-        Self { expected_seq: 1, prev_hash: GENESIS_HASH.to_vec() }
+    /// A verifier expecting seq 1 with `first_prev_hash` (the ledger's [`Genesis::first_prev_hash`]).
+    pub fn new(first_prev_hash: [u8; 32]) -> Self {
+        Self { expected_seq: 1, prev_hash: first_prev_hash.to_vec() }
     }
 
     /// Checks the next record.
@@ -256,7 +224,8 @@ impl Verifier {
             });
         }
         if r.prev_hash != self.prev_hash {
-            return Err(LedgerError::AuditBroken { seq: r.seq, why: AuditFault::PrevHashMismatch });
+            let why = if r.seq == 1 { AuditFault::Genesis } else { AuditFault::PrevHashMismatch };
+            return Err(LedgerError::AuditBroken { seq: r.seq, why });
         }
         let h = r.compute_hash();
         if r.hash[..] != h[..] {
@@ -276,7 +245,13 @@ impl Verifier {
                 why: AuditFault::HeadMismatch { head_seq, chain_seq },
             });
         }
-        Ok(AuditSummary { records: chain_seq, head_seq, head_hash: hex::encode(&self.prev_hash) })
+        Ok(AuditSummary {
+            records: chain_seq,
+            head_seq,
+            head_hash: hex::encode(&self.prev_hash),
+            ledger_id: String::new(),
+            genesis: Genesis::Bound,
+        })
     }
 }
 
@@ -285,7 +260,7 @@ mod tests {
     use super::*;
 
     fn chain(n: i64) -> Vec<AuditRecord> {
-        let mut prev = GENESIS_HASH.to_vec();
+        let mut prev = genesis_hash(&[7; 16]).to_vec();
         (1..=n)
             .map(|seq| {
                 let mut r = AuditRecord {
@@ -306,7 +281,7 @@ mod tests {
     }
 
     fn verify(rs: &[AuditRecord], head: &AuditRecord) -> Result<AuditSummary, LedgerError> {
-        let mut v = Verifier::new();
+        let mut v = Verifier::new(genesis_hash(&[7; 16]));
         for r in rs {
             v.push(r)?;
         }
@@ -321,8 +296,12 @@ mod tests {
     }
 
     #[test]
-    fn field_boundaries_are_unambiguous() {
-        assert_ne!(record_hash(&[], 1, 1, "ab", "c", "", ""), record_hash(&[], 1, 1, "a", "bc", "", ""));
+    fn a_chain_from_another_genesis_is_refused_at_seq_1() {
+        let c = chain(3);
+        let mut v = Verifier::new(genesis_hash(&[8; 16]));
+        assert!(matches!(v.push(&c[0]), Err(LedgerError::AuditBroken { seq: 1, why: AuditFault::Genesis })));
+        let mut v = Verifier::new(LEGACY_GENESIS_HASH);
+        assert!(matches!(v.push(&c[0]), Err(LedgerError::AuditBroken { seq: 1, why: AuditFault::Genesis })));
     }
 
     #[test]

@@ -107,6 +107,15 @@ pub enum AuditFault {
     /// The record's `prev_hash` is not the hash of the record before it: records were reordered, or a
     /// predecessor was replaced.
     PrevHashMismatch,
+    /// The first record does not start from the genesis hash of the ledger's id: the chain was started
+    /// from another hash (rebuilt elsewhere, or its first records deleted and the rest re-chained).
+    Genesis,
+    /// A stored signed checkpoint contradicts the chain (records rewritten, or deleted with the head moved
+    /// back, after it was signed), or does not parse.
+    Checkpoint(String),
+    /// The ledger's identity row (`ledger_meta`) is missing or differs from the one read when the ledger
+    /// was opened.
+    Identity(String),
     /// The chain ends before the head (trailing records deleted) or the head's hash differs from the last record.
     HeadMismatch {
         /// The head's sequence number.
@@ -130,6 +139,12 @@ impl fmt::Display for AuditFault {
             Self::PrevHashMismatch => {
                 f.write_str("prev_hash is not the hash of the preceding record (records reordered or replaced)")
             }
+            Self::Genesis => f.write_str(
+                "the first record does not start from the genesis hash of the ledger id (chain started from \
+                 another hash)",
+            ),
+            Self::Identity(what) => write!(f, "ledger identity: {what}"),
+            Self::Checkpoint(what) => write!(f, "{what}"),
             Self::Unreconciled(what) => write!(f, "the chain does not match the ledger: {what}"),
             Self::HeadMismatch { head_seq, chain_seq } => write!(
                 f,

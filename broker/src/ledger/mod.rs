@@ -18,6 +18,7 @@
 //! transaction first locks the single `audit_head` row, which serialises writers across brokers.
 
 pub mod audit;
+pub mod checkpoints;
 pub mod error;
 pub mod model;
 mod schema;
@@ -42,7 +43,8 @@ pub use model::{
     StationStatus, StationSummary, now_ms,
 };
 
-use audit::{AuditEvent, Head};
+use audit::{AuditEvent, Genesis, Head};
+pub use checkpoints::{Appended, StoredCheckpoint};
 use writer::{Outcome, Payload, WriteOp};
 
 /// Size of the chunks an image is stored in.
@@ -132,11 +134,17 @@ pub const MAX_CACHED_BATCHES: usize = 1024;
 
 struct Inner {
     dialect: Dialect,
+    /// The ledger's random id (`ledger_meta`), bound by the first audit record and signed in checkpoints.
+    ledger_id: [u8; 16],
+    /// How its audit chain starts.
+    genesis: Genesis,
     read: AnyPool,
     write: AnyPool,
     ops: mpsc::Sender<WriteOp>,
     /// Batches as last read by a precheck, with when (see [`BATCH_CACHE_TTL`]).
     batches: std::sync::Mutex<HashMap<String, (Batch, std::time::Instant)>>,
+    /// Records this process's writer appended (wakes the checkpoint signer).
+    appended: Arc<Appended>,
 }
 
 /// Handle to the ledger; cheap to clone. The writer task stops when the last clone is dropped.
@@ -435,14 +443,71 @@ impl Ledger {
                 (pool.clone(), pool)
             }
         };
+        let (ledger_id, genesis) = ensure_identity(&write, dialect).await?;
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
-        tokio::spawn(writer::run(write.clone(), dialect, rx, cfg.max_group));
-        Ok(Self { inner: Arc::new(Inner { dialect, read, write, ops: tx, batches: Default::default() }) })
+        let appended = Arc::new(Appended::default());
+        tokio::spawn(writer::run(write.clone(), dialect, rx, cfg.max_group, appended.clone()));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dialect,
+                ledger_id,
+                genesis,
+                read,
+                write,
+                ops: tx,
+                appended,
+                batches: Default::default(),
+            }),
+        })
     }
 
     /// The database dialect in use.
     pub fn dialect(&self) -> Dialect {
         self.inner.dialect
+    }
+
+    /// The ledger's random id, created with it (or at its first opening with schema v5).
+    pub fn ledger_id(&self) -> [u8; 16] {
+        self.inner.ledger_id
+    }
+
+    /// How the audit chain starts: bound to the ledger id, or legacy (created before ledger ids).
+    pub fn genesis(&self) -> Genesis {
+        self.inner.genesis
+    }
+
+    /// Records appended by this process's group-commit writer (licences, refusals, install reports).
+    pub fn appended(&self) -> &Arc<Appended> {
+        &self.inner.appended
+    }
+
+    /// The committed audit head: its seq and hash.
+    pub async fn audit_head(&self) -> Result<(i64, Vec<u8>), LedgerError> {
+        const OP: &str = "read audit head";
+        let mut conn = self.read_conn().await?;
+        let row = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(LedgerError::db(OP))?;
+        Ok((row.try_get(0).map_err(LedgerError::db(OP))?, row.try_get(1).map_err(LedgerError::db(OP))?))
+    }
+
+    /// Stores a signed checkpoint (a second copy of the same one is ignored).
+    pub async fn store_checkpoint(&self, cp: &StoredCheckpoint) -> Result<(), LedgerError> {
+        let mut conn = self.inner.write.acquire().await.map_err(LedgerError::db("store audit checkpoint"))?;
+        checkpoints::insert(&mut conn, cp, now_ms()).await.map_err(LedgerError::db("store audit checkpoint"))
+    }
+
+    /// The newest stored checkpoint of any broker on the ledger.
+    pub async fn latest_checkpoint(&self) -> Result<Option<StoredCheckpoint>, LedgerError> {
+        let mut conn = self.read_conn().await?;
+        checkpoints::latest(&mut conn).await.map_err(LedgerError::db("read audit checkpoint"))
+    }
+
+    /// Every stored checkpoint, by seq, time and broker (at most `limit`; a test and admin helper).
+    pub async fn checkpoints(&self, limit: i64) -> Result<Vec<StoredCheckpoint>, LedgerError> {
+        let mut conn = self.read_conn().await?;
+        checkpoints::page(&mut conn, (-1, 0, ""), limit).await.map_err(LedgerError::db("read audit checkpoints"))
     }
 
     async fn submit(&self, payload: Payload) -> Result<Outcome, LedgerError> {
@@ -1393,7 +1458,50 @@ impl Ledger {
             .map_err(LedgerError::db(OP))?;
         let head_seq: i64 = head.try_get(0).map_err(LedgerError::db(OP))?;
         let head_hash: Vec<u8> = head.try_get(1).map_err(LedgerError::db(OP))?;
-        let mut v = audit::Verifier::new();
+        // The identity as stored now (not as cached at opening): an edited ledger_meta must show.
+        let meta = sqlx::query("SELECT ledger_id, genesis FROM ledger_meta WHERE id = 1")
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(LedgerError::db(OP))?;
+        let (id, genesis) = match meta {
+            Some(r) => (
+                r.try_get::<Vec<u8>, _>(0).map_err(LedgerError::db(OP))?,
+                r.try_get::<String, _>(1).map_err(LedgerError::db(OP))?,
+            ),
+            None => (Vec::new(), String::new()),
+        };
+        if id != self.inner.ledger_id || Genesis::from_name(&genesis) != Some(self.inner.genesis) {
+            return Err(LedgerError::AuditBroken {
+                seq: 0,
+                why: AuditFault::Identity(format!(
+                    "ledger_meta holds id {} ({genesis:?}) but this ledger was opened as {} ({})",
+                    hex::encode(&id),
+                    hex::encode(self.inner.ledger_id),
+                    self.inner.genesis.as_str()
+                )),
+            });
+        }
+        let first_prev = self.inner.genesis.first_prev_hash(&self.inner.ledger_id);
+        let mut v = audit::Verifier::new(first_prev);
+        // The stored checkpoints, held against the chain: a rewrite that left them in place is named here
+        // too. (Their signatures are checked offline by `flashgate audit verify`, against keys held outside
+        // the ledger; here they only have to agree with the chain.)
+        let witnesses = self.stored_witnesses(&mut conn).await?;
+        let mut wc = flashgate_common::checkpoint::WitnessCheck::with_genesis(witnesses, first_prev);
+        let contradicted = |e: flashgate_common::checkpoint::WitnessError,
+                            wc: &flashgate_common::checkpoint::WitnessCheck| {
+            use flashgate_common::checkpoint::WitnessError as W;
+            let after =
+                wc.last_agreed().map(|(s, n)| format!("; the rewrite lies after seq {s}, which {n} vouches for"));
+            let seq = match &e {
+                W::HashDiffers { seq, .. } => *seq,
+                W::ChainTooShort { first_missing, .. } => *first_missing,
+            };
+            LedgerError::AuditBroken {
+                seq: i64::try_from(seq).unwrap_or(i64::MAX),
+                why: AuditFault::Checkpoint(format!("{e}{}", after.unwrap_or_default())),
+            }
+        };
         // Every `licence.issued` record's (batch, device), with its seq, to reconcile with the tables.
         let mut issued: HashMap<(String, String), i64> = HashMap::new();
         let mut after = 0;
@@ -1407,6 +1515,12 @@ impl Ledger {
                     break 'pages;
                 }
                 v.push(r)?;
+                // push checked the stored hash equals the recomputed one (32 bytes).
+                let mut h = [0u8; 32];
+                if r.hash.len() == 32 {
+                    h.copy_from_slice(&r.hash);
+                }
+                wc.record(u64::try_from(r.seq).unwrap_or(0), &h).map_err(|e| contradicted(e, &wc))?;
                 if r.event == "licence.issued"
                     && let Some((batch, device)) = audit::parse_device_subject(&r.subject)
                 {
@@ -1414,10 +1528,51 @@ impl Ledger {
                 }
             }
         }
-        let summary = v.finish(head_seq, &head_hash)?;
+        let mut summary = v.finish(head_seq, &head_hash)?;
+        let agreed = wc.clone();
+        wc.finish(u64::try_from(head_seq).unwrap_or(0)).map_err(|e| contradicted(e, &agreed))?;
+        summary.ledger_id = hex::encode(self.inner.ledger_id);
+        summary.genesis = self.inner.genesis;
         reconcile(&mut conn, head_seq, issued).await?;
         conn.rollback().await.map_err(LedgerError::db(OP))?;
         Ok(summary)
+    }
+
+    /// The stored checkpoints of this ledger as witnesses (parsed; a row that does not parse or names
+    /// another ledger or seq is a broken audit).
+    async fn stored_witnesses(
+        &self,
+        conn: &mut AnyConnection,
+    ) -> Result<Vec<flashgate_common::checkpoint::Witness>, LedgerError> {
+        use flashgate_common::checkpoint::{SignedCheckpoint, Witness};
+        const OP: &str = "verify audit: read checkpoints";
+        let mut out = Vec::new();
+        let mut after: (i64, i64, String) = (-1, 0, String::new());
+        loop {
+            let page =
+                checkpoints::page(conn, (after.0, after.1, &after.2), 2000).await.map_err(LedgerError::db(OP))?;
+            let Some(last) = page.last() else { return Ok(out) };
+            after = (last.seq, last.at, last.broker.clone());
+            for c in page {
+                let bad = |why: String| LedgerError::AuditBroken { seq: c.seq, why: AuditFault::Checkpoint(why) };
+                let cp = SignedCheckpoint::parse(&c.bytes).map_err(|e| {
+                    bad(format!("the stored checkpoint of seq {} by {} does not parse: {e}", c.seq, c.broker))
+                })?;
+                if cp.head.ledger_id != self.inner.ledger_id || i64::try_from(cp.head.seq).ok() != Some(c.seq) {
+                    return Err(bad(format!(
+                        "the stored checkpoint of seq {} by {} signs seq {} of ledger {}",
+                        c.seq,
+                        c.broker,
+                        cp.head.seq,
+                        hex::encode(cp.head.ledger_id)
+                    )));
+                }
+                out.push(Witness::from_checkpoint(
+                    format!("stored checkpoint seq {} signed by {} at {}", cp.head.seq, cp.head.broker, cp.head.at),
+                    &cp,
+                ));
+            }
+        }
     }
 
     /// Writes the audit log as JSON lines (hashes in hex) and returns the number of records written.
@@ -1441,11 +1596,188 @@ impl Ledger {
         }
     }
 
+    /// Writes the audit export (`flashgate-audit-export-v1`, `flashgate_common::audit_export`) of one
+    /// database snapshot to `out`, line by line (each ending in a newline): header, every checkpoint, every
+    /// record up to the snapshot's head, every licence, every batch, end. Memory is one page at a time.
+    /// Sign a checkpoint of the head first (the admin service does) so that the export ends covered.
+    pub async fn export_bundle(
+        &self,
+        broker: &str,
+        out: &mpsc::Sender<String>,
+    ) -> Result<flashgate_common::audit_export::EndLine, LedgerError> {
+        use flashgate_common::audit_export::{
+            BatchLine, CheckpointLine, EXPORT_FORMAT, ExportWriter, Header, LicenceLine, Line, RecordLine,
+        };
+        const OP: &str = "export audit";
+        const PAGE: i64 = 2000;
+        let mut w = ExportWriter::new();
+        let send = |text: String| async move {
+            out.send(text).await.map_err(|_| LedgerError::Io {
+                what: "audit export",
+                source: std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the receiver went away"),
+            })
+        };
+        let mut pooled = self.read_conn().await?;
+        let mut conn = sqlx::Connection::begin(&mut *pooled).await.map_err(LedgerError::db(OP))?;
+        if self.dialect() == Dialect::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .execute(&mut *conn)
+                .await
+                .map_err(LedgerError::db(OP))?;
+        }
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(LedgerError::db(OP))?;
+        let head_seq: i64 = head.try_get(0).map_err(LedgerError::db(OP))?;
+        let head_hash: Vec<u8> = head.try_get(1).map_err(LedgerError::db(OP))?;
+        send(w.line(&Line::Header(Header {
+            format: EXPORT_FORMAT.into(),
+            ledger_id: hex::encode(self.inner.ledger_id),
+            genesis: self.inner.genesis.as_str().into(),
+            broker: broker.into(),
+            exported_at_ms: now_ms(),
+            head_seq,
+            head_hash: hex::encode(&head_hash),
+        })))
+        .await?;
+        let mut after: (i64, i64, String) = (-1, 0, String::new());
+        loop {
+            let page =
+                checkpoints::page(&mut conn, (after.0, after.1, &after.2), PAGE).await.map_err(LedgerError::db(OP))?;
+            let Some(last) = page.last() else { break };
+            after = (last.seq, last.at, last.broker.clone());
+            for c in page {
+                send(w.line(&Line::Checkpoint(CheckpointLine {
+                    checkpoint: hex::encode(&c.bytes),
+                    seq: u64::try_from(c.seq).unwrap_or(0),
+                    broker: c.broker,
+                    at: u64::try_from(c.at).unwrap_or(0),
+                })))
+                .await?;
+            }
+        }
+        let mut after = 0;
+        'records: loop {
+            let page = audit::page(&mut conn, after, PAGE).await.map_err(LedgerError::db(OP))?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for r in page {
+                if r.seq > head_seq {
+                    break 'records;
+                }
+                send(w.line(&Line::Record(RecordLine {
+                    seq: r.seq,
+                    at_ms: r.at,
+                    actor: r.actor,
+                    event: r.event,
+                    subject: r.subject,
+                    details_json: r.details,
+                    prev_hash: hex::encode(&r.prev_hash),
+                    hash: hex::encode(&r.hash),
+                })))
+                .await?;
+            }
+        }
+        let (mut batch, mut device) = (String::new(), String::new());
+        loop {
+            let rows = sqlx::query(
+                "SELECT batch_id, device_id, station, site, issued_at FROM licences                  WHERE batch_id > $1 OR (batch_id = $1 AND device_id > $2) ORDER BY batch_id, device_id LIMIT $3",
+            )
+            .bind(&batch)
+            .bind(&device)
+            .bind(PAGE)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(LedgerError::db(OP))?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in &rows {
+                let l = LicenceLine {
+                    batch_id: r.try_get(0).map_err(LedgerError::db(OP))?,
+                    device_id: r.try_get(1).map_err(LedgerError::db(OP))?,
+                    station: r.try_get(2).map_err(LedgerError::db(OP))?,
+                    site: r.try_get(3).map_err(LedgerError::db(OP))?,
+                    issued_at_ms: r.try_get(4).map_err(LedgerError::db(OP))?,
+                };
+                (batch, device) = (l.batch_id.clone(), l.device_id.clone());
+                send(w.line(&Line::Licence(l))).await?;
+            }
+        }
+        let rows = sqlx::query("SELECT id, quota, issued FROM batches ORDER BY id")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(LedgerError::db(OP))?;
+        for r in &rows {
+            send(w.line(&Line::Batch(BatchLine {
+                id: r.try_get(0).map_err(LedgerError::db(OP))?,
+                quota: r.try_get(1).map_err(LedgerError::db(OP))?,
+                issued: r.try_get(2).map_err(LedgerError::db(OP))?,
+            })))
+            .await?;
+        }
+        conn.rollback().await.map_err(LedgerError::db(OP))?;
+        let end = w.end();
+        let parsed = serde_json::from_str::<Line>(&end).ok();
+        send(end).await?;
+        match parsed {
+            Some(Line::End(e)) => Ok(e),
+            _ => Err(LedgerError::Internal { what: "the export's end line does not parse" }),
+        }
+    }
+
     /// Closes the connection pools (pending writes already answered are durable).
     pub async fn close(&self) {
         self.inner.read.close().await;
         self.inner.write.close().await;
     }
+}
+
+/// Reads the ledger's identity, creating it at the first opening: a random id, and — when the chain is
+/// still empty — the head moved to the id's genesis hash (`bound`); a ledger that already holds records
+/// keeps its zero start (`legacy`) and gets a `ledger.id_assigned` record naming the id. Runs inside a
+/// writing transaction (the head lock serialises brokers opening one PostgreSQL ledger together).
+async fn ensure_identity(pool: &AnyPool, dialect: Dialect) -> Result<([u8; 16], Genesis), LedgerError> {
+    const OP: &str = "read or create the ledger id";
+    let (mut tx, mut head) = begin_write(pool, dialect).await.map_err(LedgerError::db(OP))?;
+    let row = sqlx::query("SELECT ledger_id, genesis FROM ledger_meta WHERE id = 1")
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(LedgerError::db(OP))?;
+    if let Some(row) = row {
+        tx.rollback().await.map_err(LedgerError::db(OP))?;
+        let id: Vec<u8> = row.try_get(0).map_err(LedgerError::db(OP))?;
+        let genesis: String = row.try_get(1).map_err(LedgerError::db(OP))?;
+        let corrupt = |why: String| LedgerError::Corrupt { what: "ledger_meta", id: "1".into(), why };
+        let id: [u8; 16] =
+            id.as_slice().try_into().map_err(|_| corrupt(format!("ledger_id is {} bytes, expected 16", id.len())))?;
+        let genesis = Genesis::from_name(&genesis)
+            .ok_or_else(|| corrupt(format!("genesis {genesis:?} is not bound or legacy")))?;
+        return Ok((id, genesis));
+    }
+    let mut id = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
+    let genesis = if head.seq == 0 { Genesis::Bound } else { Genesis::Legacy };
+    let now = now_ms();
+    sqlx::query("INSERT INTO ledger_meta (id, ledger_id, genesis, created_at) VALUES (1, $1, $2, $3)")
+        .bind(id.to_vec())
+        .bind(genesis.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(LedgerError::db(OP))?;
+    match genesis {
+        Genesis::Bound => head.hash = audit::genesis_hash(&id).to_vec(),
+        Genesis::Legacy => {
+            let details = serde_json::json!({"ledger_id": hex::encode(id), "genesis": genesis.as_str()});
+            let ev = AuditEvent { actor: "system", event: "ledger.id_assigned", subject: "ledger".into(), details };
+            audit::append(&mut tx, &mut head, now, ev).await.map_err(LedgerError::db(OP))?;
+        }
+    }
+    commit_write(tx, &head, OP).await?;
+    tracing::info!(ledger_id = %hex::encode(id), genesis = genesis.as_str(), "ledger id created");
+    Ok((id, genesis))
 }
 
 /// Cross-checks an intact chain with the tables, in the verification's snapshot: every licence has its

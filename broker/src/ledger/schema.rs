@@ -15,12 +15,16 @@ const SQLITE: &[(i64, &str, &str)] = &[
     (2, "images stations", include_str!("../../migrations/sqlite/0002_images_stations.sql")),
     (3, "station control", include_str!("../../migrations/sqlite/0003_station_control.sql")),
     (4, "licence holders", include_str!("../../migrations/sqlite/0004_licence_holders.sql")),
+    (5, "ledger id", include_str!("../../migrations/sqlite/0005_ledger_id.sql")),
+    (6, "audit checkpoints", include_str!("../../migrations/sqlite/0006_audit_checkpoints.sql")),
 ];
 const POSTGRES: &[(i64, &str, &str)] = &[
     (1, "ledger", include_str!("../../migrations/postgres/0001_ledger.sql")),
     (2, "images stations", include_str!("../../migrations/postgres/0002_images_stations.sql")),
     (3, "station control", include_str!("../../migrations/postgres/0003_station_control.sql")),
     (4, "licence holders", include_str!("../../migrations/postgres/0004_licence_holders.sql")),
+    (5, "ledger id", include_str!("../../migrations/postgres/0005_ledger_id.sql")),
+    (6, "audit checkpoints", include_str!("../../migrations/postgres/0006_audit_checkpoints.sql")),
 ];
 
 fn migrator(dialect: Dialect) -> Migrator {

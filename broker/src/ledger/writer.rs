@@ -7,6 +7,7 @@
 //! single poisoned item cannot fail its neighbours, and every item that still fails gets the database error.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use sqlx::{AnyConnection, AnyPool, Row};
@@ -14,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use super::audit::{self, AuditEvent, AuditRecord, Head};
+use super::checkpoints::Appended;
 use super::error::{LedgerError, RefusalReason};
 use super::model::{
     Batch, InstallOutcome, InstallReport, IssueOutcome, IssueRecord, RefusalRecord, ReissueRecord, now_ms,
@@ -44,11 +46,17 @@ pub(crate) struct WriteOp {
 }
 
 /// Runs until every sender is dropped, committing groups of up to `max_group` operations.
-pub(crate) async fn run(pool: AnyPool, dialect: Dialect, mut rx: mpsc::Receiver<WriteOp>, max_group: usize) {
+pub(crate) async fn run(
+    pool: AnyPool,
+    dialect: Dialect,
+    mut rx: mpsc::Receiver<WriteOp>,
+    max_group: usize,
+    appended: Arc<Appended>,
+) {
     let mut buf = Vec::with_capacity(max_group);
     while rx.recv_many(&mut buf, max_group).await > 0 {
         let ops = std::mem::take(&mut buf);
-        process(&pool, dialect, ops).await;
+        process(&pool, dialect, ops, &appended).await;
     }
     tracing::debug!("ledger writer stopped: all senders dropped");
 }
@@ -62,7 +70,7 @@ struct Counts {
     duplicates: u64,
 }
 
-async fn process(pool: &AnyPool, dialect: Dialect, ops: Vec<WriteOp>) {
+async fn process(pool: &AnyPool, dialect: Dialect, ops: Vec<WriteOp>, appended: &Appended) {
     let span = tracing::info_span!(
         "ledger.commit_group",
         items = ops.len(),
@@ -74,7 +82,7 @@ async fn process(pool: &AnyPool, dialect: Dialect, ops: Vec<WriteOp>) {
     );
     let payloads: Vec<&Payload> = ops.iter().map(|o| &o.payload).collect();
     let mut counts = Counts::default();
-    match run_group(pool, dialect, &payloads, &mut counts).instrument(span.clone()).await {
+    match run_group(pool, dialect, &payloads, &mut counts, appended).instrument(span.clone()).await {
         Ok(results) => {
             span.record("issued", counts.issued);
             span.record("existing", counts.existing);
@@ -92,7 +100,8 @@ async fn process(pool: &AnyPool, dialect: Dialect, ops: Vec<WriteOp>) {
             tracing::warn!(parent: &span, error = %e, items = ops.len(), "group commit rolled back; retrying items one by one");
             for op in ops {
                 let mut c = Counts::default();
-                let r = match run_group(pool, dialect, &[&op.payload], &mut c).instrument(span.clone()).await {
+                let r = match run_group(pool, dialect, &[&op.payload], &mut c, appended).instrument(span.clone()).await
+                {
                     Ok(mut v) => {
                         metrics::counter!(crate::service::metric::LICENCES, "outcome" => "issued").increment(c.issued);
                         v.pop().unwrap_or(Err(LedgerError::Internal { what: "empty group result" }))
@@ -125,6 +134,7 @@ async fn run_group(
     dialect: Dialect,
     items: &[&Payload],
     counts: &mut Counts,
+    appended: &Appended,
 ) -> Result<Vec<Result<Outcome, LedgerError>>, LedgerError> {
     let (mut tx, mut head) = begin_write(pool, dialect).await.map_err(dbe)?;
     let conn: &mut AnyConnection = &mut tx;
@@ -252,6 +262,7 @@ async fn run_group(
     audit::insert_records(conn, &staged).await.map_err(dbe)?;
     audit::store_head(conn, &head).await.map_err(dbe)?;
     tx.commit().await.map_err(dbe)?;
+    appended.add(staged.len());
     Ok(out)
 }
 

@@ -18,6 +18,8 @@ use flashgate_proto::errors::refusal;
 use flashgate_proto::transport::normalize_serial;
 use flashgate_proto::v1 as pb;
 use flashgate_proto::v1::admin_service_server::AdminService;
+use p256::pkcs8::EncodePublicKey as _;
+use sha2::Digest as _;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -238,6 +240,32 @@ fn known_serials(stations: &[&StationSummary]) -> String {
 }
 
 type AuditStream = Pin<Box<dyn Stream<Item = Result<pb::AuditRecord, Status>> + Send + 'static>>;
+type BundleStream = Pin<Box<dyn Stream<Item = Result<pb::AuditBundleChunk, Status>> + Send + 'static>>;
+
+/// Largest chunk of an audit export sent in one message (whole lines; a longer line goes alone).
+pub const EXPORT_CHUNK: usize = 64 * 1024;
+
+/// A signed checkpoint as the admin API returns it.
+fn checkpoint_info(cp: &flashgate_common::checkpoint::SignedCheckpoint) -> Result<pb::AuditCheckpoint, Status> {
+    let bytes = cp.to_bytes().map_err(|e| Status::internal(format!("checkpoint does not encode: {e}")))?;
+    Ok(pb::AuditCheckpoint {
+        checkpoint: bytes.to_vec(),
+        seq: i64::try_from(cp.head.seq).unwrap_or(i64::MAX),
+        hash: hex::encode(cp.head.hash),
+        at: cp.head.at,
+        broker: cp.head.broker.clone(),
+        ledger_id: hex::encode(cp.head.ledger_id),
+    })
+}
+
+fn checkpoint_status(e: crate::checkpoint::CheckpointFailure) -> Status {
+    use crate::checkpoint::CheckpointFailure;
+    match e {
+        CheckpointFailure::Ledger(e) => lst(e),
+        CheckpointFailure::Hsm(e) => hsm_status(e),
+        other => Status::internal(other.to_string()),
+    }
+}
 
 impl Admin {
     async fn record_key(&self, info: crate::hsm::KeyInfo, actor: &str) -> Result<pb::KeyInfo, Status> {
@@ -839,6 +867,8 @@ impl AdminService for Admin {
                     head_hash: s.head_hash,
                     broken_seq: 0,
                     fault: String::new(),
+                    ledger_id: s.ledger_id,
+                    genesis: s.genesis.as_str().to_owned(),
                 }),
                 Err(LedgerError::AuditBroken { seq, why }) => {
                     tracing::error!(seq, fault = %why, "audit chain verification failed");
@@ -849,10 +879,73 @@ impl AdminService for Admin {
                         head_hash: String::new(),
                         broken_seq: seq,
                         fault: why.to_string(),
+                        ledger_id: hex::encode(self.state.ledger().ledger_id()),
+                        genesis: self.state.ledger().genesis().as_str().to_owned(),
                     })
                 }
                 Err(e) => Err(lst(e)),
             }
+        })
+    }
+
+    async fn checkpoint_audit(
+        &self,
+        req: Request<pb::CheckpointAuditRequest>,
+    ) -> Result<Response<pb::AuditCheckpoint>, Status> {
+        rpc!("CheckpointAudit", self, req, |caller, _body| {
+            let cp = crate::checkpoint::sign_now(&self.state, "on demand").await.map_err(checkpoint_status)?;
+            tracing::info!(admin = %caller.uri, seq = cp.head.seq, "audit checkpoint signed on demand");
+            checkpoint_info(&cp)
+        })
+    }
+
+    type ExportAuditBundleStream = BundleStream;
+
+    async fn export_audit_bundle(
+        &self,
+        req: Request<pb::ExportAuditBundleRequest>,
+    ) -> Result<Response<Self::ExportAuditBundleStream>, Status> {
+        rpc!("ExportAuditBundle", self, req, |_caller, _body| {
+            // The export ends covered by a signature: a checkpoint of the head as it is now.
+            crate::checkpoint::sign_now(&self.state, "export").await.map_err(checkpoint_status)?;
+            let (tx, rx) = mpsc::channel::<Result<pb::AuditBundleChunk, Status>>(16);
+            let (lines_tx, mut lines) = mpsc::channel::<String>(256);
+            let state = self.state.clone();
+            let name = self.state.name().to_owned();
+            let producer = tokio::spawn(async move { state.ledger().export_bundle(&name, &lines_tx).await });
+            tokio::spawn(async move {
+                let mut chunk: Vec<u8> = Vec::with_capacity(EXPORT_CHUNK);
+                while let Some(line) = lines.recv().await {
+                    if !chunk.is_empty() && chunk.len() + line.len() > EXPORT_CHUNK {
+                        let data = std::mem::replace(&mut chunk, Vec::with_capacity(EXPORT_CHUNK));
+                        if tx.send(Ok(pb::AuditBundleChunk { data })).await.is_err() {
+                            return;
+                        }
+                    }
+                    chunk.extend_from_slice(line.as_bytes());
+                }
+                // The producer has finished (its sender is dropped): send the rest, or its error.
+                match producer.await {
+                    Ok(Ok(end)) => {
+                        if !chunk.is_empty() {
+                            let _ = tx.send(Ok(pb::AuditBundleChunk { data: chunk })).await;
+                        }
+                        tracing::info!(
+                            records = end.records,
+                            checkpoints = end.checkpoints,
+                            licences = end.licences,
+                            "audit export streamed"
+                        );
+                    }
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(lst(e))).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("audit export task failed: {e}")))).await;
+                    }
+                }
+            });
+            Ok(Box::pin(ReceiverStream::new(rx)) as BundleStream)
         })
     }
 
@@ -863,7 +956,16 @@ impl AdminService for Admin {
                 .pool()
                 .status()
                 .into_iter()
-                .map(|m| pb::HsmMember {
+                .map(|m| {
+                    let spki = m.audit_key.and_then(|k| k.to_public_key_der().ok()).map(|d| d.as_bytes().to_vec());
+                    (m, spki)
+                })
+                .map(|(m, spki)| pb::HsmMember {
+                    audit_key_fingerprint: spki
+                        .as_ref()
+                        .map(|d| hex::encode(sha2::Sha256::digest(d)))
+                        .unwrap_or_default(),
+                    audit_key_spki: spki.unwrap_or_default(),
                     name: m.name,
                     healthy: m.healthy,
                     in_flight: u32::try_from(m.in_flight).unwrap_or(u32::MAX),

@@ -202,6 +202,8 @@ impl Licences {
             family: image.family,
             product_id: image.product_id,
             expected_flash_crc: image.expected_crc,
+            // A copy of the signer's newest 217 bytes: no signing, no database, on this path.
+            checkpoint: st.checkpoints().latest().unwrap_or_default(),
         })
     }
 

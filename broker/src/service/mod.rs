@@ -20,6 +20,7 @@ use flashgate_common::cert::VendorCaPublicKey;
 use flashgate_proto::transport::RevokedSerials;
 
 use self::station::StationHub;
+use crate::checkpoint::{CheckpointSettings, Checkpoints};
 use crate::hsm::HsmPool;
 use crate::ledger::{ImageMeta, Ledger, LedgerError};
 
@@ -39,6 +40,10 @@ pub mod metric {
     pub const IMAGE_BYTES: &str = "flashgate_image_bytes_sent_total";
     /// Gauge: stations attached to this broker over `StationService.Attach`.
     pub const STATIONS_ATTACHED: &str = "flashgate_stations_attached";
+    /// Counter: audit checkpoints signed by this broker.
+    pub const CHECKPOINTS: &str = "flashgate_audit_checkpoints_total";
+    /// Counter: failed appends of a checkpoint to a configured sink.
+    pub const CHECKPOINT_SINK_ERRORS: &str = "flashgate_audit_checkpoint_sink_errors_total";
 }
 
 /// Everything the services share. Cheap to clone (an `Arc` inside).
@@ -60,6 +65,8 @@ struct StateInner {
     stations_noted: Mutex<HashMap<(String, String), Instant>>,
     /// Stations attached to this broker and the latest station assignments.
     stations: Arc<StationHub>,
+    /// The audit checkpoint signer's state and the newest checkpoint.
+    checkpoints: Checkpoints,
 }
 
 impl std::fmt::Debug for BrokerState {
@@ -85,6 +92,7 @@ impl BrokerState {
         pool: HsmPool,
         vendor_keys: Vec<VendorCaPublicKey>,
         revoked: Arc<RevokedSerials>,
+        checkpoints: CheckpointSettings,
     ) -> Self {
         Self {
             inner: Arc::new(StateInner {
@@ -97,6 +105,7 @@ impl BrokerState {
                 images: RwLock::new(HashMap::new()),
                 stations_noted: Mutex::new(HashMap::new()),
                 stations: Arc::new(StationHub::new()),
+                checkpoints: Checkpoints::new(checkpoints),
             }),
         }
     }
@@ -119,6 +128,11 @@ impl BrokerState {
     /// The stations attached to this broker and the latest station assignments.
     pub fn stations(&self) -> &Arc<StationHub> {
         &self.inner.stations
+    }
+
+    /// The audit checkpoint signer's state (the newest checkpoint for licence responses).
+    pub fn checkpoints(&self) -> &Checkpoints {
+        &self.inner.checkpoints
     }
 
     /// The HSM pool.

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use crate::support::*;
-use flashgate_broker::ledger::audit::{AuditRecord, GENESIS_HASH, Verifier, record_hash};
+use flashgate_broker::ledger::audit::{AuditRecord, LEGACY_GENESIS_HASH, Verifier, record_hash};
 use flashgate_broker::ledger::{BatchState, LedgerError};
 use proptest::prelude::*;
 
@@ -17,7 +17,7 @@ enum Mutation {
 }
 
 fn build(events: &[(i64, String, String, String, String)]) -> Vec<AuditRecord> {
-    let mut prev = GENESIS_HASH.to_vec();
+    let mut prev = LEGACY_GENESIS_HASH.to_vec();
     events
         .iter()
         .enumerate()
@@ -41,7 +41,7 @@ fn build(events: &[(i64, String, String, String, String)]) -> Vec<AuditRecord> {
 }
 
 fn verify(records: &[AuditRecord], head_seq: i64, head_hash: &[u8]) -> Result<(), LedgerError> {
-    let mut v = Verifier::new();
+    let mut v = Verifier::new(LEGACY_GENESIS_HASH);
     for r in records {
         v.push(r)?;
     }

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use crate::support::*;
+use flashgate_broker::ledger::audit::{AuditRecord, Genesis, LEGACY_GENESIS_HASH, genesis_hash};
 use flashgate_broker::ledger::{
     AuditFault, BatchState, InstallOutcome, InstallReport, IssueOutcome, Ledger, LedgerError, Precheck, RefusalReason,
     RefusalRecord, now_ms,
@@ -280,7 +281,8 @@ async fn ledger_admin_changes_are_audited() {
     assert_eq!(l.export_audit(&mut out).await.unwrap(), 5);
     let first: serde_json::Value =
         serde_json::from_str(String::from_utf8(out).unwrap().lines().next().unwrap()).unwrap();
-    assert_eq!(first["prev_hash"], "0".repeat(64));
+    // The first record starts from the genesis hash of the ledger's id, not from zeros.
+    assert_eq!(first["prev_hash"], hex::encode(genesis_hash(&l.ledger_id())));
     let s = l.verify_audit().await.unwrap();
     assert_eq!(s.records, 5);
 }
@@ -448,4 +450,94 @@ async fn ledger_files_are_private_whatever_the_umask() {
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{} has mode {mode:o}", p.display());
     }
+}
+
+/// SQL that re-chains `records[from..]` (after editing them) from `first_prev` (or the hash of the record
+/// before `from`) and moves the head to the last one, as someone with write access to the database would.
+fn rechain_sql(records: &mut [AuditRecord], from: usize, first_prev: Option<Vec<u8>>) -> Vec<String> {
+    let mut statements = Vec::new();
+    for i in from..records.len() {
+        records[i].prev_hash = match (i, &first_prev) {
+            (0, Some(p)) => p.clone(),
+            (0, None) => records[0].prev_hash.clone(),
+            _ => records[i - 1].hash.clone(),
+        };
+        records[i].hash = records[i].compute_hash().to_vec();
+        let r = &records[i];
+        statements.push(format!(
+            "UPDATE audit SET subject = '{}', details = '{}', prev_hash = x'{}', hash = x'{}' WHERE seq = {}",
+            r.subject,
+            r.details.replace('\'', "''"),
+            hex::encode(&r.prev_hash),
+            hex::encode(&r.hash),
+            r.seq
+        ));
+    }
+    if let Some(last) = records.last() {
+        statements.push(format!(
+            "UPDATE audit_head SET seq = {}, hash = x'{}' WHERE id = 1",
+            last.seq,
+            hex::encode(&last.hash)
+        ));
+    }
+    statements
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_id_is_created_with_the_ledger_and_bound_by_the_first_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, url) = audited_ledger(&dir).await;
+    let id = l.ledger_id();
+    assert_ne!(id, [0; 16]);
+    assert_eq!(l.genesis(), Genesis::Bound);
+    assert_eq!(Ledger::open(&url).await.unwrap().ledger_id(), id, "the id is stored, not drawn per opening");
+    let other = tempfile::tempdir().unwrap();
+    assert_ne!(sqlite_ledger(&other).await.0.ledger_id(), id, "each ledger draws its own id");
+    let s = l.verify_audit().await.unwrap();
+    assert_eq!(s.ledger_id, hex::encode(id));
+    let mut records = l.audit_page(0, 10_000).await.unwrap();
+    assert_eq!(records[0].prev_hash, genesis_hash(&id).to_vec());
+
+    // The whole chain re-built from zeros (as an old ledger would start): refused at seq 1.
+    let statements = rechain_sql(&mut records, 0, Some(LEGACY_GENESIS_HASH.to_vec()));
+    raw_sql(&url, &statements.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let e = l.verify_audit().await.unwrap_err();
+    assert!(matches!(e, LedgerError::AuditBroken { seq: 1, why: AuditFault::Genesis }), "{e}");
+    assert!(e.to_string().contains("genesis hash of the ledger id"), "{e}");
+
+    // …and re-built from another ledger id's genesis, with ledger_meta edited to match: the identity differs
+    // from the one the broker opened.
+    let forged = [0x42u8; 16];
+    let mut statements = rechain_sql(&mut records, 0, Some(genesis_hash(&forged).to_vec()));
+    statements.push(format!("UPDATE ledger_meta SET ledger_id = x'{}' WHERE id = 1", hex::encode(forged)));
+    raw_sql(&url, &statements.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let e = l.verify_audit().await.unwrap_err();
+    assert!(matches!(e, LedgerError::AuditBroken { seq: 0, why: AuditFault::Identity(_) }), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_created_before_ledger_ids_gets_one_and_stays_legacy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, url) = audited_ledger(&dir).await;
+    // Make it what schema v4 left behind: a chain from zeros, no ledger_meta, migration 5 not applied.
+    let mut records = l.audit_page(0, 10_000).await.unwrap();
+    let n = records.len();
+    let mut statements = rechain_sql(&mut records, 0, Some(LEGACY_GENESIS_HASH.to_vec()));
+    statements.push("DROP TABLE ledger_meta".into());
+    statements.push("DELETE FROM _sqlx_migrations WHERE version = 5".into());
+    raw_sql(&url, &statements.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    l.close().await;
+
+    let l = Ledger::open(&url).await.unwrap();
+    assert_eq!(l.genesis(), Genesis::Legacy);
+    let s = l.verify_audit().await.unwrap();
+    assert_eq!(s.records as usize, n + 1, "one ledger.id_assigned record appended");
+    assert_eq!(s.genesis, Genesis::Legacy);
+    let last = l.audit_page(n as i64, 10).await.unwrap().pop().unwrap();
+    assert_eq!(last.event, "ledger.id_assigned");
+    assert!(last.details.contains(&hex::encode(l.ledger_id())), "{}", last.details);
+    // Opening again changes nothing.
+    let again = Ledger::open(&url).await.unwrap();
+    assert_eq!((again.ledger_id(), again.genesis()), (l.ledger_id(), Genesis::Legacy));
+    assert_eq!(again.verify_audit().await.unwrap().records as usize, n + 1);
 }

@@ -247,17 +247,33 @@ pub struct RevokeArgs {
 /// `flashgate admin audit …`
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Write audit records as JSON lines (one record per line), in sequence order.
+    /// Write the audit export for offline verification (`flashgate audit verify`): a checkpoint of the
+    /// head is signed first, then header, checkpoints, records, licences, batch counts and an end line,
+    /// as JSON lines from one snapshot (flashgate-audit-export-v1, docs/protocol.md §3.2). With
+    /// `--after`: only the records after that seq, one per line, as before (not verifiable offline).
     Export {
         /// Output file, written whole or not at all (default, or `-`: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Only records with a sequence number greater than this.
-        #[arg(long, default_value_t = 0, value_name = "SEQ")]
-        after: i64,
+        /// Only records with a sequence number greater than this, one JSON object per line.
+        #[arg(long, value_name = "SEQ")]
+        after: Option<i64>,
     },
     /// Walk the whole hash chain; exits 1 naming the first broken record when it does not hold.
     Verify,
+    /// Sign the audit head now with the broker's HSM audit-signing key and print the checkpoint.
+    Checkpoint,
+    /// Write the audit-signing public keys of the broker's HSM members (the `--trust` file of
+    /// `flashgate audit verify`): PEM `PUBLIC KEY` blocks, or with `--der` the DER SubjectPublicKeyInfo
+    /// of a single member.
+    Key {
+        /// Output file, written whole or not at all (default, or `-`: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// DER instead of PEM (only when exactly one member has a key).
+        #[arg(long)]
+        der: bool,
+    },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -396,8 +412,13 @@ pub async fn run(args: AdminArgs) -> Result<()> {
         AdminCommand::Stations => stations(&mut client, json).await,
         AdminCommand::Station(StationCommand::Revoke(a)) => revoke(&mut client, a, json).await,
         AdminCommand::Station(cmd) => station(&mut client, cmd, prepared, json).await,
-        AdminCommand::Audit(AuditCommand::Export { out, after }) => audit_export(&mut client, out, after).await,
+        AdminCommand::Audit(AuditCommand::Export { out, after: Some(after) }) => {
+            audit_export(&mut client, out, after).await
+        }
+        AdminCommand::Audit(AuditCommand::Export { out, after: None }) => audit_bundle(&mut client, out).await,
         AdminCommand::Audit(AuditCommand::Verify) => audit_verify(&mut client, json).await,
+        AdminCommand::Audit(AuditCommand::Checkpoint) => audit_checkpoint(&mut client, json).await,
+        AdminCommand::Audit(AuditCommand::Key { out, der }) => audit_key(&mut client, out, der).await,
         AdminCommand::Hsm => hsm(&mut client, json).await,
     }
 }
@@ -774,12 +795,114 @@ async fn audit_export(client: &mut Client, out: Option<PathBuf>, after: i64) -> 
     Ok(())
 }
 
+async fn audit_bundle(client: &mut Client, out: Option<PathBuf>) -> Result<()> {
+    let mut stream = client
+        .export_audit_bundle(pb::ExportAuditBundleRequest {})
+        .await
+        .rpc("exporting the audit (records, checkpoints, licences, batches)")?;
+    let mut writer = match &out {
+        Some(path) => OutFile::create(path, flashgate_common::atomic_file::PUBLIC_MODE)?,
+        None => OutFile::stdout(),
+    };
+    let target = writer.name().to_string();
+    let mut bytes = 0u64;
+    loop {
+        match stream.message().await {
+            Ok(Some(chunk)) => {
+                writer.write_all(&chunk.data).with_context(|| format!("writing to {target}"))?;
+                bytes += chunk.data.len() as u64;
+            }
+            Ok(None) => break,
+            Err(s) => {
+                // A file is not committed: a cut export never replaces a whole one.
+                bail!("exporting the audit: stream broke after {bytes} bytes: {}", super::client::status_text(&s));
+            }
+        }
+    }
+    writer.commit()?;
+    eprintln!("audit export ({bytes} bytes, flashgate-audit-export-v1) written to {target}");
+    Ok(())
+}
+
+async fn audit_checkpoint(client: &mut Client, json: bool) -> Result<()> {
+    let r = client.checkpoint_audit(pb::CheckpointAuditRequest {}).await.rpc("signing an audit checkpoint")?;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "checkpoint": hex::encode(&r.checkpoint),
+                "seq": r.seq,
+                "hash": r.hash,
+                "at": r.at,
+                "broker": r.broker,
+                "ledger_id": r.ledger_id,
+            })
+        );
+    } else {
+        println!(
+            "checkpoint of ledger {} signed by {} at {}: head seq {} hash {}",
+            r.ledger_id, r.broker, r.at, r.seq, r.hash
+        );
+        println!("{}", hex::encode(&r.checkpoint));
+    }
+    Ok(())
+}
+
+async fn audit_key(client: &mut Client, out: Option<PathBuf>, der: bool) -> Result<()> {
+    use p256::pkcs8::{DecodePublicKey as _, EncodePublicKey as _, LineEnding};
+    let r = client.hsm_status(pb::HsmStatusRequest {}).await.rpc("reading the HSM members' audit keys")?;
+    let keys: Vec<&pb::HsmMember> = r.members.iter().filter(|m| !m.audit_key_spki.is_empty()).collect();
+    if keys.is_empty() {
+        bail!("no HSM member of broker {} has an audit-signing key", r.broker);
+    }
+    let mut writer = match &out {
+        Some(path) => OutFile::create(path, flashgate_common::atomic_file::PUBLIC_MODE)?,
+        None => OutFile::stdout(),
+    };
+    let target = writer.name().to_string();
+    if der {
+        if keys.len() != 1 {
+            bail!("--der writes one key, but {} members have one; use PEM (several blocks in one file)", keys.len());
+        }
+        writer.write_all(&keys[0].audit_key_spki).with_context(|| format!("writing to {target}"))?;
+    } else {
+        for m in &keys {
+            let vk = p256::ecdsa::VerifyingKey::from_public_key_der(&m.audit_key_spki)
+                .map_err(|e| anyhow::anyhow!("member {}: the broker sent an unusable audit key: {e}", m.name))?;
+            let pem = vk.to_public_key_pem(LineEnding::LF).map_err(|e| anyhow::anyhow!("PEM encoding: {e}"))?;
+            writeln!(
+                writer,
+                "# audit-signing key of HSM member {} of broker {} (SHA-256 {})",
+                m.name, r.broker, m.audit_key_fingerprint
+            )
+            .with_context(|| format!("writing to {target}"))?;
+            writer.write_all(pem.as_bytes()).with_context(|| format!("writing to {target}"))?;
+        }
+    }
+    writer.commit()?;
+    if !writer_is_stdout(&out) {
+        eprintln!("{} audit key(s) of broker {} written to {target}", keys.len(), r.broker);
+    }
+    Ok(())
+}
+
+fn writer_is_stdout(out: &Option<PathBuf>) -> bool {
+    out.as_deref().is_none_or(|p| p.as_os_str() == "-")
+}
+
 async fn audit_verify(client: &mut Client, json: bool) -> Result<()> {
     let r = client.verify_audit(pb::VerifyAuditRequest {}).await.rpc("verifying the audit chain")?;
     if json {
         println!("{}", verify_json(&r));
     } else if r.ok {
         println!("audit chain ok: {} records, head seq {} hash {}", r.records, r.head_seq, r.head_hash);
+        match r.genesis.as_str() {
+            "legacy" => println!(
+                "ledger id {} (legacy: the chain predates ledger ids and starts from zeros; its first record binds nothing)",
+                r.ledger_id
+            ),
+            _ => println!("ledger id {} (bound by the first record's genesis hash)", r.ledger_id),
+        }
     }
     if !r.ok {
         bail!(
@@ -994,6 +1117,7 @@ fn hsm_table(members: &[pb::HsmMember]) -> Table {
         "failures",
         "mean ms",
         "max ms",
+        "audit key",
         "last error",
     ])
     .right(&[2, 3, 4, 5, 6, 7]);
@@ -1007,6 +1131,11 @@ fn hsm_table(members: &[pb::HsmMember]) -> Table {
             m.consecutive_failures.to_string(),
             format!("{:.2}", m.latency_mean_ms),
             format!("{:.2}", m.latency_max_ms),
+            if m.audit_key_fingerprint.is_empty() {
+                "-".to_string()
+            } else {
+                format!("sha256:{}", &m.audit_key_fingerprint[..m.audit_key_fingerprint.len().min(16)])
+            },
             if m.last_error.is_empty() { "-".to_string() } else { m.last_error.clone() },
         ]);
     }
@@ -1155,6 +1284,8 @@ fn verify_json(r: &pb::VerifyAuditResponse) -> Value {
         "head_hash": r.head_hash,
         "broken_seq": r.broken_seq,
         "fault": r.fault,
+        "ledger_id": r.ledger_id,
+        "genesis": r.genesis,
     })
 }
 
@@ -1174,6 +1305,8 @@ fn hsm_json(r: &pb::HsmStatusResponse) -> Value {
                 "device_errors": m.device_errors,
                 "latency_mean_ms": m.latency_mean_ms,
                 "latency_max_ms": m.latency_max_ms,
+                "audit_key_spki": hex::encode(&m.audit_key_spki),
+                "audit_key_fingerprint": m.audit_key_fingerprint,
             })
         })
         .collect();
@@ -1279,7 +1412,7 @@ mod tests {
         assert!(parse(&["station", "revoke", "--identity", "x", "--reason", "lost", "--force"]).is_err());
         assert!(parse(&["image", "pack", "--key-id", &"0".repeat(32), "--family", "stm32l4"]).is_err());
         let a = parse(&["audit", "export", "--after", "7", "--out", "a.jsonl"]).unwrap();
-        assert!(matches!(a.command, AdminCommand::Audit(AuditCommand::Export { after: 7, .. })));
+        assert!(matches!(a.command, AdminCommand::Audit(AuditCommand::Export { after: Some(7), .. })));
     }
 
     /// Every `admin station revoke` example in the docs is a command line the CLI accepts.

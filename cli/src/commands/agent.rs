@@ -93,6 +93,10 @@ pub struct JournalArgs {
     /// Only results not yet acknowledged by the broker.
     #[arg(long)]
     pub pending: bool,
+    /// Print the signed audit checkpoints this station holds (the newest per ledger), one hex line
+    /// each: a witness file for `flashgate audit verify --witness`.
+    #[arg(long, conflicts_with = "pending")]
+    pub checkpoints: bool,
 }
 
 /// Runs `flashgate agent …`.
@@ -430,8 +434,45 @@ fn probes_cmd(a: ConfigArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `agent journal --checkpoints`: the witness file on stdout (comment lines describe each checkpoint).
+fn checkpoints_cmd(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let held = flashgate_agent::witness::read(dir)?;
+    if json {
+        let rows: Vec<_> = held
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "checkpoint": c.to_bytes().map(hex::encode).unwrap_or_default(),
+                    "ledger_id": hex::encode(c.head.ledger_id), "seq": c.head.seq,
+                    "hash": hex::encode(c.head.hash), "at": c.head.at, "broker": c.head.broker,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    if held.is_empty() {
+        eprintln!("no audit checkpoint received yet in {}", dir.display());
+    }
+    for c in &held {
+        println!(
+            "# ledger {} seq {} hash {} signed by {} at {}",
+            hex::encode(c.head.ledger_id),
+            c.head.seq,
+            hex::encode(c.head.hash),
+            c.head.broker,
+            c.head.at
+        );
+        println!("{}", c.to_bytes().map(hex::encode).unwrap_or_default());
+    }
+    Ok(())
+}
+
 fn journal_cmd(a: JournalArgs) -> anyhow::Result<()> {
     let cfg = AgentConfig::load(&a.common.config)?;
+    if a.checkpoints {
+        return checkpoints_cmd(&cfg.journal_dir(), a.common.json);
+    }
     let entries = Journal::read_entries(&cfg.journal_dir())?;
     let entries: Vec<_> = entries.into_iter().filter(|(_, st)| !a.pending || st.is_pending()).collect();
     if a.common.json {

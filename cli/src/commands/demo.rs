@@ -156,6 +156,7 @@ fn broker_config(dir: &Path) -> Result<BrokerConfig> {
             members: vec![HsmMemberConfig::Soft { path: dir.join("keys.fgks"), passphrase_file: None }],
         },
         limits: LimitsConfig::default(),
+        audit: Default::default(),
     })
 }
 

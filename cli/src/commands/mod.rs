@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod agent;
 pub mod agent_ui;
+pub mod audit;
 pub mod bench;
 pub mod bench_attach;
 pub mod bench_flood;

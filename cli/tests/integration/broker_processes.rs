@@ -3,15 +3,16 @@
 //! keystores under one key id with `flashgate admin key import`, an image packed and a batch of quota
 //! 8 created through one broker, then 64 concurrent licence requests (distinct chips) split across the
 //! two processes. Exactly 8 licences exist afterwards, whichever broker is asked; a retry through the
-//! other broker returns the same bytes. Also `broker --check` on the commented example's shape and
-//! graceful stop on SIGTERM.
+//! other broker returns the same bytes. Both brokers' audit keys (`admin audit key`) verify an export
+//! (`admin audit export`) offline with `flashgate audit verify`; one key alone does not. Also
+//! `broker --check` on the commented example's shape and graceful stop on SIGTERM.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../../../broker/tests/integration/support/pg.rs"]
 mod pg;
 
-use crate::support::{BrokerProcess, admin, ok, write_config};
+use crate::support::{BrokerProcess, admin, ok, run, write_config};
 use flashgate_common::cert::{ChipKey, VendorCa};
 use flashgate_proto::errors::Refusal;
 use flashgate_proto::transport::{TlsFiles, client_config, connect};
@@ -146,6 +147,28 @@ fn two_broker_processes_on_one_postgres_never_exceed_a_shared_quota() {
     }
     let verify = admin(dir, &b2.url, &["audit", "verify"]);
     assert_eq!(verify["ok"], serde_json::Value::Bool(true), "{verify}");
+
+    // Offline verification (issue 13): each broker's audit key from its HSM, one export holding the
+    // checkpoints both signed, verified with no broker and no database.
+    let adm = |url: &str, args: &[&str]| {
+        let mut full = vec!["admin", "--broker", url, "--pki", "pki", "--name", "ops"];
+        full.extend_from_slice(args);
+        ok(dir, &full)
+    };
+    let hsm = admin(dir, &b1.url, &["hsm"]);
+    assert_eq!(hsm["members"][0]["audit_key_fingerprint"].as_str().map(str::len), Some(64), "{hsm}");
+    adm(&b1.url, &["audit", "key", "--out", "keys-1.pem"]);
+    adm(&b2.url, &["audit", "key", "--out", "keys-2.pem"]);
+    let cp = adm(&b1.url, &["audit", "checkpoint"]);
+    assert!(cp.contains("signed by broker-1"), "{cp}");
+    adm(&b2.url, &["audit", "export", "--out", "audit.jsonl"]);
+    let out = ok(dir, &["audit", "verify", "audit.jsonl", "--trust", "keys-1.pem", "--trust", "keys-2.pem"]);
+    assert!(out.contains("audit export ok"), "{out}");
+    assert!(out.contains("8 licences and 1 batches reconciled"), "{out}");
+    let one = run(dir, &["audit", "verify", "audit.jsonl", "--trust", "keys-1.pem"]);
+    assert!(!one.status.success(), "broker-2's checkpoints do not verify under broker-1's key alone");
+    let err = String::from_utf8_lossy(&one.stderr);
+    assert!(err.contains("does not verify under any trusted key"), "{err}");
 
     assert!(b1.stop().success(), "broker-1 exits 0 on SIGTERM");
     assert!(b2.stop().success(), "broker-2 exits 0 on SIGTERM");

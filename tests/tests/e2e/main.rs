@@ -11,6 +11,7 @@ mod agent_parallel;
 mod agent_probe_watch;
 mod agent_serial;
 mod agent_unplug;
+mod audit_offline;
 mod hostile;
 mod licences;
 mod pool_and_ledger;

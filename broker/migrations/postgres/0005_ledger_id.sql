@@ -1,0 +1,12 @@
+-- Flashgate ledger schema v5 (PostgreSQL dialect): the ledger's identity. One row, written by the first
+-- broker that opens the ledger after this migration: a random 16-byte id, and how the audit chain starts —
+-- 'bound' (the first record's prev_hash is the genesis hash of the id, docs/protocol.md §3) for a ledger
+-- whose chain was empty then, 'legacy' (32 zero bytes) for one that already held records.
+-- Keep in step with ../sqlite/0005_ledger_id.sql.
+
+CREATE TABLE ledger_meta (
+    id         BIGINT PRIMARY KEY CHECK (id = 1),
+    ledger_id  BYTEA NOT NULL,
+    genesis    TEXT NOT NULL CHECK (genesis IN ('bound', 'legacy')),
+    created_at BIGINT NOT NULL
+);
