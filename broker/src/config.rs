@@ -690,10 +690,15 @@ path = "keys.fgks"
         let nine: Vec<String> = (0..9).map(|i| format!("\"file:/tmp/s{i}\"")).collect();
         let e = load(&with(&format!("checkpoint_sinks = [{}]", nine.join(", "))), &[]).unwrap_err().to_string();
         assert!(e.contains("at most 8"), "{e}");
-        let c = load(GOOD, &[("FLASHGATE_AUDIT__CHECKPOINT_SINKS", "file:a.log,file:/b.log")]).unwrap();
+        // A relative sink is state, like the ledger: it lands in systemd's StateDirectory= when set.
+        let c = load(
+            GOOD,
+            &[("FLASHGATE_AUDIT__CHECKPOINT_SINKS", "file:a.log,file:/b.log"), ("STATE_DIRECTORY", "/var/lib/fg")],
+        )
+        .unwrap();
         assert_eq!(
             c.audit.file_sinks(Path::new("/etc/fg")).unwrap(),
-            vec![PathBuf::from("/etc/fg/a.log"), PathBuf::from("/b.log")]
+            vec![PathBuf::from("/var/lib/fg/a.log"), PathBuf::from("/b.log")]
         );
     }
 
