@@ -20,6 +20,9 @@ use flashgate_proto::v1::{IssueLicenceRequest, IssueLicenceResponse, ReportInsta
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
+/// Appended to the message of a success reported without a flash CRC (see [`Licences::report`]).
+const NO_CRC_SEEN: &str = "flash CRC not seen (INSTALL's answer was lost; the chip reports installed)";
+
 use super::status::{hsm_status, ledger_status, refused};
 use super::{BrokerState, auth, metric, validate};
 use crate::ledger::{
@@ -278,14 +281,27 @@ impl Licences {
             }
             Some(true) => {}
         }
-        // A success whose flash CRC is not the image's is not a success.
+        // A success whose flash CRC is not the image's is not a success. A success without a CRC is a
+        // station that recovered an install whose answer was lost (the agent was killed after INSTALL;
+        // GET_STATE says installed, and the profile has no way to read the CRC again): recorded as
+        // installed, saying so. The check catches a flash that differs, not a station that lies: the
+        // expected CRC is in every licence response.
         let (status_code, message) = match (status_code, st.image_meta(&batch.image_sha256).await) {
             (0, Ok(image)) => match (image.expected_crc, r.flash_crc) {
-                (Some(expected), got) if got != Some(expected) => {
-                    let got = got.map_or_else(|| "none".to_owned(), |c| format!("{c:#010x}"));
+                (Some(expected), Some(got)) if got != expected => {
                     tracing::warn!(station = %caller.uri, device = %r.device_id,
-                        "install reported ok with flash CRC {got}, image expects {expected:#010x}: recorded as failed");
-                    (CRC_MISMATCH, format!("CRC mismatch: flash CRC {got}, image expects {expected:#010x}"))
+                        "install reported ok with flash CRC {got:#010x}, image expects {expected:#010x}: recorded as failed");
+                    (CRC_MISMATCH, format!("CRC mismatch: flash CRC {got:#010x}, image expects {expected:#010x}"))
+                }
+                (Some(_), None) => {
+                    tracing::info!(station = %caller.uri, device = %r.device_id,
+                        "install reported ok without its flash CRC (recovered after INSTALL's answer was lost)");
+                    let message = if r.message.is_empty() {
+                        NO_CRC_SEEN.to_owned()
+                    } else {
+                        format!("{}; {NO_CRC_SEEN}", r.message)
+                    };
+                    (0, message)
                 }
                 _ => (0, r.message.clone()),
             },

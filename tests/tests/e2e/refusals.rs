@@ -479,4 +479,19 @@ async fn install_reports_come_from_the_licence_holders_site_with_the_images_crc(
     // The right CRC from the licensed station counts.
     berlin1.licences.clone().report_install(report("b-rep", &chip.device_id(), "b2", crc)).await.unwrap();
     assert_eq!(broker.batch_status("b-rep").await.installed, 1);
+    // A success without a CRC (a station that recovered an install whose INSTALL answer was lost) counts as
+    // installed and says so; it is not a mismatch.
+    assert!(crc.is_some(), "the test image must have an expected CRC");
+    let recovered = world.chip();
+    berlin1.issue("b-rep", &recovered).await.unwrap();
+    berlin1.licences.clone().report_install(report("b-rep", &recovered.device_id(), "r1", None)).await.unwrap();
+    let status = broker.batch_status("b-rep").await;
+    assert_eq!(
+        (status.installed, status.failed),
+        (2, 0),
+        "counts are per device: the first one's failure was superseded"
+    );
+    let history = broker.running().state().ledger().device_history(&recovered.device_id()).await.unwrap();
+    assert_eq!(history.installs[0].status_code, 0);
+    assert!(history.installs[0].message.contains("flash CRC not seen"), "{:?}", history.installs[0]);
 }
