@@ -393,6 +393,30 @@ async fn sqlite_pool(url: &str, max: u32, busy: Duration) -> Result<AnyPool, Led
         .map_err(|source| LedgerError::Open { what: "SQLite ledger", location: sqlite_file(url).to_owned(), source })
 }
 
+/// A read transaction on one snapshot of the ledger (REPEATABLE READ on PostgreSQL; an SQLite read
+/// transaction is one already) and the audit head as that snapshot holds it, for walks of the chain
+/// that must see the head, the records and the tables at one instant (verify, export).
+async fn snapshot_with_head<'c>(
+    pooled: &'c mut sqlx::pool::PoolConnection<Any>,
+    dialect: Dialect,
+    op: &'static str,
+) -> Result<(sqlx::Transaction<'c, Any>, i64, Vec<u8>), LedgerError> {
+    let mut conn = sqlx::Connection::begin(&mut **pooled).await.map_err(LedgerError::db(op))?;
+    if dialect == Dialect::Postgres {
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut *conn)
+            .await
+            .map_err(LedgerError::db(op))?;
+    }
+    let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(LedgerError::db(op))?;
+    let seq: i64 = head.try_get(0).map_err(LedgerError::db(op))?;
+    let hash: Vec<u8> = head.try_get(1).map_err(LedgerError::db(op))?;
+    Ok((conn, seq, hash))
+}
+
 impl Ledger {
     /// Opens (creating and migrating if needed) the ledger at `url` with default settings.
     pub async fn open(url: &str) -> Result<Self, LedgerError> {
@@ -1445,19 +1469,7 @@ impl Ledger {
         let mut pooled = self.read_conn().await?;
         // One snapshot for the head, the chain and the tables, so that a licence committed meanwhile is
         // neither a record without its licence nor a licence without its record.
-        let mut conn = sqlx::Connection::begin(&mut *pooled).await.map_err(LedgerError::db(OP))?;
-        if self.dialect() == Dialect::Postgres {
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                .execute(&mut *conn)
-                .await
-                .map_err(LedgerError::db(OP))?;
-        }
-        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(LedgerError::db(OP))?;
-        let head_seq: i64 = head.try_get(0).map_err(LedgerError::db(OP))?;
-        let head_hash: Vec<u8> = head.try_get(1).map_err(LedgerError::db(OP))?;
+        let (mut conn, head_seq, head_hash) = snapshot_with_head(&mut pooled, self.dialect(), OP).await?;
         // The identity as stored now (not as cached at opening): an edited ledger_meta must show.
         let meta = sqlx::query("SELECT ledger_id, genesis FROM ledger_meta WHERE id = 1")
             .fetch_optional(&mut *conn)
@@ -1618,19 +1630,7 @@ impl Ledger {
             })
         };
         let mut pooled = self.read_conn().await?;
-        let mut conn = sqlx::Connection::begin(&mut *pooled).await.map_err(LedgerError::db(OP))?;
-        if self.dialect() == Dialect::Postgres {
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                .execute(&mut *conn)
-                .await
-                .map_err(LedgerError::db(OP))?;
-        }
-        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(LedgerError::db(OP))?;
-        let head_seq: i64 = head.try_get(0).map_err(LedgerError::db(OP))?;
-        let head_hash: Vec<u8> = head.try_get(1).map_err(LedgerError::db(OP))?;
+        let (mut conn, head_seq, head_hash) = snapshot_with_head(&mut pooled, self.dialect(), OP).await?;
         send(w.line(&Line::Header(Header {
             format: EXPORT_FORMAT.into(),
             ledger_id: hex::encode(self.inner.ledger_id),
