@@ -17,6 +17,7 @@ const SQLITE: &[(i64, &str, &str)] = &[
     (4, "licence holders", include_str!("../../migrations/sqlite/0004_licence_holders.sql")),
     (5, "ledger id", include_str!("../../migrations/sqlite/0005_ledger_id.sql")),
     (6, "audit checkpoints", include_str!("../../migrations/sqlite/0006_audit_checkpoints.sql")),
+    (7, "refusals", include_str!("../../migrations/sqlite/0007_refusals.sql")),
 ];
 const POSTGRES: &[(i64, &str, &str)] = &[
     (1, "ledger", include_str!("../../migrations/postgres/0001_ledger.sql")),
@@ -25,6 +26,7 @@ const POSTGRES: &[(i64, &str, &str)] = &[
     (4, "licence holders", include_str!("../../migrations/postgres/0004_licence_holders.sql")),
     (5, "ledger id", include_str!("../../migrations/postgres/0005_ledger_id.sql")),
     (6, "audit checkpoints", include_str!("../../migrations/postgres/0006_audit_checkpoints.sql")),
+    (7, "refusals", include_str!("../../migrations/postgres/0007_refusals.sql")),
 ];
 
 fn migrator(dialect: Dialect) -> Migrator {

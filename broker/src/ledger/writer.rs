@@ -143,6 +143,7 @@ async fn run_group(
     let mut staged: Vec<AuditRecord> = Vec::new();
     let mut known = existing_for(conn, items).await.map_err(dbe)?;
     let mut new_licences: Vec<&IssueRecord> = Vec::new();
+    let mut refused: Vec<RefusalRecord> = Vec::new();
     let mut taken: HashMap<&str, i64> = HashMap::new();
     let mut out = Vec::with_capacity(items.len());
     for item in items {
@@ -159,7 +160,9 @@ async fn run_group(
                         Some(b) => b.check_reissue(now, &rec.site, &rec.product_id).err(),
                     };
                     if let Some((reason, detail)) = refusal {
-                        staged.push(stage_refusal(&mut head, now, &refusal_of(rec, reason, &detail)));
+                        let r = refusal_of(rec, reason, &detail);
+                        staged.push(stage_refusal(&mut head, now, &r));
+                        refused.push(r);
                         counts.refused += 1;
                         out.push(Err(LedgerError::Refused { reason, detail }));
                         continue;
@@ -193,7 +196,9 @@ async fn run_group(
                 };
                 match (refusal, batch) {
                     (Some((reason, detail)), _) => {
-                        staged.push(stage_refusal(&mut head, now, &refusal_of(rec, reason, &detail)));
+                        let r = refusal_of(rec, reason, &detail);
+                        staged.push(stage_refusal(&mut head, now, &r));
+                        refused.push(r);
                         counts.refused += 1;
                         Err(LedgerError::Refused { reason, detail })
                     }
@@ -226,6 +231,7 @@ async fn run_group(
             }
             Payload::Refusal(rec) => {
                 staged.push(stage_refusal(&mut head, now, rec));
+                refused.push(rec.clone());
                 counts.refused += 1;
                 Ok(Outcome::Refusal)
             }
@@ -259,6 +265,7 @@ async fn run_group(
         }
     }
     insert_licences(conn, &new_licences, now).await.map_err(dbe)?;
+    upsert_refusals(conn, &refused, now).await.map_err(dbe)?;
     audit::insert_records(conn, &staged).await.map_err(dbe)?;
     audit::store_head(conn, &head).await.map_err(dbe)?;
     tx.commit().await.map_err(dbe)?;
@@ -330,6 +337,27 @@ async fn insert_licences(conn: &mut AnyConnection, recs: &[&IssueRecord], now: i
                 .bind(now);
         }
         q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// One row per (batch, device, station, reason) in `refusals`, counting repeats (schema v7).
+async fn upsert_refusals(conn: &mut AnyConnection, recs: &[RefusalRecord], now: i64) -> Result<(), sqlx::Error> {
+    for r in recs {
+        sqlx::query(
+            "INSERT INTO refusals (batch_id, device_id, station, site, reason, detail, count, first_at, last_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 1, $7, $7) ON CONFLICT (batch_id, device_id, station, reason) \
+             DO UPDATE SET count = refusals.count + 1, detail = excluded.detail, last_at = excluded.last_at",
+        )
+        .bind(&r.batch_id)
+        .bind(&r.device_id)
+        .bind(&r.station)
+        .bind(&r.site)
+        .bind(r.reason.as_str())
+        .bind(&r.detail)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(())
 }
