@@ -327,19 +327,39 @@ pub fn read_witnesses(name: &str, text: &str) -> Result<Vec<(String, SignedCheck
 }
 
 /// A commutative hash of a multiset of (batch, device) pairs, with its size.
+/// A multiset of byte tuples in constant memory: a count and the wrapping sum of each member's SHA-256
+/// (as four 64-bit words). Two multisets built from the same members in any order are equal; changing,
+/// adding or dropping a member changes the sum except with negligible probability. Used to reconcile
+/// the licences and attempts of an export with the records of the chain without holding either.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Multiset {
-    count: u64,
+pub struct Multiset {
+    /// Members added.
+    pub count: u64,
     sum: [u64; 4],
 }
 
 impl Multiset {
-    fn add(&mut self, batch: &str, device: &str) {
+    /// Adds the licence of `device` in `batch`.
+    pub fn add(&mut self, batch: &str, device: &str) {
         let mut h = Sha256::new();
         h.update((batch.len() as u64).to_be_bytes());
         h.update(batch.as_bytes());
         h.update(device.as_bytes());
-        let d = h.finalize();
+        self.add_digest(&h.finalize());
+    }
+
+    /// Adds the tuple `parts` (each length-prefixed, so `("ab","c")` and `("a","bc")` differ).
+    pub fn add_parts(&mut self, parts: &[&[u8]]) {
+        let mut h = Sha256::new();
+        h.update(b"parts\0");
+        for p in parts {
+            h.update((p.len() as u64).to_be_bytes());
+            h.update(p);
+        }
+        self.add_digest(&h.finalize());
+    }
+
+    fn add_digest(&mut self, d: &[u8]) {
         for (i, s) in self.sum.iter_mut().enumerate() {
             let mut w = [0u8; 8];
             w.copy_from_slice(&d[i * 8..i * 8 + 8]);
@@ -372,9 +392,85 @@ enum Stage {
 /// (a contradicted one is named, with the last one that agreed), the licences and batch counts against
 /// the `licence.issued` records, and the `end` line against everything before it.
 pub fn verify(
+    input: impl BufRead,
+    trusted: &[VerifyingKey],
+    witnesses: &[(String, SignedCheckpoint)],
+) -> Result<Report, VerifyError> {
+    verify_tallying(input, trusted, witnesses, None)
+}
+
+/// What the chain says of one batch up to one seq (a certificate of conformance's checkpoint), tallied
+/// by [`verify_tallying`] from the records the verification walks: the `licence.issued` devices, every
+/// `install.reported` attempt as (device, station, result id, status code), and the `licence.refused`
+/// records that name a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchTally {
+    /// The batch.
+    pub batch_id: String,
+    /// Records with a greater seq are not counted.
+    pub upto_seq: u64,
+    /// Devices licensed (as [`Multiset::add`] of batch and device).
+    pub issued: Multiset,
+    /// Attempts reported ([`Multiset::add_parts`] of device, station, result id, decimal status code).
+    pub attempts: Multiset,
+    /// Refusals that name a device.
+    pub refusals: u64,
+}
+
+impl BatchTally {
+    /// An empty tally of `batch_id` up to `upto_seq`.
+    pub fn new(batch_id: impl Into<String>, upto_seq: u64) -> Self {
+        Self {
+            batch_id: batch_id.into(),
+            upto_seq,
+            issued: Multiset::default(),
+            attempts: Multiset::default(),
+            refusals: 0,
+        }
+    }
+
+    fn record(&mut self, r: &RecordLine) -> Result<(), String> {
+        if u64::try_from(r.seq).unwrap_or(u64::MAX) > self.upto_seq {
+            return Ok(());
+        }
+        let Some((batch, device)) = r.subject.strip_prefix("batch/").and_then(|s| s.rsplit_once("/device/")) else {
+            return Ok(());
+        };
+        if batch != self.batch_id {
+            return Ok(());
+        }
+        match r.event.as_str() {
+            "licence.issued" => self.issued.add(batch, device),
+            "licence.refused" if !device.is_empty() => self.refusals += 1,
+            "install.reported" => {
+                #[derive(Deserialize)]
+                struct Reported {
+                    station: String,
+                    result_id: String,
+                    status_code: u64,
+                }
+                let d: Reported = serde_json::from_str(&r.details_json)
+                    .map_err(|e| format!("install.reported record seq {}: details unreadable: {e}", r.seq))?;
+                let code = d.status_code.to_string();
+                self.attempts.add_parts(&[
+                    device.as_bytes(),
+                    d.station.as_bytes(),
+                    d.result_id.as_bytes(),
+                    code.as_bytes(),
+                ]);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// [`verify`], and, with `tally`, counts what the chain records of one batch up to a seq as it walks.
+pub fn verify_tallying(
     mut input: impl BufRead,
     trusted: &[VerifyingKey],
     witnesses: &[(String, SignedCheckpoint)],
+    mut tally: Option<&mut BatchTally>,
 ) -> Result<Report, VerifyError> {
     let mut lineno = 0u64;
     let mut stage = Stage::Header;
@@ -521,6 +617,9 @@ pub fn verify(
                 {
                     let after = c.last_agreed().map(|(s, n)| (s, n.to_owned()));
                     return Err(VerifyError::Witness { error, after });
+                }
+                if let Some(t) = tally.as_deref_mut() {
+                    t.record(&r).map_err(|why| VerifyError::Chain { seq: r.seq, why })?;
                 }
                 if r.event == "licence.issued"
                     && let Some((batch, device)) =

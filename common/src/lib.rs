@@ -7,8 +7,11 @@
 pub mod atomic_file;
 pub mod audit;
 pub mod audit_export;
+pub mod batch_report;
 pub mod cert;
 pub mod checkpoint;
+pub mod conformance;
+pub mod device_export;
 pub mod family;
 pub mod firmware;
 pub mod gcm;
