@@ -144,6 +144,20 @@ async fn sign_locked(
 ) -> Result<SignedCheckpoint, CheckpointFailure> {
     let appended = state.ledger().appended().count();
     let (seq, hash) = state.ledger().audit_head().await?;
+    let cp = sign_head(state, seq, hash, why).await?;
+    last.head = Some((seq, cp.head.hash.to_vec()));
+    last.appended = appended;
+    Ok(cp)
+}
+
+/// Signs, verifies, stores, publishes and sinks a checkpoint of the head (`seq`, `hash`) — the committed
+/// head, or the head of a snapshot a certificate of conformance was taken at (a head the chain held).
+pub async fn sign_head(
+    state: &BrokerState,
+    seq: i64,
+    hash: Vec<u8>,
+    why: &'static str,
+) -> Result<SignedCheckpoint, CheckpointFailure> {
     let hash32: [u8; 32] = hash.as_slice().try_into().map_err(|_| CheckpointFailure::Head { seq, len: hash.len() })?;
     let head = CheckpointHead {
         ledger_id: state.ledger().ledger_id(),
@@ -169,8 +183,6 @@ async fn sign_locked(
         })
         .await?;
     state.checkpoints().publish(bytes, cp.head.seq);
-    last.head = Some((seq, hash32.to_vec()));
-    last.appended = appended;
     metrics::counter!(crate::service::metric::CHECKPOINTS).increment(1);
     tracing::info!(seq, hash = %hex::encode(hash32), why, "audit checkpoint signed");
     write_sinks(&state.checkpoints().settings.sinks, &bytes).await;

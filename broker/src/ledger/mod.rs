@@ -19,6 +19,7 @@
 
 pub mod audit;
 pub mod checkpoints;
+pub mod devices;
 pub mod error;
 pub mod model;
 mod schema;
@@ -45,6 +46,7 @@ pub use model::{
 
 use audit::{AuditEvent, Genesis, Head};
 pub use checkpoints::{Appended, StoredCheckpoint};
+pub use devices::DevicesExported;
 use writer::{Outcome, Payload, WriteOp};
 
 /// Size of the chunks an image is stored in.

@@ -30,7 +30,8 @@ use zeroize::Zeroizing;
 use super::licence::observe;
 use super::station::probe_info;
 use super::status::{hsm_status, ledger_status};
-use super::{BrokerState, auth};
+use super::traceability::{self, ChunkStream};
+use super::{BrokerState, auth, validate};
 use crate::ledger::{
     ANY_SITE, Batch, BatchState, BatchStatus, ImageMeta, KeyRecord, LedgerError, NewBatch, NewImage, StationSummary,
     now_ms,
@@ -241,9 +242,6 @@ fn known_serials(stations: &[&StationSummary]) -> String {
 
 type AuditStream = Pin<Box<dyn Stream<Item = Result<pb::AuditRecord, Status>> + Send + 'static>>;
 type BundleStream = Pin<Box<dyn Stream<Item = Result<pb::AuditBundleChunk, Status>> + Send + 'static>>;
-
-/// Largest chunk of an audit export sent in one message (whole lines; a longer line goes alone).
-pub const EXPORT_CHUNK: usize = 64 * 1024;
 
 /// A signed checkpoint as the admin API returns it.
 fn checkpoint_info(cp: &flashgate_common::checkpoint::SignedCheckpoint) -> Result<pb::AuditCheckpoint, Status> {
@@ -629,8 +627,12 @@ impl AdminService for Admin {
         req: Request<pb::DeviceHistoryRequest>,
     ) -> Result<Response<pb::DeviceHistoryResponse>, Status> {
         rpc!("DeviceHistory", self, req, |_caller, body| {
+            validate::device_id("device_id", &body.device_id)?;
             let h = self.state.ledger().device_history(&body.device_id).await.map_err(lst)?;
+            let (records_json, vendor_keys) = traceability::device_records(&self.state, &body.device_id).await?;
             Ok(pb::DeviceHistoryResponse {
+                records_json,
+                vendor_keys,
                 device_id: body.device_id,
                 licences: h
                     .licences
@@ -914,21 +916,13 @@ impl AdminService for Admin {
             let name = self.state.name().to_owned();
             let producer = tokio::spawn(async move { state.ledger().export_bundle(&name, &lines_tx).await });
             tokio::spawn(async move {
-                let mut chunk: Vec<u8> = Vec::with_capacity(EXPORT_CHUNK);
-                while let Some(line) = lines.recv().await {
-                    if !chunk.is_empty() && chunk.len() + line.len() > EXPORT_CHUNK {
-                        let data = std::mem::replace(&mut chunk, Vec::with_capacity(EXPORT_CHUNK));
-                        if tx.send(Ok(pb::AuditBundleChunk { data })).await.is_err() {
-                            return;
-                        }
-                    }
-                    chunk.extend_from_slice(line.as_bytes());
-                }
+                let wrap = |data| pb::AuditBundleChunk { data };
+                let Some(rest) = traceability::forward_lines(&mut lines, &tx, wrap).await else { return };
                 // The producer has finished (its sender is dropped): send the rest, or its error.
-                match producer.await {
-                    Ok(Ok(end)) => {
-                        if !chunk.is_empty() {
-                            let _ = tx.send(Ok(pb::AuditBundleChunk { data: chunk })).await;
+                match traceability::joined(producer, "audit export").await {
+                    Ok(end) => {
+                        if !rest.is_empty() {
+                            let _ = tx.send(Ok(wrap(rest))).await;
                         }
                         tracing::info!(
                             records = end.records,
@@ -937,15 +931,49 @@ impl AdminService for Admin {
                             "audit export streamed"
                         );
                     }
-                    Ok(Err(e)) => {
-                        let _ = tx.send(Err(lst(e))).await;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("audit export task failed: {e}")))).await;
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
                     }
                 }
             });
             Ok(Box::pin(ReceiverStream::new(rx)) as BundleStream)
+        })
+    }
+
+    type ExportDevicesStream = ChunkStream<pb::DevicesChunk>;
+
+    async fn export_devices(
+        &self,
+        req: Request<pb::ExportDevicesRequest>,
+    ) -> Result<Response<Self::ExportDevicesStream>, Status> {
+        rpc!("ExportDevices", self, req, |_caller, body| {
+            validate::batch_id("batch_id", &body.batch_id)?;
+            self.batch_with_counts(&body.batch_id).await?;
+            Ok(traceability::export_devices(&self.state, &body.batch_id))
+        })
+    }
+
+    async fn batch_report(
+        &self,
+        req: Request<pb::BatchReportRequest>,
+    ) -> Result<Response<pb::BatchReportResponse>, Status> {
+        rpc!("BatchReport", self, req, |_caller, body| {
+            validate::batch_id("batch_id", &body.batch_id)?;
+            traceability::batch_report(&self.state, &body.batch_id).await
+        })
+    }
+
+    type BatchCertificateStream = ChunkStream<pb::CertificateChunk>;
+
+    async fn batch_certificate(
+        &self,
+        req: Request<pb::BatchCertificateRequest>,
+    ) -> Result<Response<Self::BatchCertificateStream>, Status> {
+        rpc!("BatchCertificate", self, req, |caller, body| {
+            validate::batch_id("batch_id", &body.batch_id)?;
+            self.batch_with_counts(&body.batch_id).await?;
+            tracing::info!(admin = %caller.uri, batch = %body.batch_id, "certificate of conformance requested");
+            Ok(traceability::certificate(&self.state, &body.batch_id))
         })
     }
 

@@ -10,6 +10,7 @@ pub mod image;
 pub mod licence;
 pub mod station;
 pub mod status;
+pub mod traceability;
 pub mod validate;
 
 use std::collections::HashMap;

@@ -49,6 +49,9 @@ pub enum AdminCommand {
     Batch(BatchCommand),
     /// Licences and install reports of one device.
     Device(DeviceArgs),
+    /// Export ledger data for other tools.
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Stations known to the ledger: certificates, counts, whether attached, assigned batch.
     Stations,
     /// Assign a batch to a station, pause it, or revoke its certificates.
@@ -166,6 +169,30 @@ pub enum BatchCommand {
         /// Batch id.
         id: String,
     },
+    /// Yield per site, station and probe: installs, failures by status, refusals by reason, first-pass
+    /// yield, mean and p95 time per stage, devices per hour (flashgate-batch-report-v1 with --json).
+    Report {
+        /// Batch id.
+        id: String,
+    },
+    /// Write a signed certificate of conformance of the batch and the device export it covers
+    /// (DIR/BATCH.conformance.json, DIR/BATCH.devices.jsonl), checked offline by `flashgate audit verify
+    /// --certificate … --devices …`.
+    Certificate {
+        /// Batch id.
+        id: String,
+        /// Directory to write both files into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+/// `flashgate admin export …`
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// Every field of every device of a batch — certificate, licence, every attempt, refusals, verdict —
+    /// streamed from one snapshot (flashgate-devices-v1 JSON lines, or CSV).
+    Devices(super::trace::ExportDevicesArgs),
 }
 
 /// Arguments of `flashgate admin batch create`.
@@ -409,6 +436,7 @@ pub async fn run(args: AdminArgs) -> Result<()> {
         AdminCommand::Image(cmd) => image(&mut client, cmd, prepared, json).await,
         AdminCommand::Batch(cmd) => batch(&mut client, cmd, json).await,
         AdminCommand::Device(a) => device(&mut client, &a.device_id, json).await,
+        AdminCommand::Export(ExportCommand::Devices(a)) => super::trace::export_devices(&mut client, a).await,
         AdminCommand::Stations => stations(&mut client, json).await,
         AdminCommand::Station(StationCommand::Revoke(a)) => revoke(&mut client, a, json).await,
         AdminCommand::Station(cmd) => station(&mut client, cmd, prepared, json).await,
@@ -631,6 +659,8 @@ async fn batch(client: &mut Client, cmd: BatchCommand, json: bool) -> Result<()>
             print_batches(&r.batches, json);
             return Ok(());
         }
+        BatchCommand::Report { id } => return super::trace::report(client, &id, json).await,
+        BatchCommand::Certificate { id, out } => return super::trace::certificate(client, &id, &out, json).await,
         BatchCommand::Status { id } => client
             .batch_status(pb::BatchStatusRequest { id: id.clone() })
             .await
@@ -653,42 +683,9 @@ async fn device(client: &mut Client, device_id: &str, json: bool) -> Result<()> 
         .await
         .rpc(&format!("history of device {device_id}"))?;
     if json {
-        println!("{}", device_json(&r));
-        return Ok(());
-    }
-    println!("device {}", r.device_id);
-    let mut licences = Table::new(["batch", "station", "site", "issued", "licence"]);
-    for l in &r.licences {
-        licences.row([
-            l.batch_id.clone(),
-            l.station.clone(),
-            l.site.clone(),
-            ms_time(l.issued_at_ms),
-            format!("{} B", l.licence.len()),
-        ]);
-    }
-    println!("\nlicences: {}", r.licences.len());
-    if !licences.is_empty() {
-        print!("{licences}");
-    }
-    let mut installs =
-        Table::new(["batch", "station", "result", "attempt", "status", "message", "flash crc", "reported"])
-            .right(&[3, 4]);
-    for i in &r.installs {
-        installs.row([
-            i.batch_id.clone(),
-            i.station.clone(),
-            i.result_id.clone(),
-            i.attempt.to_string(),
-            format!("0x{:04X}", i.status_code),
-            i.message.clone(),
-            i.flash_crc.map(|c| format!("0x{c:08X}")).unwrap_or_else(|| "-".into()),
-            ms_time(i.reported_at_ms),
-        ]);
-    }
-    println!("\ninstall reports: {}", r.installs.len());
-    if !installs.is_empty() {
-        print!("{installs}");
+        println!("{}", super::trace::device_json(&r)?);
+    } else {
+        print!("{}", super::trace::device_text(&r)?);
     }
     Ok(())
 }
@@ -1192,39 +1189,6 @@ fn batch_json(b: &pb::BatchInfo) -> Value {
         "created_at_ms": b.created_at_ms,
         "created_by": b.created_by,
     })
-}
-
-fn device_json(r: &pb::DeviceHistoryResponse) -> Value {
-    let licences: Vec<Value> = r
-        .licences
-        .iter()
-        .map(|l| {
-            json!({
-                "batch_id": l.batch_id,
-                "station": l.station,
-                "site": l.site,
-                "issued_at_ms": l.issued_at_ms,
-                "licence": hex::encode(&l.licence),
-            })
-        })
-        .collect();
-    let installs: Vec<Value> = r
-        .installs
-        .iter()
-        .map(|i| {
-            json!({
-                "batch_id": i.batch_id,
-                "station": i.station,
-                "result_id": i.result_id,
-                "status_code": i.status_code,
-                "message": i.message,
-                "flash_crc": i.flash_crc,
-                "attempt": i.attempt,
-                "reported_at_ms": i.reported_at_ms,
-            })
-        })
-        .collect();
-    json!({ "device_id": r.device_id, "licences": licences, "installs": installs })
 }
 
 fn station_json(s: &pb::StationInfo) -> Value {

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use flashgate_common::audit_export::{self, Report, VerifyError};
+use flashgate_common::audit_export::{self, BatchTally, Report, VerifyError};
 use flashgate_common::checkpoint::SignedCheckpoint;
+use flashgate_common::conformance::{self, Certificate};
+use flashgate_common::device_export::{self, DevicesSummary};
 use p256::ecdsa::VerifyingKey;
 use p256::pkcs8::DecodePublicKey as _;
 use serde_json::json;
@@ -42,9 +44,37 @@ pub struct VerifyArgs {
     /// --checkpoints`, a broker's `file:` sink). Repeatable.
     #[arg(long, value_name = "FILE")]
     pub witness: Vec<PathBuf>,
+    /// A certificate of conformance (`flashgate admin batch certificate`) to check against the export:
+    /// its signature, the devices file it covers, and that file against the chain up to its checkpoint.
+    /// The export must be taken after the certificate.
+    #[arg(long, value_name = "FILE", requires = "devices")]
+    pub certificate: Option<PathBuf>,
+    /// The device export the certificate covers (BATCH.devices.jsonl).
+    #[arg(long, value_name = "FILE", requires = "certificate")]
+    pub devices: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A certificate read and checked on its own (signature, devices file), before the export is walked.
+struct CertCheck {
+    cert: Certificate,
+    devices: DevicesSummary,
+    checkpoint: SignedCheckpoint,
+}
+
+fn check_certificate(cert: &Path, devices: &Path, trusted: &[VerifyingKey]) -> Result<CertCheck> {
+    let bytes = read_bounded(cert, "certificate")?;
+    let c = Certificate::parse(&bytes).with_context(|| format!("certificate {}", cert.display()))?;
+    let checkpoint = c.verify_signature(trusted).with_context(|| format!("certificate {}", cert.display()))?;
+    let f = std::fs::File::open(devices).with_context(|| format!("opening the devices file {}", devices.display()))?;
+    let len = f.metadata().with_context(|| format!("reading {}", devices.display()))?.len();
+    let summary = device_export::summarise(BufReader::new(f))
+        .with_context(|| format!("the devices file {} is not a whole device export", devices.display()))?;
+    conformance::check_devices(&c, &summary, len)
+        .with_context(|| format!("{} against the certificate {}", devices.display(), cert.display()))?;
+    Ok(CertCheck { cert: c, devices: summary, checkpoint })
 }
 
 fn read_bounded(path: &Path, what: &str) -> Result<Vec<u8>> {
@@ -111,15 +141,47 @@ fn verify(a: VerifyArgs) -> Result<()> {
             bail!("more than {} witness checkpoints", audit_export::MAX_WITNESSES);
         }
     }
+    let cert = match (&a.certificate, &a.devices) {
+        (Some(c), Some(d)) => Some(check_certificate(c, d, &trusted)?),
+        _ => None,
+    };
+    let mut tally = None;
+    if let Some(c) = &cert {
+        witnesses.push((format!("certificate {}", c.cert.body.batch_id), c.checkpoint.clone()));
+        tally = Some(BatchTally::new(&c.cert.body.batch_id, c.checkpoint.head.seq));
+    }
     let file = std::fs::File::open(&a.export).with_context(|| format!("opening the export {}", a.export.display()))?;
-    let result = audit_export::verify(BufReader::new(file), &trusted, &witnesses);
+    let result = audit_export::verify_tallying(BufReader::new(file), &trusted, &witnesses, tally.as_mut());
     report(&a, &result)?;
-    match result {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            Err(anyhow::Error::new(e).context(format!("the audit export {} does not verify", a.export.display())))
+    if let Err(e) = result {
+        return Err(anyhow::Error::new(e).context(format!("the audit export {} does not verify", a.export.display())));
+    }
+    if let (Some(c), Some(t)) = (&cert, &tally) {
+        conformance::check_chain(&c.cert, &c.devices, t).context("the certificate of conformance does not hold")?;
+        let n = &c.cert.body.counts;
+        let line = format!(
+            "certificate of conformance ok: batch {} by {}: {} devices, {} licensed, {} installed, {} failed, {} not reported, {} refusals, {} attempts; reconciled with the chain up to its checkpoint at seq {}",
+            c.cert.body.batch_id,
+            c.cert.body.broker,
+            n.devices,
+            n.issued,
+            n.installed,
+            n.failed,
+            n.not_reported,
+            n.refusals,
+            c.devices.attempts_total,
+            t.upto_seq
+        );
+        if a.json {
+            println!(
+                "{}",
+                json!({ "certificate": { "ok": true, "batch_id": c.cert.body.batch_id, "counts": n, "checkpoint_seq": t.upto_seq } })
+            );
+        } else {
+            println!("{line}");
         }
     }
+    Ok(())
 }
 
 fn report(a: &VerifyArgs, result: &Result<Report, VerifyError>) -> Result<()> {

@@ -21,6 +21,7 @@ pub mod pack;
 pub mod pki;
 pub mod sfi;
 pub mod sim;
+pub mod trace;
 
 /// A clap value parser for a whole number from `min` to `max`, whose error says so in words
 /// (clap's own `.range()` prints Rust syntax such as `2..=64`).

@@ -4,7 +4,10 @@
 //! 8 created through one broker, then 64 concurrent licence requests (distinct chips) split across the
 //! two processes. Exactly 8 licences exist afterwards, whichever broker is asked; a retry through the
 //! other broker returns the same bytes. Both brokers' audit keys (`admin audit key`) verify an export
-//! (`admin audit export`) offline with `flashgate audit verify`; one key alone does not. Also
+//! (`admin audit export`) offline with `flashgate audit verify`; one key alone does not. The batch's
+//! certificate of conformance, its device export (JSON lines and CSV) and its report come from either
+//! broker; the certificate verifies offline with a later export, and one with a changed count does not.
+//! Also
 //! `broker --check` on the commented example's shape and graceful stop on SIGTERM.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -169,6 +172,37 @@ fn two_broker_processes_on_one_postgres_never_exceed_a_shared_quota() {
     assert!(!one.status.success(), "broker-2's checkpoints do not verify under broker-1's key alone");
     let err = String::from_utf8_lossy(&one.stderr);
     assert!(err.contains("does not verify under any trusted key"), "{err}");
+
+    // Traceability (issue 13 items 4-5) on the shared PostgreSQL ledger: the certificate of conformance
+    // from one broker, the device export and the report from the other, verified offline with an export
+    // taken after the certificate.
+    let out = adm(&b1.url, &["batch", "certificate", "lot-7", "--out", "cert"]);
+    assert!(out.contains("8 devices, 8 licensed, 0 installed"), "{out}");
+    adm(&b2.url, &["export", "devices", "--batch", "lot-7", "--format", "csv", "--out", "lot-7.csv"]);
+    let csv = std::fs::read_to_string(dir.join("lot-7.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 8, "a header and one row per device: {csv}");
+    adm(&b2.url, &["export", "devices", "--batch", "lot-7", "--out", "lot-7.jsonl"]);
+    assert_eq!(
+        std::fs::read(dir.join("lot-7.jsonl")).unwrap(),
+        std::fs::read(dir.join("cert/lot-7.devices.jsonl")).unwrap(),
+        "both brokers export the same bytes of the shared ledger"
+    );
+    let report = admin(dir, &b2.url, &["batch", "report", "lot-7"]);
+    assert_eq!((report["devices"].as_u64(), report["licensed"].as_u64()), (Some(8), Some(8)), "{report}");
+    adm(&b2.url, &["audit", "export", "--out", "audit-2.jsonl"]);
+    let cert_args = ["--certificate", "cert/lot-7.conformance.json", "--devices", "cert/lot-7.devices.jsonl"];
+    let mut args = vec!["audit", "verify", "audit-2.jsonl", "--trust", "keys-1.pem", "--trust", "keys-2.pem"];
+    args.extend_from_slice(&cert_args);
+    let out = ok(dir, &args);
+    assert!(out.contains("certificate of conformance ok: batch lot-7 by broker-1: 8 devices"), "{out}");
+    let text = std::fs::read_to_string(dir.join("cert/lot-7.conformance.json")).unwrap();
+    std::fs::write(dir.join("cert/forged.json"), text.replace("\"issued\": 8", "\"issued\": 7")).unwrap();
+    let mut args = vec!["audit", "verify", "audit-2.jsonl", "--trust", "keys-1.pem", "--trust", "keys-2.pem"];
+    args.extend_from_slice(&["--certificate", "cert/forged.json", "--devices", "cert/lot-7.devices.jsonl"]);
+    let forged = run(dir, &args);
+    assert!(!forged.status.success(), "a certificate with a changed count does not verify");
+    let err = String::from_utf8_lossy(&forged.stderr);
+    assert!(err.contains("signature does not verify"), "{err}");
 
     assert!(b1.stop().success(), "broker-1 exits 0 on SIGTERM");
     assert!(b2.stop().success(), "broker-2 exits 0 on SIGTERM");

@@ -12,6 +12,7 @@ mod agent_probe_watch;
 mod agent_serial;
 mod agent_unplug;
 mod audit_offline;
+mod conformance;
 mod hostile;
 mod licences;
 mod pool_and_ledger;
