@@ -32,7 +32,7 @@ pub const HOST_FAILURE: u16 = 0xFFFF;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
-    /// At least one install report says installed.
+    /// Licensed, and at least one install report says installed.
     Installed,
     /// Install reports exist and every one is a failure.
     Failed,
@@ -58,9 +58,9 @@ impl Verdict {
 
     /// The verdict of a device from what the ledger holds: the one rule every reader applies.
     pub fn of(licensed: bool, attempts: &[Attempt], refused: bool) -> Self {
-        if attempts.iter().any(|a| a.status_code == 0) {
+        if licensed && attempts.iter().any(|a| a.status_code == 0) {
             Self::Installed
-        } else if !attempts.is_empty() && licensed {
+        } else if licensed && !attempts.is_empty() {
             Self::Failed
         } else if licensed {
             Self::Licensed
@@ -499,6 +499,7 @@ mod tests {
         assert_eq!(Verdict::of(true, &[], true), Verdict::Licensed);
         assert_eq!(Verdict::of(false, &[], true), Verdict::Refused);
         assert_eq!(Verdict::of(false, &[attempt(0xFFFF)], false), Verdict::Unlicensed);
+        assert_eq!(Verdict::of(false, &[attempt(0)], false), Verdict::Unlicensed, "no install without a licence");
     }
 
     #[test]

@@ -87,3 +87,17 @@ async fn ledger_pg_station_assignments_and_status_shared_by_two_brokers() {
     let b = Ledger::open(&url).await.unwrap();
     check_station_control(&a, Some(&b)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_pg_device_export_pages_every_device_once() {
+    let Some(pg) = cluster() else { return };
+    let l = Ledger::open(&pg.create_db("devices")).await.unwrap();
+    check_device_export(&l).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_pg_from_before_v7_gets_its_refusals_from_the_audit_chain() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.create_db("backfill");
+    check_refusals_backfill(Ledger::open(&url).await.unwrap(), &url).await;
+}

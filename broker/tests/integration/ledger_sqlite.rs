@@ -541,3 +541,17 @@ async fn ledger_created_before_ledger_ids_gets_one_and_stays_legacy() {
     assert_eq!((again.ledger_id(), again.genesis()), (l.ledger_id(), Genesis::Legacy));
     assert_eq!(again.verify_audit().await.unwrap().records as usize, n + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_device_export_pages_every_device_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, _) = sqlite_ledger(&dir).await;
+    check_device_export(&l).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_from_before_v7_gets_its_refusals_from_the_audit_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, url) = sqlite_ledger(&dir).await;
+    check_refusals_backfill(l, &url).await;
+}

@@ -393,3 +393,114 @@ pub async fn check_station_control(l: &Ledger, other: Option<&Ledger>) {
     // Status is bookkeeping: not audited.
     assert_eq!(l.audit_page(0, 10_000).await.unwrap().len(), events.len());
 }
+
+/// The per-device export across page boundaries (`DEVICE_PAGE` devices a page): 1,203 licensed devices,
+/// every third reported (failed, then installed), two refused devices (one three times at one station,
+/// counted as one row of count 3); rows in id order, each device
+/// once, counts and verdicts as the rule says, and `device_rows` agreeing with the export.
+pub async fn check_device_export(l: &Ledger) {
+    use flashgate_broker::ledger::devices::DEVICE_PAGE;
+    use flashgate_broker::ledger::{InstallReport, RefusalRecord};
+    use flashgate_common::device_export::Verdict;
+    let n = 2 * DEVICE_PAGE as usize + 203;
+    seed(l, "exp", n as i64, &[SITE], (None, None)).await;
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let l = l.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = c;
+            while i < n {
+                request_licence(&l, "exp", &device(i), 1).await.unwrap();
+                i += 16;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let report = |i: usize, result: &str, code: u16| InstallReport {
+        station: "station-1".into(),
+        result_id: result.into(),
+        batch_id: "exp".into(),
+        device_id: device(i),
+        status_code: code,
+        message: String::new(),
+        flash_crc: Some(7),
+        attempt: 1,
+        timings_json: r#"{"install_us":1000,"probe":{"id":"p0","kind":"sim","port":"x"}}"#.into(),
+        actor: "station-1".into(),
+    };
+    for i in (0..n).step_by(3) {
+        l.report_install(report(i, &format!("a{i}"), 9)).await.unwrap();
+        l.report_install(report(i, &format!("b{i}"), 0)).await.unwrap();
+    }
+    let refuse = |i: usize| RefusalRecord {
+        batch_id: "exp".into(),
+        device_id: device(i),
+        station: "station-2".into(),
+        site: SITE.into(),
+        actor: "station-2".into(),
+        reason: RefusalReason::QuotaExhausted,
+        detail: "quota spent".into(),
+    };
+    for _ in 0..3 {
+        l.record_refusal(refuse(n + 1)).await.unwrap();
+    }
+    l.record_refusal(refuse(n + 2)).await.unwrap();
+    let mut rows = Vec::new();
+    let done = l
+        .for_each_device("exp", |row| {
+            rows.push(row);
+            async { Ok(()) }
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), n + 2, "every licensed and refused device once");
+    assert!(rows.windows(2).all(|w| w[0].device_id < w[1].device_id), "in id order, no repeats");
+    let c = done.counts;
+    let reported = n.div_ceil(3) as u64;
+    assert_eq!((c.devices, c.issued, c.installed, c.failed), (n as u64 + 2, n as u64, reported, 0));
+    assert_eq!((c.not_reported, c.refusals, c.first_pass), (n as u64 - reported, 4, 0));
+    assert_eq!(done.attempts, 2 * reported);
+    let r0 = &rows[0];
+    assert_eq!(r0.verdict, Verdict::Installed);
+    assert_eq!(r0.attempts.iter().map(|a| a.status_code).collect::<Vec<_>>(), [9, 0]);
+    assert_eq!((r0.attempts[1].probe_id.as_str(), r0.attempts[1].timings_us["install"]), ("p0", 1000));
+    let refused = rows.iter().find(|r| r.device_id == device(n + 1)).unwrap();
+    assert_eq!((refused.verdict, refused.refusals.len(), refused.refusals[0].count), (Verdict::Refused, 1, 3));
+    assert_eq!(l.device_rows(&device(0)).await.unwrap(), vec![rows[0].clone()]);
+    assert_eq!(l.device_rows(&device(n + 9)).await.unwrap(), vec![], "an unknown device has no record");
+    let e = l.for_each_device("nope", |_| async { Ok(()) }).await.unwrap_err();
+    assert!(matches!(e, LedgerError::NotFound { what: "batch", .. }), "{e}");
+}
+
+/// A ledger from before schema v7 (refusals only in the audit chain) gets its `refusals` rows from the
+/// `licence.refused` records when it is opened: repeats at one station counted, other stations apart.
+pub async fn check_refusals_backfill(l: Ledger, url: &str) {
+    use flashgate_broker::ledger::RefusalRecord;
+    seed(&l, "old", 1, &[SITE], (None, None)).await;
+    let refuse = |station: &str| RefusalRecord {
+        batch_id: "old".into(),
+        device_id: device(1),
+        station: station.into(),
+        site: SITE.into(),
+        actor: station.into(),
+        reason: RefusalReason::CertUnverified,
+        detail: "signature does not verify".into(),
+    };
+    for s in ["station-1", "station-1", "station-2"] {
+        l.record_refusal(refuse(s)).await.unwrap();
+    }
+    l.close().await;
+    raw_sql(url, &["DROP TABLE refusals", "DELETE FROM _sqlx_migrations WHERE version = 7"]).await;
+    let l = Ledger::open(url).await.unwrap();
+    let rows = l.device_rows(&device(1)).await.unwrap();
+    let got: Vec<(String, String, u64)> =
+        rows[0].refusals.iter().map(|r| (r.station.clone(), r.reason.clone(), r.count)).collect();
+    assert_eq!(
+        got,
+        [("station-1".into(), "CERT_UNVERIFIED".into(), 2), ("station-2".into(), "CERT_UNVERIFIED".into(), 1)],
+        "{rows:?}"
+    );
+    assert_eq!(rows[0].refusals[0].detail, "signature does not verify");
+}
