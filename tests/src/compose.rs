@@ -361,18 +361,23 @@ pub fn refusals_in_audit(export: &str, batch: &str) -> BTreeMap<String, Vec<Stri
     out
 }
 
-/// Parses `admin --json device ID` (its `records`, flashgate-devices-v1 rows, one per batch).
+/// Parses `admin --json device ID`.
 pub fn device_record(json: &str) -> Result<DeviceRecord, String> {
     let v: Value = serde_json::from_str(json).map_err(|e| format!("device history is not JSON ({e}): {json}"))?;
-    let records = v["records"].as_array().ok_or_else(|| format!("device history has no records: {json}"))?;
-    let licences = records.iter().filter(|r| r["licence"].is_object()).count();
-    let installs = records
-        .iter()
-        .flat_map(|r| r["attempts"].as_array().cloned().unwrap_or_default())
+    let licences = v["licences"].as_array().map_or(0, Vec::len);
+    let installs = v["installs"]
+        .as_array()
         .map(|a| {
-            (a["result_id"].as_str().unwrap_or_default().to_owned(), a["status_code"].as_u64().unwrap_or(0) as u32)
+            a.iter()
+                .map(|i| {
+                    (
+                        i["result_id"].as_str().unwrap_or_default().to_owned(),
+                        i["status_code"].as_u64().unwrap_or(0) as u32,
+                    )
+                })
+                .collect()
         })
-        .collect();
+        .unwrap_or_default();
     Ok(DeviceRecord { licences, installs })
 }
 

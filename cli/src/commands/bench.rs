@@ -4,7 +4,8 @@
 //! rate and compares the effective rate with the link's payload capacity; `bench licences` loads a
 //! running broker's licence service (see `bench_licences`); `bench flood` measures licence latency with
 //! and without a connection flood (see `bench_flood`); `bench attach-flood` a broker's memory under a
-//! flood of station streams (see `bench_attach`).
+//! flood of station streams (see `bench_attach`); `bench ledger` traceability on a ledger of a million
+//! devices (see `bench_ledger`).
 
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,9 @@ pub enum BenchCommand {
     /// A broker process's resident memory under a flood of `Attach` streams full of probe state,
     /// against its idle RSS.
     AttachFlood(super::bench_attach::AttachFloodArgs),
+    /// A ledger filled to a million devices: licence issuance against the empty ledger, the per-device
+    /// export's time and peak memory, offline verification against raw SHA-256.
+    Ledger(super::bench_ledger::LedgerBenchArgs),
 }
 
 /// Arguments of `flashgate bench sfi`.
@@ -54,6 +58,7 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Licences(args) => super::bench_licences::run(args).await,
         BenchCommand::Flood(args) => super::bench_flood::run(args).await,
         BenchCommand::AttachFlood(args) => super::bench_attach::run(args).await,
+        BenchCommand::Ledger(args) => super::bench_ledger::run(args).await,
     }
 }
 

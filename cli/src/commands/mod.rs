@@ -8,6 +8,7 @@ pub mod bench;
 pub mod bench_attach;
 pub mod bench_flood;
 pub mod bench_install;
+pub mod bench_ledger;
 pub mod bench_licences;
 pub mod bench_proc;
 pub mod broker;

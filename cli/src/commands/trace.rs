@@ -299,10 +299,46 @@ fn records(r: &pb::DeviceHistoryResponse) -> Result<Vec<DeviceRow>> {
         .collect()
 }
 
-/// `admin device ID --json`.
+/// `admin device ID --json`: the records (flashgate-devices-v1 rows, one per batch) with the vendor key
+/// of each, and, as before them, the flat `licences` and `installs` lists scripts read.
 pub fn device_json(r: &pb::DeviceHistoryResponse) -> Result<Value> {
     let rows = records(r)?;
-    Ok(json!({ "device_id": r.device_id, "records": rows, "vendor_keys": r.vendor_keys }))
+    let licences: Vec<Value> = r
+        .licences
+        .iter()
+        .map(|l| {
+            json!({
+                "batch_id": l.batch_id,
+                "station": l.station,
+                "site": l.site,
+                "issued_at_ms": l.issued_at_ms,
+                "licence": hex::encode(&l.licence),
+            })
+        })
+        .collect();
+    let installs: Vec<Value> = r
+        .installs
+        .iter()
+        .map(|i| {
+            json!({
+                "batch_id": i.batch_id,
+                "station": i.station,
+                "result_id": i.result_id,
+                "status_code": i.status_code,
+                "message": i.message,
+                "flash_crc": i.flash_crc,
+                "attempt": i.attempt,
+                "reported_at_ms": i.reported_at_ms,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "device_id": r.device_id,
+        "records": rows,
+        "vendor_keys": r.vendor_keys,
+        "licences": licences,
+        "installs": installs,
+    }))
 }
 
 /// `admin device ID`: the story in order, per batch.

@@ -177,10 +177,11 @@ fn two_broker_processes_on_one_postgres_never_exceed_a_shared_quota() {
     // from one broker, the device export and the report from the other, verified offline with an export
     // taken after the certificate.
     let out = adm(&b1.url, &["batch", "certificate", "lot-7", "--out", "cert"]);
-    assert!(out.contains("8 devices, 8 licensed, 0 installed"), "{out}");
+    // 64 chips asked: 8 licensed, 56 refused once each (QUOTA_EXHAUSTED), none reported.
+    assert!(out.contains("64 devices, 8 licensed, 0 installed, 0 failed, 8 not reported, 56 refusals"), "{out}");
     adm(&b2.url, &["export", "devices", "--batch", "lot-7", "--format", "csv", "--out", "lot-7.csv"]);
     let csv = std::fs::read_to_string(dir.join("lot-7.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 1 + 8, "a header and one row per device: {csv}");
+    assert_eq!(csv.lines().count(), 1 + 64, "a header and one row per device: {csv}");
     adm(&b2.url, &["export", "devices", "--batch", "lot-7", "--out", "lot-7.jsonl"]);
     assert_eq!(
         std::fs::read(dir.join("lot-7.jsonl")).unwrap(),
@@ -188,13 +189,14 @@ fn two_broker_processes_on_one_postgres_never_exceed_a_shared_quota() {
         "both brokers export the same bytes of the shared ledger"
     );
     let report = admin(dir, &b2.url, &["batch", "report", "lot-7"]);
-    assert_eq!((report["devices"].as_u64(), report["licensed"].as_u64()), (Some(8), Some(8)), "{report}");
+    assert_eq!((report["devices"].as_u64(), report["licensed"].as_u64()), (Some(64), Some(8)), "{report}");
+    assert_eq!(report["total"]["refused"]["QUOTA_EXHAUSTED"].as_u64(), Some(56), "{report}");
     adm(&b2.url, &["audit", "export", "--out", "audit-2.jsonl"]);
     let cert_args = ["--certificate", "cert/lot-7.conformance.json", "--devices", "cert/lot-7.devices.jsonl"];
     let mut args = vec!["audit", "verify", "audit-2.jsonl", "--trust", "keys-1.pem", "--trust", "keys-2.pem"];
     args.extend_from_slice(&cert_args);
     let out = ok(dir, &args);
-    assert!(out.contains("certificate of conformance ok: batch lot-7 by broker-1: 8 devices"), "{out}");
+    assert!(out.contains("certificate of conformance ok: batch lot-7 by broker-1: 64 devices, 8 licensed"), "{out}");
     let text = std::fs::read_to_string(dir.join("cert/lot-7.conformance.json")).unwrap();
     std::fs::write(dir.join("cert/forged.json"), text.replace("\"issued\": 8", "\"issued\": 7")).unwrap();
     let mut args = vec!["audit", "verify", "audit-2.jsonl", "--trust", "keys-1.pem", "--trust", "keys-2.pem"];
