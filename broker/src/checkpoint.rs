@@ -9,7 +9,7 @@
 //! signature is verified against the member's public key before it is published.
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +25,75 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Mode of a file sink the broker creates (a witness: readable by whoever audits).
 pub const SINK_FILE_MODE: u32 = 0o644;
 
+/// Longest a `command:` sink may run for one checkpoint before it is killed (a sink error).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Syslog priority of a checkpoint message: facility local0 (16), severity notice (5).
+pub const SYSLOG_PRIORITY: u8 = 16 * 8 + 5;
+
+/// An external append-only place every checkpoint is also written to (`[audit] checkpoint_sinks`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sink {
+    /// `file:PATH`: one hex line appended and synced to disk (the witness file format).
+    File(PathBuf),
+    /// `syslog:udp://HOST:PORT`: one RFC 5424 datagram to a collector (facility local0, severity notice,
+    /// MSGID `checkpoint`) whose text is `flashgate-checkpoint-v1 HEX`.
+    SyslogUdp(String),
+    /// `syslog:unix:PATH`: the same text to a local syslog socket (`/dev/log`) in the BSD form it expects.
+    SyslogUnix(PathBuf),
+    /// `command:PROGRAM [ARG…]` (split on whitespace, no shell): run with the hex line on its standard
+    /// input; a non-zero exit, or running longer than [`COMMAND_TIMEOUT`], is a sink error.
+    Command(Vec<String>),
+}
+
+impl Sink {
+    /// Parses one `checkpoint_sinks` entry; a relative file path is taken against `base`.
+    pub fn parse(entry: &str, base: &Path) -> Result<Self, String> {
+        let bad = |why: &str| {
+            Err(format!(
+                "{why}; expected file:PATH, syslog:udp://HOST:PORT, syslog:unix:PATH or command:PROGRAM [ARG…]"
+            ))
+        };
+        if let Some(p) = entry.strip_prefix("file:") {
+            if p.is_empty() {
+                return bad("no path after file:");
+            }
+            let p = Path::new(p);
+            return Ok(Self::File(if p.is_absolute() { p.to_path_buf() } else { base.join(p) }));
+        }
+        if let Some(addr) = entry.strip_prefix("syslog:udp://") {
+            let Some((host, port)) = addr.rsplit_once(':') else { return bad("no :PORT after the syslog host") };
+            if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+                return bad("a syslog target is HOST:PORT with a port from 1 to 65535");
+            }
+            return Ok(Self::SyslogUdp(addr.to_owned()));
+        }
+        if let Some(p) = entry.strip_prefix("syslog:unix:") {
+            if !p.starts_with('/') {
+                return bad("a syslog socket is an absolute path, e.g. syslog:unix:/dev/log");
+            }
+            return Ok(Self::SyslogUnix(PathBuf::from(p)));
+        }
+        if let Some(cmd) = entry.strip_prefix("command:") {
+            let argv: Vec<String> = cmd.split_whitespace().map(str::to_owned).collect();
+            if argv.first().is_none_or(|p| !p.starts_with('/')) {
+                return bad("a command sink names its program by absolute path");
+            }
+            return Ok(Self::Command(argv));
+        }
+        bad("unknown sink kind")
+    }
+
+    /// How logs name it.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::File(p) => format!("file:{}", p.display()),
+            Self::SyslogUdp(a) => format!("syslog:udp://{a}"),
+            Self::SyslogUnix(p) => format!("syslog:unix:{}", p.display()),
+            Self::Command(argv) => format!("command:{}", argv.join(" ")),
+        }
+    }
+}
+
 /// When to sign (from `[audit]`, see `crate::config::AuditSection`).
 #[derive(Debug, Clone)]
 pub struct CheckpointSettings {
@@ -32,8 +101,8 @@ pub struct CheckpointSettings {
     pub every_records: u64,
     /// Sign at least this often while the head moves.
     pub interval: Duration,
-    /// Files every checkpoint is appended to (one hex line each).
-    pub sinks: Vec<PathBuf>,
+    /// Where every checkpoint is also written.
+    pub sinks: Vec<Sink>,
 }
 
 impl Default for CheckpointSettings {
@@ -185,29 +254,76 @@ pub async fn sign_head(
     state.checkpoints().publish(bytes, cp.head.seq);
     metrics::counter!(crate::service::metric::CHECKPOINTS).increment(1);
     tracing::info!(seq, hash = %hex::encode(hash32), why, "audit checkpoint signed");
-    write_sinks(&state.checkpoints().settings.sinks, &bytes).await;
+    write_sinks(&state.checkpoints().settings.sinks, state.name(), &bytes).await;
     Ok(cp)
 }
 
-/// Appends `bytes` as one hex line to every sink; failures are logged (the checkpoint is in the ledger).
-async fn write_sinks(sinks: &[PathBuf], bytes: &[u8; CHECKPOINT_LEN]) {
-    if sinks.is_empty() {
-        return;
+/// Writes `bytes` to every sink; failures are logged and counted (the checkpoint is in the ledger).
+async fn write_sinks(sinks: &[Sink], broker: &str, bytes: &[u8; CHECKPOINT_LEN]) {
+    for sink in sinks {
+        if let Err(e) = write_sink(sink, broker, bytes).await {
+            metrics::counter!(crate::service::metric::CHECKPOINT_SINK_ERRORS).increment(1);
+            tracing::warn!(sink = %sink.describe(), error = %e, "could not write the audit checkpoint to its sink");
+        }
     }
-    let line = format!("{}\n", hex::encode(bytes));
-    let sinks = sinks.to_vec();
-    let r = tokio::task::spawn_blocking(move || {
-        for path in &sinks {
-            if let Err(e) = append_line(path, &line) {
-                metrics::counter!(crate::service::metric::CHECKPOINT_SINK_ERRORS).increment(1);
-                tracing::warn!(sink = %path.display(), error = %e, "could not append the audit checkpoint to its sink");
+}
+
+/// Writes one checkpoint to one sink.
+pub async fn write_sink(sink: &Sink, broker: &str, bytes: &[u8; CHECKPOINT_LEN]) -> std::io::Result<()> {
+    let hex = hex::encode(bytes);
+    match sink {
+        Sink::File(path) => {
+            let (path, line) = (path.clone(), format!("{hex}\n"));
+            blocking(move || append_line(&path, &line)).await
+        }
+        Sink::SyslogUdp(addr) => {
+            let stamp = humantime::format_rfc3339_seconds(SystemTime::now());
+            let msg = format!(
+                "<{SYSLOG_PRIORITY}>1 {stamp} {broker} flashgate-broker {} checkpoint - {}{hex}",
+                std::process::id(),
+                flashgate_common::checkpoint::CHECKPOINT_MARKER
+            );
+            let sock = tokio::net::UdpSocket::bind(if addr.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" }).await?;
+            sock.send_to(msg.as_bytes(), addr.as_str()).await.map(|_| ())
+        }
+        Sink::SyslogUnix(path) => {
+            let msg = format!(
+                "<{SYSLOG_PRIORITY}>flashgate-broker[{}]: {}{hex}",
+                std::process::id(),
+                flashgate_common::checkpoint::CHECKPOINT_MARKER
+            );
+            let path = path.clone();
+            blocking(move || std::os::unix::net::UnixDatagram::unbound()?.send_to(msg.as_bytes(), &path).map(|_| ()))
+                .await
+        }
+        Sink::Command(argv) => {
+            use tokio::io::AsyncWriteExt as _;
+            let Some((program, args)) = argv.split_first() else { return Err(std::io::Error::other("empty command")) };
+            let mut child = tokio::process::Command::new(program)
+                .args(args)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?;
+            let run = async {
+                if let Some(mut stdin) = child.stdin.take() {
+                    stdin.write_all(format!("{hex}\n").as_bytes()).await?;
+                }
+                child.wait().await
+            };
+            match tokio::time::timeout(COMMAND_TIMEOUT, run).await {
+                Ok(Ok(status)) if status.success() => Ok(()),
+                Ok(Ok(status)) => Err(std::io::Error::other(format!("exited with {status}"))),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(std::io::Error::other(format!("still running after {COMMAND_TIMEOUT:?}: killed"))),
             }
         }
-    })
-    .await;
-    if let Err(e) = r {
-        tracing::warn!(error = %e, "checkpoint sink task failed");
     }
+}
+
+async fn blocking(f: impl FnOnce() -> std::io::Result<()> + Send + 'static) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(f).await.map_err(std::io::Error::other)?
 }
 
 fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
@@ -261,5 +377,79 @@ pub async fn run(state: BrokerState) {
             }
             () = appended.changed() => {}
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use flashgate_common::audit_export::read_witnesses;
+    use flashgate_common::checkpoint::CheckpointHead;
+    use p256::ecdsa::SigningKey;
+
+    use super::*;
+
+    fn checkpoint() -> [u8; CHECKPOINT_LEN] {
+        let key = SigningKey::from_slice(&[5; 32]).unwrap();
+        let cp = CheckpointHead { ledger_id: [1; 16], seq: 42, hash: [2; 32], at: 3, broker: "broker-1".into() };
+        cp.sign(&key).unwrap().to_bytes().unwrap()
+    }
+
+    #[test]
+    fn sink_entries_parse_and_name_what_is_wrong() {
+        let base = Path::new("/var/lib/fg");
+        assert_eq!(Sink::parse("file:cp.hex", base).unwrap(), Sink::File(base.join("cp.hex")));
+        assert_eq!(Sink::parse("syslog:udp://[::1]:514", base).unwrap(), Sink::SyslogUdp("[::1]:514".into()));
+        for (bad, why) in [
+            ("file:", "no path"),
+            ("syslog:udp://host", "no :PORT"),
+            ("syslog:udp://host:99999", "port from 1"),
+            ("syslog:unix:log", "absolute path"),
+            ("command:", "absolute path"),
+            ("command:tee x", "absolute path"),
+            ("http://x", "unknown sink kind"),
+        ] {
+            let e = Sink::parse(bad, base).unwrap_err();
+            assert!(e.contains(why) && e.contains("expected file:PATH"), "{bad}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn every_sink_kind_delivers_a_line_a_witness_reader_takes() {
+        let cp = checkpoint();
+        let want = SignedCheckpoint::parse(&cp).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+
+        let file = dir.path().join("sink.hex");
+        write_sink(&Sink::File(file.clone()), "broker-1", &cp).await.unwrap();
+        write_sink(&Sink::File(file.clone()), "broker-1", &cp).await.unwrap();
+        let got = read_witnesses("file", &std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(got.len(), 2, "appended, not replaced");
+
+        let collector = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = collector.local_addr().unwrap().to_string();
+        write_sink(&Sink::SyslogUdp(addr), "broker-1", &cp).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = collector.recv(&mut buf).await.unwrap();
+        let msg = String::from_utf8(buf[..n].to_vec()).unwrap();
+        assert!(msg.starts_with("<133>1 ") && msg.contains(" broker-1 flashgate-broker "), "{msg}");
+        assert_eq!(read_witnesses("syslog", &msg).unwrap()[0].1, want);
+
+        let sock = dir.path().join("log.sock");
+        let local = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
+        write_sink(&Sink::SyslogUnix(sock), "broker-1", &cp).await.unwrap();
+        let n = local.recv(&mut buf).unwrap();
+        let msg = String::from_utf8(buf[..n].to_vec()).unwrap();
+        assert!(msg.starts_with("<133>flashgate-broker["), "{msg}");
+        assert_eq!(read_witnesses("unix", &msg).unwrap()[0].1, want);
+
+        let out = dir.path().join("tee.hex");
+        let tee = Sink::parse(&format!("command:/usr/bin/tee -a {}", out.display()), dir.path()).unwrap();
+        write_sink(&tee, "broker-1", &cp).await.unwrap();
+        assert_eq!(read_witnesses("tee", &std::fs::read_to_string(&out).unwrap()).unwrap()[0].1, want);
+        let e = write_sink(&Sink::Command(vec!["/bin/false".into()]), "broker-1", &cp).await.unwrap_err();
+        assert!(e.to_string().contains("exited with"), "{e}");
+        let e = write_sink(&Sink::Command(vec!["/nonexistent/prog".into()]), "broker-1", &cp).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
     }
 }

@@ -108,7 +108,8 @@ pub struct AuditSection {
     #[serde(default = "default_checkpoint_interval", deserialize_with = "duration")]
     pub checkpoint_interval: Duration,
     /// External append-only sinks every checkpoint is also written to: `file:PATH` (one hex checkpoint
-    /// per line, the witness file format of `flashgate audit verify --witness`). At most 8.
+    /// per line, the witness file format of `flashgate audit verify --witness`), `syslog:udp://HOST:PORT`,
+    /// `syslog:unix:PATH`, `command:PROGRAM [ARG…]` (see [`crate::checkpoint::Sink`]). At most 8.
     #[serde(default)]
     pub checkpoint_sinks: Vec<String>,
 }
@@ -131,21 +132,17 @@ impl Default for AuditSection {
 }
 
 impl AuditSection {
-    /// The file sinks named by `checkpoint_sinks` (relative paths against `base`), or which entry is wrong.
-    pub fn file_sinks(&self, base: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    /// The sinks named by `checkpoint_sinks` (relative file paths against `base`), or which entry is wrong.
+    pub fn sinks(&self, base: &Path) -> Result<Vec<crate::checkpoint::Sink>, ConfigError> {
         self.checkpoint_sinks
             .iter()
             .enumerate()
-            .map(|(i, s)| match s.strip_prefix("file:") {
-                Some(p) if !p.is_empty() => {
-                    let p = Path::new(p);
-                    Ok(if p.is_absolute() { p.to_path_buf() } else { base.join(p) })
-                }
-                _ => Err(ConfigError::Invalid {
+            .map(|(i, s)| {
+                crate::checkpoint::Sink::parse(s, base).map_err(|why| ConfigError::Invalid {
                     key: format!("audit.checkpoint_sinks[{i}]"),
                     value: s.clone(),
-                    why: "expected file:PATH (the only sink kind)".into(),
-                }),
+                    why,
+                })
             })
             .collect()
     }
@@ -512,7 +509,7 @@ impl BrokerConfig {
                 &format!("at most {MAX_CHECKPOINT_SINKS} sinks"),
             );
         }
-        a.file_sinks(Path::new(""))?;
+        a.sinks(Path::new(""))?;
         for (i, m) in self.hsm.members.iter().enumerate() {
             if let HsmMemberConfig::Pkcs11 { pin_env, pin_file, sessions, .. } = m {
                 if pin_env.is_some() == pin_file.is_some() {
@@ -578,6 +575,7 @@ pub fn read_secret(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::Sink;
 
     const GOOD: &str = r#"
 name = "broker-1"
@@ -683,10 +681,28 @@ path = "keys.fgks"
             ("checkpoint_interval = \"999ms\"", "audit.checkpoint_interval"),
             ("checkpoint_interval = \"61m\"", "audit.checkpoint_interval"),
             ("checkpoint_sinks = [\"syslog:local0\"]", "audit.checkpoint_sinks[0]"),
+            ("checkpoint_sinks = [\"file:/a\", \"syslog:udp://collector\"]", "audit.checkpoint_sinks[1]"),
+            ("checkpoint_sinks = [\"syslog:udp://collector:0\"]", "audit.checkpoint_sinks[0]"),
+            ("checkpoint_sinks = [\"syslog:unix:dev/log\"]", "audit.checkpoint_sinks[0]"),
+            ("checkpoint_sinks = [\"command:logger -t fg\"]", "audit.checkpoint_sinks[0]"),
+            ("checkpoint_sinks = [\"command:\"]", "audit.checkpoint_sinks[0]"),
         ] {
             let e = load(&with(bad), &[]).unwrap_err().to_string();
             assert!(e.contains(key), "{bad}: {e}");
         }
+        let c = load(
+            &with("checkpoint_sinks = [\"syslog:udp://10.0.0.5:514\", \"syslog:unix:/dev/log\", \"command:/usr/bin/logger -t fg\"]"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.audit.sinks(Path::new("/")).unwrap(),
+            vec![
+                Sink::SyslogUdp("10.0.0.5:514".into()),
+                Sink::SyslogUnix(PathBuf::from("/dev/log")),
+                Sink::Command(vec!["/usr/bin/logger".into(), "-t".into(), "fg".into()]),
+            ]
+        );
         let nine: Vec<String> = (0..9).map(|i| format!("\"file:/tmp/s{i}\"")).collect();
         let e = load(&with(&format!("checkpoint_sinks = [{}]", nine.join(", "))), &[]).unwrap_err().to_string();
         assert!(e.contains("at most 8"), "{e}");
@@ -697,8 +713,8 @@ path = "keys.fgks"
         )
         .unwrap();
         assert_eq!(
-            c.audit.file_sinks(Path::new("/etc/fg")).unwrap(),
-            vec![PathBuf::from("/var/lib/fg/a.log"), PathBuf::from("/b.log")]
+            c.audit.sinks(Path::new("/etc/fg")).unwrap(),
+            vec![Sink::File(PathBuf::from("/var/lib/fg/a.log")), Sink::File(PathBuf::from("/b.log"))]
         );
     }
 

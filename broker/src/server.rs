@@ -285,11 +285,21 @@ pub async fn check(cfg: &BrokerConfig, base: &Path, env: &dyn Fn(&str) -> Option
             }
         }
     }
-    match cfg.audit.file_sinks(base) {
+    match cfg.audit.sinks(base) {
         Ok(sinks) => {
+            use crate::checkpoint::Sink;
             for s in sinks {
-                if !s.parent().is_some_and(|d| d.as_os_str().is_empty() || d.is_dir()) {
-                    problems.push(format!("audit checkpoint sink {}: its directory does not exist", s.display()));
+                match &s {
+                    Sink::File(p) if !p.parent().is_some_and(|d| d.as_os_str().is_empty() || d.is_dir()) => {
+                        problems.push(format!("audit checkpoint sink {}: its directory does not exist", s.describe()));
+                    }
+                    Sink::SyslogUnix(p) if !p.exists() => {
+                        problems.push(format!("audit checkpoint sink {}: no such socket", s.describe()));
+                    }
+                    Sink::Command(argv) if argv.first().is_none_or(|p| !Path::new(p).is_file()) => {
+                        problems.push(format!("audit checkpoint sink {}: no such program", s.describe()));
+                    }
+                    _ => {}
                 }
             }
         }
@@ -375,7 +385,7 @@ pub async fn start(
         checkpoints: CheckpointSettings {
             every_records: cfg.audit.checkpoint_every_records,
             interval: cfg.audit.checkpoint_interval,
-            sinks: cfg.audit.file_sinks(base)?,
+            sinks: cfg.audit.sinks(base)?,
         },
     })
     .await

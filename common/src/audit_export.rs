@@ -23,6 +23,7 @@
 //! multiset hash of its licences — never the records. Every line is bounded ([`MAX_LINE`]) and every
 //! collection capped ([`MAX_CHECKPOINTS`], [`MAX_WITNESSES`], [`MAX_BATCHES`]).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::BufRead;
 
@@ -31,7 +32,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::audit::{Genesis, record_hash};
-use crate::checkpoint::{CHECKPOINT_LEN, CheckpointError, SignedCheckpoint, Witness, WitnessCheck, WitnessError};
+use crate::checkpoint::{
+    CHECKPOINT_LEN, CHECKPOINT_MARKER, CheckpointError, SignedCheckpoint, Witness, WitnessCheck, WitnessError,
+};
 
 /// The `format` of the header line.
 pub const EXPORT_FORMAT: &str = "flashgate-audit-export-v1";
@@ -300,7 +303,8 @@ impl Report {
 }
 
 /// Reads a witness file: one hex checkpoint per line (the format of `flashgate agent journal
-/// --checkpoints` and of the broker's file sinks); empty lines and lines starting with `#` are skipped,
+/// --checkpoints` and of the broker's file sinks), or lines holding [`CHECKPOINT_MARKER`] and the hex
+/// after it (the broker's syslog sinks, lines picked from a log by `grep flashgate-checkpoint-v1`); empty lines and lines starting with `#` are skipped,
 /// and anything after the first whitespace of a line is ignored. Returns each checkpoint named
 /// `NAME:LINE`. Signatures are not checked here.
 pub fn read_witnesses(name: &str, text: &str) -> Result<Vec<(String, SignedCheckpoint)>, VerifyError> {
@@ -315,6 +319,8 @@ pub fn read_witnesses(name: &str, text: &str) -> Result<Vec<(String, SignedCheck
         if t.is_empty() || t.starts_with('#') {
             continue;
         }
+        // A syslog line (`… flashgate-checkpoint-v1 HEX`) carries it after the marker.
+        let t = t.split_once(CHECKPOINT_MARKER).map_or(t, |(_, rest)| rest);
         let token = t.split_whitespace().next().unwrap_or_default();
         let bytes = hex::decode(token).map_err(|e| bad(format!("not hex: {e}")))?;
         let cp = SignedCheckpoint::parse(&bytes).map_err(|e| bad(e.to_string()))?;
@@ -326,7 +332,6 @@ pub fn read_witnesses(name: &str, text: &str) -> Result<Vec<(String, SignedCheck
     Ok(out)
 }
 
-/// A commutative hash of a multiset of (batch, device) pairs, with its size.
 /// A multiset of byte tuples in constant memory: a count and the wrapping sum of each member's SHA-256
 /// (as four 64-bit words). Two multisets built from the same members in any order are equal; changing,
 /// adding or dropping a member changes the sum except with negligible probability. Used to reconcile
@@ -429,7 +434,7 @@ impl BatchTally {
         }
     }
 
-    fn record(&mut self, r: &RecordLine) -> Result<(), String> {
+    fn record(&mut self, r: &RecordRef<'_>) -> Result<(), String> {
         if u64::try_from(r.seq).unwrap_or(u64::MAX) > self.upto_seq {
             return Ok(());
         }
@@ -439,7 +444,7 @@ impl BatchTally {
         if batch != self.batch_id {
             return Ok(());
         }
-        match r.event.as_str() {
+        match &*r.event {
             "licence.issued" => self.issued.add(batch, device),
             "licence.refused" if !device.is_empty() => self.refusals += 1,
             "install.reported" => {
@@ -465,6 +470,113 @@ impl BatchTally {
     }
 }
 
+/// A record line as the verifier reads it: fields borrowed from the input where they hold no escapes.
+/// Record lines are nearly all of an export, so they skip the buffering an internally tagged [`Line`]
+/// needs; any other line (or a record line whose `type` is not first) goes through [`Line`].
+#[derive(Deserialize)]
+struct RecordRef<'a> {
+    #[serde(rename = "type", borrow)]
+    _kind: Cow<'a, str>,
+    seq: i64,
+    at_ms: i64,
+    #[serde(borrow)]
+    actor: Cow<'a, str>,
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow)]
+    subject: Cow<'a, str>,
+    #[serde(borrow)]
+    details_json: Cow<'a, str>,
+    #[serde(borrow)]
+    prev_hash: Cow<'a, str>,
+    #[serde(borrow)]
+    hash: Cow<'a, str>,
+}
+
+/// How every record line the exporter writes starts.
+const RECORD_PREFIX: &str = "{\"type\":\"record\",";
+
+/// One parsed line.
+enum Parsed<'a> {
+    Record(RecordRef<'a>),
+    Other(Line),
+}
+
+fn parse_line(text: &str) -> Result<Parsed<'_>, serde_json::Error> {
+    if text.starts_with(RECORD_PREFIX) {
+        return serde_json::from_str(text).map(Parsed::Record);
+    }
+    Ok(match serde_json::from_str::<Line>(text)? {
+        Line::Record(r) => Parsed::Record(RecordRef {
+            _kind: Cow::Borrowed("record"),
+            seq: r.seq,
+            at_ms: r.at_ms,
+            actor: Cow::Owned(r.actor),
+            event: Cow::Owned(r.event),
+            subject: Cow::Owned(r.subject),
+            details_json: Cow::Owned(r.details_json),
+            prev_hash: Cow::Owned(r.prev_hash),
+            hash: Cow::Owned(r.hash),
+        }),
+        other => Parsed::Other(other),
+    })
+}
+
+/// SHA-256 of the lines computed on a second thread (blocks of [`HASH_BLOCK`] bytes handed over a bounded
+/// channel), so hashing every byte runs beside parsing them; inline when no thread can be started.
+struct LinesHash {
+    block: Vec<u8>,
+    worker: Option<(std::sync::mpsc::SyncSender<Vec<u8>>, std::thread::JoinHandle<Sha256>)>,
+    inline: Sha256,
+}
+
+/// Bytes handed to the hashing thread at a time.
+const HASH_BLOCK: usize = 1 << 18;
+
+impl LinesHash {
+    fn new() -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let worker = std::thread::Builder::new()
+            .name("audit-lines-sha256".into())
+            .spawn(move || {
+                let mut h = Sha256::new();
+                for block in rx {
+                    h.update(&block);
+                }
+                h
+            })
+            .ok()
+            .map(|j| (tx, j));
+        Self { block: Vec::with_capacity(HASH_BLOCK), worker, inline: Sha256::new() }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        let Some((tx, _)) = &self.worker else {
+            self.inline.update(bytes);
+            return;
+        };
+        self.block.extend_from_slice(bytes);
+        if self.block.len() >= HASH_BLOCK {
+            let full = std::mem::replace(&mut self.block, Vec::with_capacity(HASH_BLOCK));
+            if let Err(std::sync::mpsc::SendError(full)) = tx.send(full) {
+                // The thread is gone (it cannot panic on its own): hash here from now on, after what it had.
+                self.inline.update(&full);
+            }
+        }
+    }
+
+    fn finish(self) -> [u8; 32] {
+        let Some((tx, worker)) = self.worker else { return self.inline.finalize().into() };
+        let _ = tx.send(self.block);
+        drop(tx);
+        match worker.join() {
+            Ok(h) => h.finalize().into(),
+            // Unreachable in practice (the loop above does not panic); an all-zero digest fails the check.
+            Err(_) => [0; 32],
+        }
+    }
+}
+
 /// [`verify`], and, with `tally`, counts what the chain records of one batch up to a seq as it walks.
 pub fn verify_tallying(
     mut input: impl BufRead,
@@ -474,7 +586,7 @@ pub fn verify_tallying(
 ) -> Result<Report, VerifyError> {
     let mut lineno = 0u64;
     let mut stage = Stage::Header;
-    let mut hash = Sha256::new();
+    let mut hash = Some(LinesHash::new());
     let mut header: Option<(Header, [u8; 16], Genesis)> = None;
     let mut signed: Vec<Witness> = Vec::new();
     let mut newest = 0u64;
@@ -506,14 +618,14 @@ pub fn verify_tallying(
             return Err(bad("data after the end line".into()));
         }
         let text = std::str::from_utf8(&buf).map_err(|_| bad("not UTF-8".into()))?;
-        let line: Line = serde_json::from_str(text).map_err(|e| bad(format!("not an export line: {e}")))?;
+        let line = parse_line(text).map_err(|e| bad(format!("not an export line: {e}")))?;
         let next = match &line {
-            Line::Header(_) => Stage::Header,
-            Line::Checkpoint(_) => Stage::Checkpoints,
-            Line::Record(_) => Stage::Records,
-            Line::Licence(_) => Stage::Licences,
-            Line::Batch(_) => Stage::Batches,
-            Line::End(_) => Stage::Ended,
+            Parsed::Other(Line::Header(_)) => Stage::Header,
+            Parsed::Other(Line::Checkpoint(_)) => Stage::Checkpoints,
+            Parsed::Record(_) | Parsed::Other(Line::Record(_)) => Stage::Records,
+            Parsed::Other(Line::Licence(_)) => Stage::Licences,
+            Parsed::Other(Line::Batch(_)) => Stage::Batches,
+            Parsed::Other(Line::End(_)) => Stage::Ended,
         };
         if (header.is_none() && next != Stage::Header) || (header.is_some() && next <= Stage::Header) {
             return Err(bad("the header must be the first line, and only it".into()));
@@ -548,7 +660,7 @@ pub fn verify_tallying(
         }
         stage = next;
         match line {
-            Line::Header(h) => {
+            Parsed::Other(Line::Header(h)) => {
                 if h.format != EXPORT_FORMAT {
                     return Err(bad(format!("format {:?}, expected {EXPORT_FORMAT:?}", h.format)));
                 }
@@ -559,7 +671,7 @@ pub fn verify_tallying(
                     .ok_or_else(|| bad(format!("genesis {:?} is not bound or legacy", h.genesis)))?;
                 header = Some((h, id, genesis));
             }
-            Line::Checkpoint(c) => {
+            Parsed::Other(Line::Checkpoint(c)) => {
                 counts[1] += 1;
                 if counts[1] as usize > MAX_CHECKPOINTS {
                     return Err(bad(format!("more than {MAX_CHECKPOINTS} checkpoints")));
@@ -591,7 +703,9 @@ pub fn verify_tallying(
                     &cp,
                 ));
             }
-            Line::Record(r) => {
+            // parse_line turns every record line into Parsed::Record.
+            Parsed::Other(Line::Record(_)) => {}
+            Parsed::Record(r) => {
                 counts[0] += 1;
                 let chain = |why: String| VerifyError::Chain { seq: r.seq, why };
                 if r.seq != last_seq + 1 {
@@ -628,19 +742,22 @@ pub fn verify_tallying(
                     if issued.len() >= MAX_BATCHES && !issued.contains_key(batch) {
                         return Err(bad(format!("more than {MAX_BATCHES} batches")));
                     }
-                    issued.entry(batch.to_owned()).or_default().add(batch, device);
+                    match issued.get_mut(batch) {
+                        Some(m) => m.add(batch, device),
+                        None => issued.entry(batch.to_owned()).or_default().add(batch, device),
+                    }
                 }
                 prev = h;
                 last_seq = r.seq;
             }
-            Line::Licence(l) => {
+            Parsed::Other(Line::Licence(l)) => {
                 counts[2] += 1;
                 if licensed.len() >= MAX_BATCHES && !licensed.contains_key(&l.batch_id) {
                     return Err(bad(format!("more than {MAX_BATCHES} batches")));
                 }
                 licensed.entry(l.batch_id.clone()).or_default().add(&l.batch_id, &l.device_id);
             }
-            Line::Batch(b) => {
+            Parsed::Other(Line::Batch(b)) => {
                 counts[3] += 1;
                 batches_seen += 1;
                 let records = issued.get(&b.id).copied().unwrap_or_default();
@@ -662,8 +779,8 @@ pub fn verify_tallying(
                 }
                 issued.remove(&b.id);
             }
-            Line::End(e) => {
-                let got = hex::encode(std::mem::take(&mut hash).finalize());
+            Parsed::Other(Line::End(e)) => {
+                let got = hex::encode(hash.take().map(LinesHash::finish).unwrap_or_default());
                 if e.lines_sha256 != got {
                     return Err(VerifyError::Truncated {
                         why: format!(
@@ -683,7 +800,9 @@ pub fn verify_tallying(
                 continue;
             }
         }
-        hash.update(&buf);
+        if let Some(h) = hash.as_mut() {
+            h.update(&buf);
+        }
     }
     if stage != Stage::Ended {
         return Err(VerifyError::Truncated {
@@ -969,7 +1088,9 @@ mod tests {
             CheckpointHead { ledger_id: ID, seq: 1, hash: [1; 32], at: 1, broker: "b".into() }.sign(&key()).unwrap();
         let hexcp = hex::encode(cp.to_bytes().unwrap());
         let got = read_witnesses("f", &format!("# comment\n\n{hexcp} trailing words\n")).unwrap();
-        assert_eq!(got, vec![("f:3".to_owned(), cp)]);
+        assert_eq!(got, vec![("f:3".to_owned(), cp.clone())]);
+        let syslog = format!("Dec  3 18:55:00 host flashgate-broker[7]: {CHECKPOINT_MARKER}{hexcp}\n");
+        assert_eq!(read_witnesses("s", &syslog).unwrap(), vec![("s:1".to_owned(), cp)], "a syslog line");
         let e = read_witnesses("f", &format!("{hexcp}\nabcd\n")).unwrap_err();
         assert!(e.to_string().contains("f:2"), "{e}");
         let e = read_witnesses("f", &"a".repeat(MAX_WITNESS_LINE + 1)).unwrap_err();

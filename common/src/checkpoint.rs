@@ -31,6 +31,9 @@ pub const CHECKPOINT_DOMAIN: &[u8; 24] = b"flashgate-checkpoint-v1\0";
 pub const CHECKPOINT_BODY_LEN: usize = 153;
 /// Length of an encoded signed checkpoint.
 pub const CHECKPOINT_LEN: usize = CHECKPOINT_BODY_LEN + 64;
+/// What precedes the hex of a checkpoint in a log line (the broker's syslog sinks); a witness reader
+/// takes the hex after it.
+pub const CHECKPOINT_MARKER: &str = "flashgate-checkpoint-v1 ";
 /// Longest broker name a checkpoint carries.
 pub const MAX_BROKER_NAME: usize = 64;
 

@@ -182,9 +182,21 @@ pub async fn run(a: LedgerBenchArgs) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let url = format!("sqlite://{}", dir.join("ledger.db").display());
     let l = Ledger::open(&url).await?;
-    let key = KeyRecord { key_id: "00112233445566778899aabbccddeeff".into(), label: "bench".into(), backend: "soft".into(), backend_ref: "bench".into() };
+    let key = KeyRecord {
+        key_id: "00112233445566778899aabbccddeeff".into(),
+        label: "bench".into(),
+        backend: "soft".into(),
+        backend_ref: "bench".into(),
+    };
     l.add_key(&key, "bench").await?;
-    let image = NewImage { key_id: key.key_id.clone(), nonce: [7; 12], family: "stm32l4".into(), product_id: PRODUCT.into(), area_count: 1, expected_crc: None };
+    let image = NewImage {
+        key_id: key.key_id.clone(),
+        nonce: [7; 12],
+        family: "stm32l4".into(),
+        product_id: PRODUCT.into(),
+        area_count: 1,
+        expected_crc: None,
+    };
     let meta = l.put_image(&image, b"bench image", "bench").await?;
     l.create_batch(
         &NewBatch {
@@ -209,14 +221,22 @@ pub async fn run(a: LedgerBenchArgs) -> Result<()> {
         let end = (done + step).min(a.devices);
         issue(&l, done..end, a.callers).await?;
         done = end;
-        eprintln!("ledger bench: {done} of {} devices licensed ({:.0} s)", a.devices, fill_start.elapsed().as_secs_f64());
+        eprintln!(
+            "ledger bench: {done} of {} devices licensed ({:.0} s)",
+            a.devices,
+            fill_start.elapsed().as_secs_f64()
+        );
     }
     let mut done = 0;
     while done < a.devices {
         let end = (done + step).min(a.devices);
         report(&l, done..end, a.callers).await?;
         done = end;
-        eprintln!("ledger bench: {done} of {} devices reported ({:.0} s)", a.devices, fill_start.elapsed().as_secs_f64());
+        eprintln!(
+            "ledger bench: {done} of {} devices reported ({:.0} s)",
+            a.devices,
+            fill_start.elapsed().as_secs_f64()
+        );
     }
     let full = issue(&l, a.devices..a.devices + a.sample, a.callers).await?;
     let rate = |d: Duration| a.sample as f64 / d.as_secs_f64();
@@ -225,9 +245,16 @@ pub async fn run(a: LedgerBenchArgs) -> Result<()> {
     let signing = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
     let (seq, hash) = l.audit_head().await?;
     let hash32: [u8; 32] = hash.as_slice().try_into().context("audit head hash")?;
-    let cp = CheckpointHead { ledger_id: l.ledger_id(), seq: u64::try_from(seq)?, hash: hash32, at: 0, broker: "bench".into() }
-        .sign(&signing)?;
-    l.store_checkpoint(&StoredCheckpoint { broker: "bench".into(), seq, at: 0, hash, bytes: cp.to_bytes()?.to_vec() }).await?;
+    let cp = CheckpointHead {
+        ledger_id: l.ledger_id(),
+        seq: u64::try_from(seq)?,
+        hash: hash32,
+        at: 0,
+        broker: "bench".into(),
+    }
+    .sign(&signing)?;
+    l.store_checkpoint(&StoredCheckpoint { broker: "bench".into(), seq, at: 0, hash, bytes: cp.to_bytes()?.to_vec() })
+        .await?;
 
     // The per-device export, to a file, with the peak RSS of this process reset first.
     let pid = std::process::id();
@@ -262,7 +289,12 @@ pub async fn run(a: LedgerBenchArgs) -> Result<()> {
     }
     let tput = |bytes: usize, d: Duration| mb(bytes as u64) / d.as_secs_f64();
 
-    println!("ledger of {} devices (SQLite, WAL, synchronous=FULL), {} callers; filled in {:.0} s", report.licences, a.callers, fill_start.elapsed().as_secs_f64());
+    println!(
+        "ledger of {} devices (SQLite, WAL, synchronous=FULL), {} callers; filled in {:.0} s",
+        report.licences,
+        a.callers,
+        fill_start.elapsed().as_secs_f64()
+    );
     println!();
     println!("| quantity | value |");
     println!("|---|---:|");
@@ -271,14 +303,24 @@ pub async fn run(a: LedgerBenchArgs) -> Result<()> {
     println!("| issuance at {} devices vs empty | {:.1}% |", a.devices, 100.0 * rate(full) / rate(empty));
     println!("| device export: devices | {} |", exported.counts.devices);
     println!("| device export: bytes | {:.1} MB |", mb(exported.bytes));
-    println!("| device export: time | {:.1} s ({:.0} devices/s) |", export_time.as_secs_f64(), exported.counts.devices as f64 / export_time.as_secs_f64());
+    println!(
+        "| device export: time | {:.1} s ({:.0} devices/s) |",
+        export_time.as_secs_f64(),
+        exported.counts.devices as f64 / export_time.as_secs_f64()
+    );
     println!("| device export: peak RSS of the process (before: {:.0} MB) | {:.0} MB |", mb(before.rss), mb(peak.hwm));
     println!("| audit export: records, bytes | {}, {:.1} MB |", report.records, mb(audit.len() as u64));
     println!("| raw SHA-256 over the audit export | {:.0} MB/s |", tput(audit.len(), sha_audit));
     println!("| `audit verify` of the audit export | {:.0} MB/s |", tput(audit.len(), verify_audit));
-    println!("| audit verification vs raw SHA-256 | {:.0}% |", 100.0 * sha_audit.as_secs_f64() / verify_audit.as_secs_f64());
+    println!(
+        "| audit verification vs raw SHA-256 | {:.0}% |",
+        100.0 * sha_audit.as_secs_f64() / verify_audit.as_secs_f64()
+    );
     println!("| raw SHA-256 over the devices file | {:.0} MB/s |", tput(devices.len(), sha_devices));
     println!("| devices file read and checked (`--devices`) | {:.0} MB/s |", tput(devices.len(), verify_devices));
-    println!("| devices check vs raw SHA-256 | {:.0}% |", 100.0 * sha_devices.as_secs_f64() / verify_devices.as_secs_f64());
+    println!(
+        "| devices check vs raw SHA-256 | {:.0}% |",
+        100.0 * sha_devices.as_secs_f64() / verify_devices.as_secs_f64()
+    );
     Ok(())
 }

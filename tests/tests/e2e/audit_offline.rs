@@ -12,7 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use flashgate_agent::witness::{self, Noted, Witnesses};
-use flashgate_broker::checkpoint::{self, CheckpointSettings};
+use flashgate_broker::checkpoint::{self, CheckpointSettings, Sink};
 use flashgate_broker::hsm::AuditPublicKey;
 use flashgate_broker::ledger::audit::AuditRecord;
 use flashgate_common::audit_export::{self, Report, VerifyError};
@@ -28,7 +28,7 @@ fn spec(sinks: Vec<std::path::PathBuf>) -> BrokerSpec {
         checkpoints: CheckpointSettings {
             every_records: 1_000_000,
             interval: std::time::Duration::from_secs(3600),
-            sinks,
+            sinks: sinks.into_iter().map(Sink::File).collect(),
         },
         ..BrokerSpec::default()
     }
@@ -329,7 +329,7 @@ async fn the_broker_signs_every_n_records_every_interval_and_at_shutdown() {
     let hour = std::time::Duration::from_secs(3600);
     let mut broker = world
         .start_broker(BrokerSpec {
-            checkpoints: CheckpointSettings { every_records: 5, interval: hour, sinks: vec![sink.clone()] },
+            checkpoints: CheckpointSettings { every_records: 5, interval: hour, sinks: vec![Sink::File(sink.clone())] },
             ..BrokerSpec::default()
         })
         .await;
