@@ -138,6 +138,25 @@ trap 'rm -f "$tmp"' EXIT
   echo
   cat scripts/bench-memory-notes.md
   echo
+  echo "## Traceability at scale (issue 13)"
+  echo
+  echo "Command: \`$shown bench ledger --devices 1000000 --sample 20000\`: a SQLite ledger (WAL,"
+  echo "\`synchronous=FULL\`, group commit) filled through its own write path by 64 concurrent callers — precheck"
+  echo "and commit of every licence, then one install report per device (with stage timings and a probe) —"
+  echo "to a million devices. Issuance is timed on the empty ledger and again at a million devices (same"
+  echo "callers, same sample). The per-device export is written to a file while the process's peak RSS is"
+  echo "tracked (reset through \`/proc/self/clear_refs\` first). The audit export and the devices file are"
+  echo "then read into memory and verified as \`flashgate audit verify\` does (chain, checkpoints, licences"
+  echo "and batch counts; devices file: canonical form, order, verdicts, counts), against raw SHA-256 over the"
+  echo "same bytes in the same run. Targets: issuance at a million devices ≥ 90% of the empty ledger;"
+  echo "verification ≥ 50% of raw SHA-256; the export in bounded memory."
+  echo
+  load
+  echo
+  "$bin" bench ledger --devices 1000000 --sample 20000 2>/dev/null
+  echo
+  cat scripts/bench-ledger-notes.md
+  echo
   echo "## Agent"
   echo
   echo "The agent's pipeline streams areas through the same AN3155 host client as \`bench install\` above,"

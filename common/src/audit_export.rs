@@ -23,6 +23,8 @@
 //! multiset hash of its licences — never the records. Every line is bounded ([`MAX_LINE`]) and every
 //! collection capped ([`MAX_CHECKPOINTS`], [`MAX_WITNESSES`], [`MAX_BATCHES`]).
 
+mod scan;
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -374,6 +376,17 @@ impl Multiset {
     }
 }
 
+/// Lowercase hex of a hash, as the exporter writes it (compared before decoding, which is slower).
+fn hex_lower(h: &[u8; 32]) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    for (i, b) in h.iter().enumerate() {
+        out[2 * i] = DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+    }
+    out
+}
+
 fn hex32(s: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     hex::decode_to_slice(s, &mut out).ok()?;
@@ -504,6 +517,9 @@ enum Parsed<'a> {
 
 fn parse_line(text: &str) -> Result<Parsed<'_>, serde_json::Error> {
     if text.starts_with(RECORD_PREFIX) {
+        if let Some(r) = scan::scan(text) {
+            return Ok(Parsed::Record(r));
+        }
         return serde_json::from_str(text).map(Parsed::Record);
     }
     Ok(match serde_json::from_str::<Line>(text)? {
@@ -714,7 +730,11 @@ pub fn verify_tallying(
                         why: format!("expected seq {}, found seq {} (records missing: deleted)", last_seq + 1, r.seq),
                     });
                 }
-                let stored_prev = hex32(&r.prev_hash).ok_or_else(|| chain("prev_hash is not 32 hex bytes".into()))?;
+                let stored_prev = if r.prev_hash.as_bytes() == hex_lower(&prev) {
+                    prev
+                } else {
+                    hex32(&r.prev_hash).ok_or_else(|| chain("prev_hash is not 32 hex bytes".into()))?
+                };
                 if stored_prev != prev {
                     return Err(chain(if r.seq == 1 {
                         "the first record does not start from the genesis hash of the ledger id".into()
@@ -723,7 +743,7 @@ pub fn verify_tallying(
                     }));
                 }
                 let h = record_hash(&prev, r.seq, r.at_ms, &r.actor, &r.event, &r.subject, &r.details_json);
-                if hex32(&r.hash) != Some(h) {
+                if r.hash.as_bytes() != hex_lower(&h) && hex32(&r.hash) != Some(h) {
                     return Err(chain("stored hash differs from the recomputed hash (record edited)".into()));
                 }
                 if let Some(c) = check.as_mut()
