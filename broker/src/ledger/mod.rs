@@ -21,6 +21,7 @@ pub mod audit;
 pub mod checkpoints;
 pub mod devices;
 pub mod error;
+pub mod leases;
 pub mod model;
 mod schema;
 mod writer;
@@ -182,7 +183,7 @@ async fn commit_write(mut tx: Transaction<'static, Any>, head: &Head, op: &'stat
 }
 
 const BATCH_COLUMNS: &str = "b.id, b.product_id, b.image_sha256, i.key_id, b.quota, b.issued, b.allowed_sites, \
-     b.not_before, b.not_after, b.state, b.created_at, b.created_by";
+     b.not_before, b.not_after, b.state, b.created_at, b.created_by, b.leased";
 
 fn batch_from_row(r: &sqlx::any::AnyRow) -> Result<Batch, sqlx::Error> {
     let sites: String = r.try_get(6)?;
@@ -200,6 +201,7 @@ fn batch_from_row(r: &sqlx::any::AnyRow) -> Result<Batch, sqlx::Error> {
         state: BatchState::parse(&state).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
         created_at: r.try_get(10)?,
         created_by: r.try_get(11)?,
+        leased: r.try_get(12)?,
     })
 }
 
@@ -573,9 +575,9 @@ impl Ledger {
                 None => (None, None),
                 Some(r) => {
                     let licence: Option<Vec<u8>> =
-                        r.try_get(12).map_err(LedgerError::db("precheck: read batch and licence"))?;
-                    let station: Option<String> =
                         r.try_get(13).map_err(LedgerError::db("precheck: read batch and licence"))?;
+                    let station: Option<String> =
+                        r.try_get(14).map_err(LedgerError::db("precheck: read batch and licence"))?;
                     (licence.zip(station), Some(batch_from_row(&r).map_err(LedgerError::db("precheck: read batch"))?))
                 }
             }
@@ -589,10 +591,7 @@ impl Ledger {
             (Some(b), Some(_)) => b.check_reissue(now, &req.site, &req.product_id).err(),
             (Some(b), None) => match b.check(now, &req.site, &req.product_id) {
                 Err(r) => Some(r),
-                Ok(()) if b.issued >= b.quota => Some((
-                    RefusalReason::QuotaExhausted,
-                    format!("batch {:?} has issued {} of {} licences", b.id, b.issued, b.quota),
-                )),
+                Ok(()) if b.remaining() == 0 => Some((RefusalReason::QuotaExhausted, b.exhausted())),
                 Ok(()) => None,
             },
         };
@@ -645,7 +644,7 @@ impl Ledger {
         };
         if let Some(b) = cached
             && b.check(now_ms(), &req.site, &req.product_id).is_ok()
-            && b.issued < b.quota
+            && b.remaining() > 0
         {
             return Ok(Precheck::Proceed(b));
         }

@@ -96,6 +96,8 @@ pub struct Batch {
     pub created_at: i64,
     /// Who created it.
     pub created_by: String,
+    /// Units granted to site brokers in leases and not yet used or returned (schema v8).
+    pub leased: i64,
 }
 
 impl Batch {
@@ -155,9 +157,21 @@ impl Batch {
         Ok(())
     }
 
-    /// Units left (`quota - issued`, never negative).
+    /// Units left (`quota - issued - leased`, never negative).
     pub fn remaining(&self) -> i64 {
-        (self.quota - self.issued).max(0)
+        (self.quota - self.issued - self.leased).max(0)
+    }
+
+    /// The refusal detail when no unit is left.
+    pub fn exhausted(&self) -> String {
+        if self.leased == 0 {
+            format!("batch {:?} has issued {} of {} licences", self.id, self.issued, self.quota)
+        } else {
+            format!(
+                "batch {:?} has issued {} and leased {} to site brokers of {} licences",
+                self.id, self.issued, self.leased, self.quota
+            )
+        }
     }
 }
 
@@ -560,6 +574,7 @@ mod tests {
             state: BatchState::Open,
             created_at: 0,
             created_by: String::new(),
+            leased: 0,
         }
     }
 

@@ -18,6 +18,7 @@ const SQLITE: &[(i64, &str, &str)] = &[
     (5, "ledger id", include_str!("../../migrations/sqlite/0005_ledger_id.sql")),
     (6, "audit checkpoints", include_str!("../../migrations/sqlite/0006_audit_checkpoints.sql")),
     (7, "refusals", include_str!("../../migrations/sqlite/0007_refusals.sql")),
+    (8, "leases", include_str!("../../migrations/sqlite/0008_leases.sql")),
 ];
 const POSTGRES: &[(i64, &str, &str)] = &[
     (1, "ledger", include_str!("../../migrations/postgres/0001_ledger.sql")),
@@ -27,6 +28,7 @@ const POSTGRES: &[(i64, &str, &str)] = &[
     (5, "ledger id", include_str!("../../migrations/postgres/0005_ledger_id.sql")),
     (6, "audit checkpoints", include_str!("../../migrations/postgres/0006_audit_checkpoints.sql")),
     (7, "refusals", include_str!("../../migrations/postgres/0007_refusals.sql")),
+    (8, "leases", include_str!("../../migrations/postgres/0008_leases.sql")),
 ];
 
 fn migrator(dialect: Dialect) -> Migrator {

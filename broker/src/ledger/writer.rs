@@ -187,10 +187,7 @@ async fn run_group(
                     None => Some((RefusalReason::UnknownBatch, format!("batch {:?} does not exist", rec.batch_id))),
                     Some(b) => match b.check(now, &rec.site, &rec.product_id) {
                         Err(r) => Some(r),
-                        Ok(()) if b.issued >= b.quota => Some((
-                            RefusalReason::QuotaExhausted,
-                            format!("batch {:?} has issued {} of {} licences", b.id, b.issued, b.quota),
-                        )),
+                        Ok(()) if b.remaining() == 0 => Some((RefusalReason::QuotaExhausted, b.exhausted())),
                         Ok(()) => None,
                     },
                 };
@@ -250,7 +247,7 @@ async fn run_group(
         // PostgreSQL) and the batch row was read inside this transaction, so it matches the in-memory count;
         // if it does not (someone wrote the table outside the ledger), fail closed: roll everything back.
         let n = sqlx::query(
-            "UPDATE batches SET issued = issued + $2 WHERE id = $1 AND state = 'open' AND issued + $2 <= quota",
+            "UPDATE batches SET issued = issued + $2 WHERE id = $1 AND state = 'open' AND issued + leased + $2 <= quota",
         )
         .bind(*batch_id)
         .bind(*k)

@@ -101,3 +101,11 @@ async fn ledger_pg_from_before_v7_gets_its_refusals_from_the_audit_chain() {
     let url = pg.create_db("backfill");
     check_refusals_backfill(Ledger::open(&url).await.unwrap(), &url).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_pg_leases_and_licences_on_two_brokers_never_exceed_the_quota() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.create_db("leases");
+    let (a, b) = (Ledger::open(&url).await.unwrap(), Ledger::open(&url).await.unwrap());
+    check_leases(&[a, b]).await;
+}

@@ -555,3 +555,10 @@ async fn ledger_from_before_v7_gets_its_refusals_from_the_audit_chain() {
     let (l, url) = sqlite_ledger(&dir).await;
     check_refusals_backfill(l, &url).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_leases_take_quota_beside_licences_and_return_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, _) = sqlite_ledger(&dir).await;
+    check_leases(&[l]).await;
+}

@@ -504,3 +504,77 @@ pub async fn check_refusals_backfill(l: Ledger, url: &str) {
     );
     assert_eq!(rows[0].refusals[0].detail, "signature does not verify");
 }
+
+/// Quota leases (schema v8): a grant takes units from the batch quota against licences and other grants
+/// on every ledger handle (`ledgers` may share one database), a return gives them back, and issued +
+/// leased never exceeds the quota; the holder alone returns, never more than is outstanding; every
+/// grant and return is audited and the chain verifies.
+pub async fn check_leases(ledgers: &[Ledger]) {
+    use flashgate_broker::ledger::leases::{LeaseRequest, LeaseState};
+    let l = &ledgers[0];
+    seed(l, "leased", 20, &[SITE], (None, None)).await;
+    let req = |units: i64, holder: &str| LeaseRequest {
+        batch_id: "leased".into(),
+        site: SITE.into(),
+        holder: holder.into(),
+        units,
+        ttl: std::time::Duration::from_secs(600),
+    };
+    let a = l.grant_lease(&req(8, "spiffe://t/broker/site-a"), "central").await.unwrap();
+    assert_eq!((a.granted, a.outstanding(), a.state), (8, 8, LeaseState::Active));
+    assert_eq!(l.batch("leased").await.unwrap().leased, 8);
+    let mut refused = 0;
+    for i in 0..14 {
+        match request_licence(l, "leased", &device(i), 1).await {
+            Ok(_) => {}
+            Err(LedgerError::Refused { reason: RefusalReason::QuotaExhausted, detail }) => {
+                assert!(detail.contains("leased 8"), "{detail}");
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(refused, 2, "12 licences fit beside the 8 leased units");
+    let e = l.grant_lease(&req(1, "spiffe://t/broker/site-b"), "central").await.unwrap_err();
+    assert!(matches!(e, LedgerError::Refused { reason: RefusalReason::QuotaExhausted, .. }), "{e}");
+    let mut other_site = req(1, "spiffe://t/broker/site-b");
+    other_site.site = "nowhere".into();
+    let e = l.grant_lease(&other_site, "central").await.unwrap_err();
+    assert!(matches!(e, LedgerError::Refused { reason: RefusalReason::SiteNotAllowed, .. }), "{e}");
+    assert!(l.return_lease(&a.id, "spiffe://t/broker/site-b", 1, "x").await.is_err(), "only the holder returns");
+    assert!(l.return_lease(&a.id, &a.holder, 9, "x").await.is_err(), "never more than outstanding");
+    let back = l.return_lease(&a.id, &a.holder, 5, &a.holder).await.unwrap();
+    assert_eq!((back.returned, back.outstanding(), back.state), (5, 3, LeaseState::Active));
+
+    // Grants and licences racing on every handle: 5 units left, asked by 10 licences and 3 grants of 2.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let l = ledgers[i % ledgers.len()].clone();
+        tasks
+            .push(tokio::spawn(async move { request_licence(&l, "leased", &device(100 + i), 1).await.is_ok() as i64 }));
+    }
+    for i in 0..3 {
+        let l = ledgers[i % ledgers.len()].clone();
+        let r = req(2, &format!("spiffe://t/broker/race-{i}"));
+        tasks.push(tokio::spawn(async move { l.grant_lease(&r, "central").await.map_or(0, |g| g.granted) }));
+    }
+    let mut taken = 0;
+    for t in tasks {
+        taken += t.await.unwrap();
+    }
+    let b = l.batch("leased").await.unwrap();
+    assert_eq!(taken, 5, "exactly the 5 free units were taken by licences and grants together");
+    assert_eq!(b.issued + b.leased, b.quota, "{b:?}");
+    let settled = l.return_lease(&a.id, &a.holder, 3, &a.holder).await.unwrap();
+    assert_eq!((settled.state, settled.outstanding()), (LeaseState::Settled, 0));
+    assert!(settled.settled_at.is_some());
+    let listed = l.leases(Some("leased"), 100).await.unwrap();
+    let leased_now = l.batch("leased").await.unwrap().leased;
+    assert_eq!(listed.iter().map(|x| x.outstanding()).sum::<i64>(), leased_now, "{listed:?}");
+    assert_eq!(leased_now, b.leased - 3, "the settled lease's last 3 units came back");
+    assert_eq!(l.leases(None, 100).await.unwrap().len(), listed.len());
+    let events: Vec<String> = l.audit_page(0, 100_000).await.unwrap().into_iter().map(|r| r.event).collect();
+    assert_eq!(events.iter().filter(|e| *e == "lease.returned").count(), 2);
+    assert!(events.iter().any(|e| e == "lease.granted"));
+    l.verify_audit().await.unwrap();
+}
