@@ -105,6 +105,7 @@ fn batch_info(b: &Batch, counts: Option<&BatchStatus>) -> pb::BatchInfo {
         installed: counts.map_or(0, |c| c.installed),
         failed: counts.map_or(0, |c| c.failed),
         remaining: b.remaining(),
+        leased: b.leased,
         allowed_sites: b.allowed_sites.clone(),
         not_before_ms: b.not_before,
         not_after_ms: b.not_after,
@@ -239,6 +240,9 @@ fn known_serials(stations: &[&StationSummary]) -> String {
         .collect();
     if per.is_empty() { "none".into() } else { name_list(&per) }
 }
+
+/// Most leases `ListLeases` returns (newest first).
+pub const MAX_LEASES_LISTED: i64 = 10_000;
 
 type AuditStream = Pin<Box<dyn Stream<Item = Result<pb::AuditRecord, Status>> + Send + 'static>>;
 type BundleStream = Pin<Box<dyn Stream<Item = Result<pb::AuditBundleChunk, Status>> + Send + 'static>>;
@@ -974,6 +978,38 @@ impl AdminService for Admin {
             self.batch_with_counts(&body.batch_id).await?;
             tracing::info!(admin = %caller.uri, batch = %body.batch_id, "certificate of conformance requested");
             Ok(traceability::certificate(&self.state, &body.batch_id))
+        })
+    }
+
+    async fn list_leases(
+        &self,
+        req: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        rpc!("ListLeases", self, req, |_caller, body| {
+            if !body.batch_id.is_empty() {
+                validate::batch_id("batch_id", &body.batch_id)?;
+            }
+            let batch = (!body.batch_id.is_empty()).then_some(body.batch_id.as_str());
+            let leases = self.state.ledger().leases(batch, MAX_LEASES_LISTED).await.map_err(lst)?;
+            Ok(pb::ListLeasesResponse {
+                leases: leases
+                    .into_iter()
+                    .map(|l| pb::LeaseInfo {
+                        outstanding: l.outstanding(),
+                        id: l.id,
+                        batch_id: l.batch_id,
+                        site: l.site,
+                        holder: l.holder,
+                        granted: l.granted,
+                        used: l.used,
+                        returned: l.returned,
+                        state: l.state.as_str().into(),
+                        granted_at_ms: l.granted_at,
+                        expires_at_ms: l.expires_at,
+                        settled_at_ms: l.settled_at,
+                    })
+                    .collect(),
+            })
         })
     }
 

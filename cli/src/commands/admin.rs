@@ -49,6 +49,9 @@ pub enum AdminCommand {
     Batch(BatchCommand),
     /// Licences and install reports of one device.
     Device(DeviceArgs),
+    /// Quota leases held by site brokers.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
     /// Export ledger data for other tools.
     #[command(subcommand)]
     Export(ExportCommand),
@@ -184,6 +187,17 @@ pub enum BatchCommand {
         /// Directory to write both files into.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+    },
+}
+
+/// `flashgate admin lease …`
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Leases, newest first: batch, site, holder, granted, used, returned, outstanding, state, expiry.
+    List {
+        /// Only this batch's leases.
+        #[arg(long)]
+        batch: Option<String>,
     },
 }
 
@@ -436,6 +450,7 @@ pub async fn run(args: AdminArgs) -> Result<()> {
         AdminCommand::Image(cmd) => image(&mut client, cmd, prepared, json).await,
         AdminCommand::Batch(cmd) => batch(&mut client, cmd, json).await,
         AdminCommand::Device(a) => device(&mut client, &a.device_id, json).await,
+        AdminCommand::Lease(LeaseCommand::List { batch }) => leases(&mut client, batch, json).await,
         AdminCommand::Export(ExportCommand::Devices(a)) => super::trace::export_devices(&mut client, a).await,
         AdminCommand::Stations => stations(&mut client, json).await,
         AdminCommand::Station(StationCommand::Revoke(a)) => revoke(&mut client, a, json).await,
@@ -686,6 +701,61 @@ async fn device(client: &mut Client, device_id: &str, json: bool) -> Result<()> 
         println!("{}", super::trace::device_json(&r)?);
     } else {
         print!("{}", super::trace::device_text(&r)?);
+    }
+    Ok(())
+}
+
+async fn leases(client: &mut Client, batch: Option<String>, json: bool) -> Result<()> {
+    let r = client
+        .list_leases(pb::ListLeasesRequest { batch_id: batch.unwrap_or_default() })
+        .await
+        .rpc("listing leases")?;
+    if json {
+        let rows: Vec<Value> = r
+            .leases
+            .iter()
+            .map(|l| {
+                json!({
+                    "id": l.id, "batch_id": l.batch_id, "site": l.site, "holder": l.holder,
+                    "granted": l.granted, "used": l.used, "returned": l.returned, "outstanding": l.outstanding,
+                    "state": l.state, "granted_at_ms": l.granted_at_ms, "expires_at_ms": l.expires_at_ms,
+                    "settled_at_ms": l.settled_at_ms,
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(rows));
+        return Ok(());
+    }
+    let mut t = Table::new([
+        "lease",
+        "batch",
+        "site",
+        "holder",
+        "granted",
+        "used",
+        "returned",
+        "outstanding",
+        "state",
+        "expires",
+    ])
+    .right(&[4, 5, 6, 7]);
+    for l in &r.leases {
+        t.row([
+            l.id[..l.id.len().min(8)].to_string(),
+            l.batch_id.clone(),
+            l.site.clone(),
+            l.holder.clone(),
+            l.granted.to_string(),
+            l.used.to_string(),
+            l.returned.to_string(),
+            l.outstanding.to_string(),
+            l.state.clone(),
+            ms_time(l.expires_at_ms),
+        ]);
+    }
+    print!("{t}");
+    if r.leases.is_empty() {
+        println!("no leases (site brokers have none, or none asked yet)");
     }
     Ok(())
 }
@@ -1024,6 +1094,9 @@ fn batch_detail(b: &pb::BatchInfo) -> Table {
     for (k, v) in rows {
         t.row([k.to_string(), v]);
     }
+    if b.leased > 0 {
+        t.row(["leased to site brokers".to_string(), b.leased.to_string()]);
+    }
     t
 }
 
@@ -1182,6 +1255,7 @@ fn batch_json(b: &pb::BatchInfo) -> Value {
         "installed": b.installed,
         "failed": b.failed,
         "remaining": b.remaining,
+        "leased": b.leased,
         "allowed_sites": b.allowed_sites,
         "not_before_ms": b.not_before_ms,
         "not_after_ms": b.not_after_ms,

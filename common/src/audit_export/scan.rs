@@ -135,14 +135,17 @@ mod tests {
     use super::*;
     use crate::audit_export::{Line, RecordLine};
 
-    fn via_serde(line: &str) -> Option<(i64, i64, String, String, String, String, String, String)> {
+    /// seq, at_ms, then actor, event, subject, details_json, prev_hash, hash.
+    type Fields = (i64, i64, [String; 6]);
+
+    fn via_serde(line: &str) -> Option<Fields> {
         let r: RecordRef = serde_json::from_str(line).ok()?;
         Some(fields(&r))
     }
 
-    fn fields(r: &RecordRef) -> (i64, i64, String, String, String, String, String, String) {
+    fn fields(r: &RecordRef) -> Fields {
         let s = |c: &Cow<str>| c.to_string();
-        (r.seq, r.at_ms, s(&r.actor), s(&r.event), s(&r.subject), s(&r.details_json), s(&r.prev_hash), s(&r.hash))
+        (r.seq, r.at_ms, [s(&r.actor), s(&r.event), s(&r.subject), s(&r.details_json), s(&r.prev_hash), s(&r.hash)])
     }
 
     fn line(r: RecordLine) -> String {

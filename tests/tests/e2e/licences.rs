@@ -223,3 +223,45 @@ async fn audit_chain_verifies_and_a_direct_edit_is_reported() {
     assert_eq!(v.broken_seq, target.seq, "the edited record is named: {v:?}");
     assert!(!v.fault.is_empty());
 }
+
+/// A quota lease granted to a site broker (issue 14 step 1) shows in `BatchStatus` (leased, and not in
+/// remaining) and in `ListLeases`; stations are refused once issued + leased reaches the quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_units_are_listed_and_kept_from_stations() {
+    use flashgate_broker::ledger::leases::LeaseRequest;
+    let world = World::new();
+    let broker = world.start_broker(BrokerSpec::default()).await;
+    broker.seed_batch("lot", 5, &["berlin"]).await;
+    let lease = broker
+        .running()
+        .state()
+        .ledger()
+        .grant_lease(
+            &LeaseRequest {
+                batch_id: "lot".into(),
+                site: "berlin".into(),
+                holder: "spiffe://factory.test/broker/site-berlin".into(),
+                units: 3,
+                ttl: std::time::Duration::from_secs(60),
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    let status = broker.batch_status("lot").await;
+    assert_eq!((status.issued, status.leased, status.remaining), (0, 3, 2), "{status:?}");
+    let mut admin = broker.admin().await;
+    let listed = admin.list_leases(pb::ListLeasesRequest { batch_id: "lot".into() }).await.unwrap().into_inner();
+    assert_eq!(listed.leases.len(), 1);
+    let l = &listed.leases[0];
+    assert_eq!((l.id.as_str(), l.granted, l.outstanding, l.state.as_str()), (lease.id.as_str(), 3, 3, "active"));
+    let e = admin.list_leases(pb::ListLeasesRequest { batch_id: "a/b".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    let st = broker.station("berlin", 1).await;
+    for _ in 0..2 {
+        st.issue("lot", &world.chip()).await.unwrap();
+    }
+    let e = st.issue("lot", &world.chip()).await.unwrap_err();
+    assert_eq!(reason(&e).as_deref(), Some("QUOTA_EXHAUSTED"), "{e}");
+    assert!(e.message().contains("leased 3"), "{e}");
+}
