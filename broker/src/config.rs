@@ -80,7 +80,14 @@ pub struct BrokerConfig {
     /// Signed audit checkpoints.
     #[serde(default)]
     pub audit: AuditSection,
+    /// Site brokers this (central) broker grants quota leases to: broker name (the NAME of its
+    /// `spiffe://TD/broker/NAME` certificate) → the one site it serves. At most [`MAX_SITE_BROKERS`].
+    #[serde(default)]
+    pub site_brokers: std::collections::BTreeMap<String, String>,
 }
+
+/// Most entries of [`BrokerConfig::site_brokers`].
+pub const MAX_SITE_BROKERS: usize = 256;
 
 /// Default of [`AuditSection::checkpoint_every_records`].
 pub const DEFAULT_CHECKPOINT_EVERY_RECORDS: u64 = 1000;
@@ -510,6 +517,22 @@ impl BrokerConfig {
             );
         }
         a.sinks(Path::new(""))?;
+        if self.site_brokers.len() > MAX_SITE_BROKERS {
+            return invalid(
+                "site_brokers",
+                self.site_brokers.len().to_string(),
+                &format!("at most {MAX_SITE_BROKERS} site brokers"),
+            );
+        }
+        for (name, site) in &self.site_brokers {
+            let key = format!("site_brokers.{name}");
+            if let Err(e) = flashgate_common::pki::Identity::broker(&self.trust_domain, name) {
+                return invalid(&key, name.clone(), &format!("not a broker name: {e}"));
+            }
+            if let Err(e) = flashgate_common::pki::Identity::station(&self.trust_domain, site, 1) {
+                return invalid(&key, site.clone(), &format!("not a site name: {e}"));
+            }
+        }
         for (i, m) in self.hsm.members.iter().enumerate() {
             if let HsmMemberConfig::Pkcs11 { pin_env, pin_file, sessions, .. } = m {
                 if pin_env.is_some() == pin_file.is_some() {
@@ -664,6 +687,17 @@ path = "keys.fgks"
         );
         let e = load(&pin, &[]).unwrap_err().to_string();
         assert!(e.contains("pin_env or pin_file"), "{e}");
+    }
+
+    #[test]
+    fn site_brokers_map_broker_names_to_sites() {
+        let c = load(&format!("{GOOD}[site_brokers]\nsite-berlin = \"berlin\"\n"), &[]).unwrap();
+        assert_eq!(c.site_brokers.get("site-berlin").map(String::as_str), Some("berlin"));
+        assert!(load(GOOD, &[]).unwrap().site_brokers.is_empty());
+        for (bad, value) in [("\"Site B\" = \"berlin\"", "Site B"), ("site-b = \"Ber lin\"", "Ber lin")] {
+            let e = load(&format!("{GOOD}[site_brokers]\n{bad}\n"), &[]).unwrap_err().to_string();
+            assert!(e.contains("site_brokers.") && e.contains(value), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use flashgate_proto::transport::{self, AdmissionCounts, AdmissionStats, RevokedS
 use flashgate_proto::v1::admin_service_server::AdminServiceServer;
 use flashgate_proto::v1::image_service_server::ImageServiceServer;
 use flashgate_proto::v1::licence_service_server::LicenceServiceServer;
+use flashgate_proto::v1::site_service_server::SiteServiceServer;
 use flashgate_proto::v1::station_service_server::StationServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -31,6 +32,7 @@ use crate::service::BrokerState;
 use crate::service::admin::Admin;
 use crate::service::image::Images;
 use crate::service::licence::Licences;
+use crate::service::site::Sites;
 use crate::service::station::{self, Stations};
 use crate::service::validate;
 
@@ -115,6 +117,8 @@ pub struct ServeSpec {
     pub limits: LimitsConfig,
     /// When to sign audit checkpoints.
     pub checkpoints: CheckpointSettings,
+    /// Site brokers this broker leases quota to: broker name → site.
+    pub site_brokers: std::collections::BTreeMap<String, String>,
 }
 
 /// A broker serving on [`RunningBroker::addr`].
@@ -387,6 +391,7 @@ pub async fn start(
             interval: cfg.audit.checkpoint_interval,
             sinks: cfg.audit.sinks(base)?,
         },
+        site_brokers: cfg.site_brokers.clone(),
     })
     .await
 }
@@ -403,6 +408,7 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
         revoked.clone(),
         spec.checkpoints,
     );
+    state.set_site_brokers(spec.site_brokers);
     let n = state.refresh_revocations().await?;
     // The audit-signing key of every member (created inside it at first start), then a checkpoint of the
     // head as it is now, before any request is served.
@@ -451,7 +457,8 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
         .add_service(LicenceServiceServer::new(Licences::new(state.clone())).max_decoding_message_size(station_max))
         .add_service(ImageServiceServer::new(Images::new(state.clone())).max_decoding_message_size(station_max))
         .add_service(StationServiceServer::new(Stations::new(state.clone())).max_decoding_message_size(station_max))
-        .add_service(AdminServiceServer::new(Admin::new(state.clone())).max_decoding_message_size(admin_max));
+        .add_service(AdminServiceServer::new(Admin::new(state.clone())).max_decoding_message_size(admin_max))
+        .add_service(SiteServiceServer::new(Sites::new(state.clone())).max_decoding_message_size(station_max));
 
     // Revocations made by other brokers sharing the ledger.
     let refresher = {

@@ -278,6 +278,7 @@ impl World {
             pool,
             limits: spec.limits,
             checkpoints: spec.checkpoints,
+            site_brokers: spec.site_brokers,
         })
         .await
         .expect("serve broker");
@@ -305,6 +306,8 @@ pub struct BrokerSpec {
     pub listen: Option<SocketAddr>,
     /// When to sign audit checkpoints.
     pub checkpoints: CheckpointSettings,
+    /// Site brokers it leases quota to: broker name → site.
+    pub site_brokers: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for BrokerSpec {
@@ -318,6 +321,7 @@ impl Default for BrokerSpec {
             vendor_keys: None,
             listen: None,
             checkpoints: CheckpointSettings::default(),
+            site_brokers: std::collections::BTreeMap::new(),
         }
     }
 }

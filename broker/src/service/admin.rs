@@ -94,7 +94,7 @@ fn state_to_pb(s: BatchState) -> i32 {
     }
 }
 
-fn batch_info(b: &Batch, counts: Option<&BatchStatus>) -> pb::BatchInfo {
+pub(crate) fn batch_info(b: &Batch, counts: Option<&BatchStatus>) -> pb::BatchInfo {
     pb::BatchInfo {
         id: b.id.clone(),
         product_id: b.product_id.clone(),
@@ -991,25 +991,7 @@ impl AdminService for Admin {
             }
             let batch = (!body.batch_id.is_empty()).then_some(body.batch_id.as_str());
             let leases = self.state.ledger().leases(batch, MAX_LEASES_LISTED).await.map_err(lst)?;
-            Ok(pb::ListLeasesResponse {
-                leases: leases
-                    .into_iter()
-                    .map(|l| pb::LeaseInfo {
-                        outstanding: l.outstanding(),
-                        id: l.id,
-                        batch_id: l.batch_id,
-                        site: l.site,
-                        holder: l.holder,
-                        granted: l.granted,
-                        used: l.used,
-                        returned: l.returned,
-                        state: l.state.as_str().into(),
-                        granted_at_ms: l.granted_at,
-                        expires_at_ms: l.expires_at,
-                        settled_at_ms: l.settled_at,
-                    })
-                    .collect(),
-            })
+            Ok(pb::ListLeasesResponse { leases: leases.into_iter().map(super::site::lease_info).collect() })
         })
     }
 

@@ -107,6 +107,37 @@ pub fn station<T>(state: &BrokerState, req: &Request<T>) -> Result<StationCaller
     }
 }
 
+/// A site broker calling a central broker: its identity and the site `[site_brokers]` maps it to.
+#[derive(Debug, Clone)]
+pub struct SiteBrokerCaller {
+    /// `spiffe://TD/broker/NAME`.
+    pub uri: String,
+    /// The site it serves.
+    pub site: String,
+}
+
+/// The site broker calling `req`, or `PERMISSION_DENIED` (`NOT_AUTHORISED`): a broker identity this
+/// broker's `[site_brokers]` names.
+pub fn site_broker<T>(state: &BrokerState, req: &Request<T>) -> Result<SiteBrokerCaller, Status> {
+    let c = identify(state, req)?;
+    match &c.identity {
+        Identity::Broker { name, .. } => match state.site_of_broker(name) {
+            Some(site) => Ok(SiteBrokerCaller { uri: c.identity.to_uri(), site }),
+            None => {
+                let uri = c.identity.to_uri();
+                tracing::warn!(peer = %c.remote, identity = %uri, "refused: a broker not listed in [site_brokers]");
+                Err(refused(
+                    RefusalReason::NotAuthorised,
+                    format!("{uri} is not a site broker of this broker (its [site_brokers] does not name {name:?})"),
+                    "",
+                    "",
+                ))
+            }
+        },
+        _ => Err(wrong_role(&c, Role::Broker)),
+    }
+}
+
 /// The admin calling `req`, or `PERMISSION_DENIED` (`NOT_AUTHORISED`).
 pub fn admin<T>(state: &BrokerState, req: &Request<T>) -> Result<AdminCaller, Status> {
     let c = identify(state, req)?;

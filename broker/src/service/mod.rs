@@ -8,6 +8,7 @@ pub mod admin;
 pub mod auth;
 pub mod image;
 pub mod licence;
+pub mod site;
 pub mod station;
 pub mod status;
 pub mod traceability;
@@ -68,6 +69,8 @@ struct StateInner {
     stations: Arc<StationHub>,
     /// The audit checkpoint signer's state and the newest checkpoint.
     checkpoints: Checkpoints,
+    /// Site brokers this broker leases quota to: broker name → site (`[site_brokers]`).
+    site_brokers: RwLock<std::collections::BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for BrokerState {
@@ -107,8 +110,19 @@ impl BrokerState {
                 stations_noted: Mutex::new(HashMap::new()),
                 stations: Arc::new(StationHub::new()),
                 checkpoints: Checkpoints::new(checkpoints),
+                site_brokers: RwLock::new(std::collections::BTreeMap::new()),
             }),
         }
+    }
+
+    /// Sets the site brokers this broker leases quota to (broker name → site).
+    pub fn set_site_brokers(&self, map: std::collections::BTreeMap<String, String>) {
+        *self.inner.site_brokers.write().unwrap_or_else(|p| p.into_inner()) = map;
+    }
+
+    /// The site the broker named `name` serves, if it is a site broker of this one.
+    pub fn site_of_broker(&self, name: &str) -> Option<String> {
+        self.inner.site_brokers.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
 
     /// The broker's name.

@@ -224,39 +224,38 @@ async fn audit_chain_verifies_and_a_direct_edit_is_reported() {
     assert!(!v.fault.is_empty());
 }
 
-/// A quota lease granted to a site broker (issue 14 step 1) shows in `BatchStatus` (leased, and not in
-/// remaining) and in `ListLeases`; stations are refused once issued + leased reaches the quota.
+/// Quota leases over `SiteService` (issue 14): a site broker named in `[site_brokers]` gets a lease for
+/// its own site, which shows in `BatchStatus` (leased, not in remaining) and `ListLeases` and keeps
+/// stations from the leased units; it hands units back. Admins, stations and unlisted brokers are
+/// refused, and bad ids are named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leased_units_are_listed_and_kept_from_stations() {
-    use flashgate_broker::ledger::leases::LeaseRequest;
+async fn site_brokers_lease_quota_and_stations_are_kept_from_it() {
+    use flashgate_proto::v1::site_service_client::SiteServiceClient;
+    use flashgate_tests::broker::TestPki;
     let world = World::new();
-    let broker = world.start_broker(BrokerSpec::default()).await;
+    let spec = BrokerSpec {
+        site_brokers: [("broker-1".to_owned(), "berlin".to_owned())].into_iter().collect(),
+        ..BrokerSpec::default()
+    };
+    let broker = world.start_broker(spec).await;
     broker.seed_batch("lot", 5, &["berlin"]).await;
-    let lease = broker
-        .running()
-        .state()
-        .ledger()
-        .grant_lease(
-            &LeaseRequest {
-                batch_id: "lot".into(),
-                site: "berlin".into(),
-                holder: "spiffe://factory.test/broker/site-berlin".into(),
-                units: 3,
-                ttl: std::time::Duration::from_secs(60),
-            },
-            "test",
-        )
-        .await
-        .unwrap();
+    let mut site = SiteServiceClient::new(broker.channel(&TestPki::broker()).await);
+    let ask = |units: i64| pb::AcquireLeaseRequest { batch_id: "lot".into(), units, ttl_ms: 60_000 };
+    let grant = site.acquire_lease(ask(3)).await.unwrap().into_inner();
+    let lease = grant.lease.unwrap();
+    assert_eq!((lease.granted, lease.site.as_str()), (3, "berlin"));
+    assert_eq!(lease.holder, "spiffe://factory.test/broker/broker-1");
+    assert_eq!(grant.batch.unwrap().leased, 3);
     let status = broker.batch_status("lot").await;
     assert_eq!((status.issued, status.leased, status.remaining), (0, 3, 2), "{status:?}");
     let mut admin = broker.admin().await;
     let listed = admin.list_leases(pb::ListLeasesRequest { batch_id: "lot".into() }).await.unwrap().into_inner();
     assert_eq!(listed.leases.len(), 1);
-    let l = &listed.leases[0];
-    assert_eq!((l.id.as_str(), l.granted, l.outstanding, l.state.as_str()), (lease.id.as_str(), 3, 3, "active"));
+    assert_eq!((listed.leases[0].id.as_str(), listed.leases[0].outstanding), (lease.id.as_str(), 3));
     let e = admin.list_leases(pb::ListLeasesRequest { batch_id: "a/b".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+
+    // Stations get the 2 units left, then QUOTA_EXHAUSTED naming the leased units; so does a second lease.
     let st = broker.station("berlin", 1).await;
     for _ in 0..2 {
         st.issue("lot", &world.chip()).await.unwrap();
@@ -264,4 +263,27 @@ async fn leased_units_are_listed_and_kept_from_stations() {
     let e = st.issue("lot", &world.chip()).await.unwrap_err();
     assert_eq!(reason(&e).as_deref(), Some("QUOTA_EXHAUSTED"), "{e}");
     assert!(e.message().contains("leased 3"), "{e}");
+    let e = site.acquire_lease(ask(1)).await.unwrap_err();
+    assert_eq!(reason(&e).as_deref(), Some("QUOTA_EXHAUSTED"), "{e}");
+
+    // Units handed back go to stations again.
+    let back = site.return_lease(pb::ReturnLeaseRequest { lease_id: lease.id.clone(), units: 2 }).await.unwrap();
+    assert_eq!(back.into_inner().outstanding, 1);
+    st.issue("lot", &world.chip()).await.unwrap();
+    let e = site.return_lease(pb::ReturnLeaseRequest { lease_id: lease.id.clone(), units: 5 }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    let e = site.return_lease(pb::ReturnLeaseRequest { lease_id: "xyz".into(), units: 1 }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+
+    // Only listed site brokers: an admin and a station are the wrong role; an unlisted broker is named.
+    let mut as_admin = SiteServiceClient::new(broker.channel(&TestPki::admin()).await);
+    let e = as_admin.acquire_lease(ask(1)).await.unwrap_err();
+    assert_eq!(reason(&e).as_deref(), Some("NOT_AUTHORISED"), "{e}");
+    let mut as_station = SiteServiceClient::new(broker.channel(&TestPki::station("berlin", 1)).await);
+    assert_eq!(reason(&as_station.acquire_lease(ask(1)).await.unwrap_err()).as_deref(), Some("NOT_AUTHORISED"));
+    let other = world.start_broker(BrokerSpec::default()).await;
+    let mut unlisted = SiteServiceClient::new(other.channel(&TestPki::broker()).await);
+    let e = unlisted.acquire_lease(ask(1)).await.unwrap_err();
+    assert_eq!(reason(&e).as_deref(), Some("NOT_AUTHORISED"), "{e}");
+    assert!(e.message().contains("[site_brokers]"), "{e}");
 }
