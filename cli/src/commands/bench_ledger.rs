@@ -37,7 +37,8 @@ pub struct LedgerBenchArgs {
     /// Concurrent callers of the ledger.
     #[arg(long, default_value_t = 64, value_parser = super::number_at_least(1usize))]
     pub callers: usize,
-    /// Directory for the ledger and the export files (default: a temporary directory, removed after).
+    /// Directory for the ledger, the export files and the key that verifies them (`trust.pem`); default:
+    /// a temporary directory, removed after.
     #[arg(long)]
     pub dir: Option<PathBuf>,
 }
@@ -243,6 +244,13 @@ pub async fn run(a: LedgerBenchArgs) -> Result<()> {
 
     // A checkpoint of the head, signed with a key made for the run, so the export verifies.
     let signing = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+    // With --dir the files stay, with the key that verifies them: `flashgate audit verify DIR/audit.jsonl
+    // --trust DIR/trust.pem` reruns the verification on its own.
+    {
+        use p256::pkcs8::EncodePublicKey as _;
+        let pem = signing.verifying_key().to_public_key_pem(p256::pkcs8::LineEnding::LF)?;
+        std::fs::write(dir.join("trust.pem"), pem).context("writing trust.pem")?;
+    }
     let (seq, hash) = l.audit_head().await?;
     let hash32: [u8; 32] = hash.as_slice().try_into().context("audit head hash")?;
     let cp = CheckpointHead {
