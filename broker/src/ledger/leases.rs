@@ -2,8 +2,8 @@
 //! against them with its own HSM and ledger while its WAN link is up or down. This module owns the
 //! central side: granting a lease atomically against the batch quota (`issued + leased + units <=
 //! quota`, in one guarded UPDATE, so concurrent grants and licences on any number of brokers sharing the
-//! ledger never exceed it), returning unused units, and listing leases. Every grant and return is an
-//! audit record in the same transaction.
+//! ledger never exceed it), renewing a lease's expiry while its holder is connected, returning unused
+//! units, and listing leases. Every grant, renewal and return is an audit record in the same transaction.
 //!
 //! Units a site used stay in `batches.leased` until its licences reach central (replication), which
 //! moves each from `leased` to `issued`; so a lease is settled when `used + returned == granted`.
@@ -277,6 +277,55 @@ impl Ledger {
         audit::append(&mut tx, &mut head, now, ev).await.map_err(LedgerError::db(OP))?;
         commit_write(tx, &head, OP).await?;
         self.forget_batch(&lease.batch_id);
+        Ok(lease)
+    }
+
+    /// Extends active lease `id` to expire `ttl` from now (its holder renews while connected; a site cut
+    /// off from central cannot, and stops issuing at the old expiry). Audited as `lease.renewed`.
+    pub async fn renew_lease(&self, id: &str, holder: &str, ttl: Duration, actor: &str) -> Result<Lease, LedgerError> {
+        const OP: &str = "renew lease";
+        if ttl < MIN_LEASE_TTL || ttl > MAX_LEASE_TTL {
+            return Err(LedgerError::Invalid {
+                field: "lease ttl",
+                value: format!("{ttl:?}"),
+                why: "must be between 1 s and 7 days",
+            });
+        }
+        let (mut tx, mut head) =
+            begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
+        let row = sqlx::query(&format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(LedgerError::db(OP))?
+            .ok_or_else(|| LedgerError::NotFound { what: "lease", id: id.to_owned() })?;
+        let mut lease = lease_from_row(&row).map_err(LedgerError::db(OP))?;
+        if lease.holder != holder {
+            return Err(LedgerError::Invalid {
+                field: "lease holder",
+                value: holder.to_owned(),
+                why: "only the site broker holding a lease may renew it",
+            });
+        }
+        let now = now_ms();
+        if lease.state != LeaseState::Active || lease.expires_at <= now {
+            return Err(LedgerError::Invalid {
+                field: "lease",
+                value: id.to_owned(),
+                why: "only an active lease that has not expired can be renewed (acquire a new one)",
+            });
+        }
+        lease.expires_at = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        sqlx::query("UPDATE leases SET expires_at = $2 WHERE id = $1")
+            .bind(&lease.id)
+            .bind(lease.expires_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(LedgerError::db(OP))?;
+        let details = serde_json::json!({ "batch": lease.batch_id, "expires_at": lease.expires_at });
+        let ev = AuditEvent { actor, event: "lease.renewed", subject: format!("lease/{}", lease.id), details };
+        audit::append(&mut tx, &mut head, now, ev).await.map_err(LedgerError::db(OP))?;
+        commit_write(tx, &head, OP).await?;
         Ok(lease)
     }
 

@@ -15,8 +15,16 @@ use super::status::ledger_status;
 use super::{BrokerState, auth, validate};
 use crate::ledger::leases::{Lease, LeaseRequest};
 
-/// Longest lease id accepted (they are 32 hex digits).
+/// Length of a lease id (hex digits).
 pub const LEASE_ID_LEN: usize = 32;
+
+/// A lease id: [`LEASE_ID_LEN`] hex digits.
+fn lease_id(id: &str) -> Result<(), Status> {
+    if id.len() != LEASE_ID_LEN || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(validate::invalid("lease_id", format!("must be {LEASE_ID_LEN} hex digits")));
+    }
+    Ok(())
+}
 
 /// The service.
 #[derive(Debug, Clone)]
@@ -101,11 +109,23 @@ impl SiteService for Sites {
         })
     }
 
+    async fn renew_lease(&self, req: Request<pb::RenewLeaseRequest>) -> Result<Response<pb::LeaseInfo>, Status> {
+        site_rpc!("RenewLease", self, req, |caller, body| {
+            lease_id(&body.lease_id)?;
+            let lease = self
+                .state
+                .ledger()
+                .renew_lease(&body.lease_id, &caller.uri, Duration::from_millis(body.ttl_ms), &caller.uri)
+                .await
+                .map_err(|e| ledger_status(e, "", ""))?;
+            tracing::debug!(lease = %lease.id, expires_at = lease.expires_at, "lease renewed");
+            Ok(lease_info(lease))
+        })
+    }
+
     async fn return_lease(&self, req: Request<pb::ReturnLeaseRequest>) -> Result<Response<pb::LeaseInfo>, Status> {
         site_rpc!("ReturnLease", self, req, |caller, body| {
-            if body.lease_id.len() != LEASE_ID_LEN || !body.lease_id.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(validate::invalid("lease_id", format!("must be {LEASE_ID_LEN} hex digits")));
-            }
+            lease_id(&body.lease_id)?;
             let lease = self
                 .state
                 .ledger()

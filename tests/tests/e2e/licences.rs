@@ -266,6 +266,16 @@ async fn site_brokers_lease_quota_and_stations_are_kept_from_it() {
     let e = site.acquire_lease(ask(1)).await.unwrap_err();
     assert_eq!(reason(&e).as_deref(), Some("QUOTA_EXHAUSTED"), "{e}");
 
+    // Renewed while connected: the expiry moves; a bad ttl is named.
+    let renewed = site
+        .renew_lease(pb::RenewLeaseRequest { lease_id: lease.id.clone(), ttl_ms: 3_600_000 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(renewed.expires_at_ms > lease.expires_at_ms, "{renewed:?}");
+    let e = site.renew_lease(pb::RenewLeaseRequest { lease_id: lease.id.clone(), ttl_ms: 10 }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+
     // Units handed back go to stations again.
     let back = site.return_lease(pb::ReturnLeaseRequest { lease_id: lease.id.clone(), units: 2 }).await.unwrap();
     assert_eq!(back.into_inner().outstanding, 1);

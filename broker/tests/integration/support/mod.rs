@@ -543,6 +543,10 @@ pub async fn check_leases(ledgers: &[Ledger]) {
     assert!(matches!(e, LedgerError::Refused { reason: RefusalReason::SiteNotAllowed, .. }), "{e}");
     assert!(l.return_lease(&a.id, "spiffe://t/broker/site-b", 1, "x").await.is_err(), "only the holder returns");
     assert!(l.return_lease(&a.id, &a.holder, 9, "x").await.is_err(), "never more than outstanding");
+    let ttl = std::time::Duration::from_secs(3600);
+    let renewed = l.renew_lease(&a.id, &a.holder, ttl, &a.holder).await.unwrap();
+    assert!(renewed.expires_at > a.expires_at, "renewing moves the expiry");
+    assert!(l.renew_lease(&a.id, "spiffe://t/broker/site-b", ttl, "x").await.is_err(), "only the holder renews");
     let back = l.return_lease(&a.id, &a.holder, 5, &a.holder).await.unwrap();
     assert_eq!((back.returned, back.outstanding(), back.state), (5, 3, LeaseState::Active));
 
@@ -568,6 +572,7 @@ pub async fn check_leases(ledgers: &[Ledger]) {
     let settled = l.return_lease(&a.id, &a.holder, 3, &a.holder).await.unwrap();
     assert_eq!((settled.state, settled.outstanding()), (LeaseState::Settled, 0));
     assert!(settled.settled_at.is_some());
+    assert!(l.renew_lease(&a.id, &a.holder, ttl, &a.holder).await.is_err(), "a settled lease is not renewed");
     let listed = l.leases(Some("leased"), 100).await.unwrap();
     let leased_now = l.batch("leased").await.unwrap().leased;
     assert_eq!(listed.iter().map(|x| x.outstanding()).sum::<i64>(), leased_now, "{listed:?}");
@@ -576,5 +581,6 @@ pub async fn check_leases(ledgers: &[Ledger]) {
     let events: Vec<String> = l.audit_page(0, 100_000).await.unwrap().into_iter().map(|r| r.event).collect();
     assert_eq!(events.iter().filter(|e| *e == "lease.returned").count(), 2);
     assert!(events.iter().any(|e| e == "lease.granted"));
+    assert_eq!(events.iter().filter(|e| *e == "lease.renewed").count(), 1);
     l.verify_audit().await.unwrap();
 }
