@@ -952,7 +952,8 @@ impl AdminService for Admin {
     ) -> Result<Response<Self::ExportDevicesStream>, Status> {
         rpc!("ExportDevices", self, req, |_caller, body| {
             validate::batch_id("batch_id", &body.batch_id)?;
-            self.batch_with_counts(&body.batch_id).await?;
+            // The batch must exist before the stream starts (one row; its counts are not needed).
+            self.state.ledger().batch(&body.batch_id).await.map_err(lst)?;
             Ok(traceability::export_devices(&self.state, &body.batch_id))
         })
     }
@@ -975,7 +976,8 @@ impl AdminService for Admin {
     ) -> Result<Response<Self::BatchCertificateStream>, Status> {
         rpc!("BatchCertificate", self, req, |caller, body| {
             validate::batch_id("batch_id", &body.batch_id)?;
-            self.batch_with_counts(&body.batch_id).await?;
+            // The batch must exist before the stream starts (one row; its counts are not needed).
+            self.state.ledger().batch(&body.batch_id).await.map_err(lst)?;
             tracing::info!(admin = %caller.uri, batch = %body.batch_id, "certificate of conformance requested");
             Ok(traceability::certificate(&self.state, &body.batch_id))
         })

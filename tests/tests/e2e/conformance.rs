@@ -208,6 +208,10 @@ async fn every_device_has_its_whole_record_and_the_batch_its_report() {
     assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
     let e = admin.device_history(pb::DeviceHistoryRequest { device_id: "XYZ".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let e = admin.export_devices(pb::ExportDevicesRequest { batch_id: "nope".into() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "refused before the stream starts: {e}");
+    let e = admin.batch_certificate(pb::BatchCertificateRequest { batch_id: "a/b".into() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
