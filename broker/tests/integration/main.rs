@@ -6,6 +6,7 @@ mod support;
 mod hsm_pool;
 mod hsm_soft;
 mod ledger_audit_prop;
+mod ledger_leases_prop;
 mod ledger_postgres;
 mod ledger_sqlite;
 mod ledger_throughput;
