@@ -389,3 +389,140 @@ async fn export_csv(State(c): State<Console>, Path(id): Path<String>) -> Result<
     let stream = futures::stream::once(async move { Ok(Bytes::from(header)) }).chain(rows);
     Ok(download("text/csv; charset=utf-8", format!("{id}-devices.csv"), Body::from_stream(stream)))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use axum::http::{Request as HttpRequest, StatusCode};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{Admin, ConsoleInfo, Tokens};
+
+    const ADMIN: &str = "aaaaaaaaaaaaaaaa";
+    const WALL: &str = "bbbbbbbbbbbbbbbb";
+
+    fn app() -> Router {
+        // A channel that is never connected: these requests are refused before any RPC.
+        let channel = tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        let console = Console::start(Admin::new(channel), Tokens::new(ADMIN, Some(WALL.into())), ConsoleInfo::default());
+        router(console)
+    }
+
+    async fn call(req: HttpRequest<Body>) -> (StatusCode, HeaderMap, String) {
+        let resp = app().oneshot(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        (parts.status, parts.headers, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn get(uri: &str) -> HttpRequest<Body> {
+        HttpRequest::get(uri).body(Body::empty()).unwrap()
+    }
+
+    fn with_cookie(uri: &str, token: &str) -> HttpRequest<Body> {
+        HttpRequest::get(uri).header("cookie", format!("x=1; {}={token}", auth::COOKIE_NAME)).body(Body::empty()).unwrap()
+    }
+
+    fn post(token_cookie: &str, header_token: Option<&str>, body: &str) -> HttpRequest<Body> {
+        let mut b = HttpRequest::post("/api/action")
+            .header("cookie", format!("{}={token_cookie}", auth::COOKIE_NAME))
+            .header("content-type", "application/json");
+        if let Some(h) = header_token {
+            b = b.header(auth::ACTION_HEADER, h);
+        }
+        b.body(Body::from(body.to_owned())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_route_needs_a_token() {
+        for uri in ["/", "/assets/app.js", "/api/snapshot", "/api/session", "/export/batch/b1/devices.csv"] {
+            let (status, _, body) = call(get(uri)).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{uri}");
+            assert!(body.contains("no valid console token"), "{body}");
+        }
+        assert_eq!(call(get("/?token=aaaaaaaaaaaaaaab")).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(call(with_cookie("/", "nope")).await.0, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn the_url_token_sets_the_cookie() {
+        let (status, headers, body) = call(get(&format!("/?token={ADMIN}"))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("<title>Flashgate console</title>"));
+        let cookie = headers.get(header::SET_COOKIE).unwrap().to_str().unwrap();
+        assert!(cookie.starts_with(&format!("{}={ADMIN};", auth::COOKIE_NAME)) && cookie.contains("HttpOnly"), "{cookie}");
+        assert!(headers.get(header::CONTENT_SECURITY_POLICY).is_some());
+        let (status, headers, js) = call(with_cookie("/assets/app.js", ADMIN)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(headers.get(header::SET_COOKIE).is_none(), "the cookie is set once, from the URL");
+        assert!(js.contains("EventSource"));
+    }
+
+    #[tokio::test]
+    async fn sessions_say_the_role() {
+        let (_, _, admin) = call(with_cookie("/api/session", ADMIN)).await;
+        let admin: Value = serde_json::from_str(&admin).unwrap();
+        assert_eq!((admin["role"].as_str(), admin["action_token"].as_str()), (Some("admin"), Some(ADMIN)));
+        let (_, _, wall) = call(with_cookie("/api/session", WALL)).await;
+        let wall: Value = serde_json::from_str(&wall).unwrap();
+        assert_eq!(wall["role"], "wallboard");
+        assert!(wall["action_token"].is_null(), "the wallboard never learns the admin token");
+        let (status, _, snap) = call(with_cookie("/api/snapshot", WALL)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(snap.contains("\"stations\""));
+    }
+
+    #[tokio::test]
+    async fn actions_need_the_admin_token_in_the_header() {
+        let body = r#"{"action":"pause_batch","batch":"b1"}"#;
+        let (status, _, text) = call(post(WALL, Some(WALL), body)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(text.contains("read-only"), "{text}");
+        let (status, _, text) = call(post(ADMIN, None, body)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(text.contains("x-console-token"), "{text}");
+        let (status, _, _) = call(post(ADMIN, Some(WALL), body)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn action_values_are_checked_before_the_broker() {
+        let cases = [
+            (r#"{"action":"explode"}"#, "action \"explode\" is not one of assign"),
+            (r#"{"action":"assign","station":"spiffe://t/site/a/station/1","batch":"b 1"}"#, "batch may hold only"),
+            (r#"{"action":"assign","station":"x","batch":"b1"}"#, "station is not a spiffe://"),
+            (r#"{"action":"pause_station","station":"spiffe://t/site/a/station/1","reason":"a\u0007"}"#, "reason holds control"),
+            (r#"{"action":"open_batch","batch":""}"#, "batch is empty"),
+            (r#"{"action":"open_batch","batch":"b1","extra":1}"#, "body is not an action"),
+            ("not json", "body is not an action"),
+        ];
+        for (body, want) in cases {
+            let (status, _, text) = call(post(ADMIN, Some(ADMIN), body)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {text}");
+            assert!(text.contains(want), "{body}: {text}");
+        }
+        let big = format!(r#"{{"action":"open_batch","batch":"{}"}}"#, "b".repeat(validate::MAX_ACTION_BODY));
+        assert_eq!(call(post(ADMIN, Some(ADMIN), &big)).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn path_and_query_values_are_checked() {
+        let (status, _, text) = call(with_cookie("/api/batch/b%20x", ADMIN)).await;
+        assert_eq!((status, text.as_str()), (StatusCode::BAD_REQUEST, "batch may hold only letters, digits, '.', '_' and '-'"));
+        let (status, _, text) = call(with_cookie("/export/batch/..%2Fx/devices.csv", WALL)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        let (status, _, text) = call(with_cookie("/api/device?q=12", ADMIN)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(text.contains("has 2 hex digits"), "{text}");
+    }
+
+    #[test]
+    fn device_lines_become_csv_rows() {
+        let header = String::from_utf8(csv_header().unwrap()).unwrap();
+        assert!(header.starts_with("batch_id,device_id"), "{header}");
+        assert!(csv_rows(b"").unwrap().is_empty());
+        let e = csv_rows(b"{\"not\":\"a row\"}\n").unwrap_err();
+        assert!(e.to_string().contains("does not parse"), "{e}");
+    }
+}
