@@ -7,11 +7,11 @@ const S = { session: null, snap: null, view: "", arg: "", batch: null, batchTime
 function el(tag, attrs, ...kids) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
-    if (v === null || v === undefined || v === false) continue;
+    if (v === null || v === undefined || (v === false && !k.startsWith("data-"))) continue;
     if (k === "class") e.className = v;
     else if (k === "text") e.textContent = v;
     else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
-    else e.setAttribute(k, v === true ? "" : String(v));
+    else e.setAttribute(k, v === true && !k.startsWith("data-") ? "" : String(v));
   }
   for (const k of kids.flat()) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : document.createTextNode(String(k)));
   return e;
@@ -85,7 +85,8 @@ function stationCard(s, batches) {
   const kids = [
     el("h3", {}, el("span", { text: s.name }),
       el("span", { class: s.online ? "online" : "offline", text: s.online ? "online" : "offline" })),
-    el("div", { class: "muted", text: `last seen ${ago(s.last_seen_ms)}${s.broker ? " · via " + s.broker : ""}` }),
+    // The broker counts a station online while its heartbeats arrive (one within 15 s).
+    el("div", { class: "muted", text: s.online ? `heartbeat within 15 s · via ${s.broker}` : `last seen ${ago(s.last_seen_ms)}` }),
     el("div", {}, "assigned: ", el("strong", { class: "assigned", text: s.assigned_batch || "none" }),
       s.paused ? el("span", { class: "offline", text: " (paused)" }) : null,
       " · running: ", el("strong", { class: "current", text: s.current_batch || "nothing" }),
