@@ -225,8 +225,10 @@ async fn audit(State(c): State<Console>) -> Result<Response, ConsoleError> {
     let members: Vec<Value> = hsm
         .members
         .iter()
-        .map(|m| json!({"name": m.name, "healthy": m.healthy, "audit_key_fingerprint": m.audit_key_fingerprint,
-                        "last_error": m.last_error}))
+        .map(|m| {
+            json!({"name": m.name, "healthy": m.healthy, "audit_key_fingerprint": m.audit_key_fingerprint,
+                        "last_error": m.last_error})
+        })
         .collect();
     let checkpoint = c.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).clone();
     Ok(axum::Json(json!({
@@ -405,7 +407,8 @@ mod tests {
     fn app() -> Router {
         // A channel that is never connected: these requests are refused before any RPC.
         let channel = tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy();
-        let console = Console::start(Admin::new(channel), Tokens::new(ADMIN, Some(WALL.into())), ConsoleInfo::default());
+        let console =
+            Console::start(Admin::new(channel), Tokens::new(ADMIN, Some(WALL.into())), ConsoleInfo::default());
         router(console)
     }
 
@@ -421,7 +424,10 @@ mod tests {
     }
 
     fn with_cookie(uri: &str, token: &str) -> HttpRequest<Body> {
-        HttpRequest::get(uri).header("cookie", format!("x=1; {}={token}", auth::COOKIE_NAME)).body(Body::empty()).unwrap()
+        HttpRequest::get(uri)
+            .header("cookie", format!("x=1; {}={token}", auth::COOKIE_NAME))
+            .body(Body::empty())
+            .unwrap()
     }
 
     fn post(token_cookie: &str, header_token: Option<&str>, body: &str) -> HttpRequest<Body> {
@@ -451,7 +457,10 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("<title>Flashgate console</title>"));
         let cookie = headers.get(header::SET_COOKIE).unwrap().to_str().unwrap();
-        assert!(cookie.starts_with(&format!("{}={ADMIN};", auth::COOKIE_NAME)) && cookie.contains("HttpOnly"), "{cookie}");
+        assert!(
+            cookie.starts_with(&format!("{}={ADMIN};", auth::COOKIE_NAME)) && cookie.contains("HttpOnly"),
+            "{cookie}"
+        );
         assert!(headers.get(header::CONTENT_SECURITY_POLICY).is_some());
         let (status, headers, js) = call(with_cookie("/assets/app.js", ADMIN)).await;
         assert_eq!(status, StatusCode::OK);
@@ -492,7 +501,10 @@ mod tests {
             (r#"{"action":"explode"}"#, "action \"explode\" is not one of assign"),
             (r#"{"action":"assign","station":"spiffe://t/site/a/station/1","batch":"b 1"}"#, "batch may hold only"),
             (r#"{"action":"assign","station":"x","batch":"b1"}"#, "station is not a spiffe://"),
-            (r#"{"action":"pause_station","station":"spiffe://t/site/a/station/1","reason":"a\u0007"}"#, "reason holds control"),
+            (
+                r#"{"action":"pause_station","station":"spiffe://t/site/a/station/1","reason":"a\u0007"}"#,
+                "reason holds control",
+            ),
             (r#"{"action":"open_batch","batch":""}"#, "batch is empty"),
             (r#"{"action":"open_batch","batch":"b1","extra":1}"#, "body is not an action"),
             ("not json", "body is not an action"),
@@ -509,7 +521,10 @@ mod tests {
     #[tokio::test]
     async fn path_and_query_values_are_checked() {
         let (status, _, text) = call(with_cookie("/api/batch/b%20x", ADMIN)).await;
-        assert_eq!((status, text.as_str()), (StatusCode::BAD_REQUEST, "batch may hold only letters, digits, '.', '_' and '-'"));
+        assert_eq!(
+            (status, text.as_str()),
+            (StatusCode::BAD_REQUEST, "batch may hold only letters, digits, '.', '_' and '-'")
+        );
         let (status, _, text) = call(with_cookie("/export/batch/..%2Fx/devices.csv", WALL)).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
         let (status, _, text) = call(with_cookie("/api/device?q=12", ADMIN)).await;

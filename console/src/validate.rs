@@ -144,7 +144,8 @@ mod tests {
         cert.extend(std::iter::repeat_n(7u8, 64));
         cert.extend(std::iter::repeat_n(0u8, 64));
         let expected = flashgate_common::cert::ChipCertificate::parse(&cert).unwrap().device_id().to_string();
-        let pasted: String = hex::encode(&cert).as_bytes().chunks(2).map(|c| format!("{}:", std::str::from_utf8(c).unwrap())).collect();
+        let pasted: String =
+            hex::encode(&cert).as_bytes().chunks(2).map(|c| format!("{}:", std::str::from_utf8(c).unwrap())).collect();
         assert_eq!(device_query(&pasted).unwrap(), expected);
     }
 }

@@ -50,7 +50,8 @@ pub struct Browser {
 /// One HTTP/1.1 request to chromedriver on 127.0.0.1:`port`; the JSON answer's `value`, or an
 /// error with WebDriver's message.
 async fn request(port: u16, method: &str, path: &str, body: Option<&Value>) -> Result<Value, String> {
-    let mut sock = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connecting to chromedriver: {e}"))?;
+    let mut sock =
+        TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connecting to chromedriver: {e}"))?;
     let body = body.map(Value::to_string).unwrap_or_default();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -204,7 +205,9 @@ impl Browser {
     /// Clicks the element matching `css` (waiting up to 10 s for it).
     pub async fn click(&self, css: &str) {
         let e = self.wait_for(css, Duration::from_secs(10)).await;
-        self.cmd("POST", &format!("/element/{e}/click"), Some(json!({}))).await.unwrap_or_else(|e| panic!("click {css}: {e}"));
+        self.cmd("POST", &format!("/element/{e}/click"), Some(json!({})))
+            .await
+            .unwrap_or_else(|e| panic!("click {css}: {e}"));
     }
 
     /// Runs `script` (a function body) in the page; its return value.

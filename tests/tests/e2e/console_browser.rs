@@ -66,7 +66,8 @@ async fn the_console_shows_the_line_and_assigns_a_batch_in_chromium() {
     let (_probes_tx, probes_rx) = watch::channel(tcp_probes(&sim, "sim"));
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = station.ctx.clone();
-    let daemon = tokio::spawn(async move { flashgate_agent::daemon::run_daemon(&cfg, probes_rx, ctx, stop_rx, None).await });
+    let daemon =
+        tokio::spawn(async move { flashgate_agent::daemon::run_daemon(&cfg, probes_rx, ctx, stop_rx, None).await });
 
     // The console, as `flashgate console --wallboard` runs it.
     let tokens = Tokens::generate(true);
