@@ -10,6 +10,8 @@ function el(tag, attrs, ...kids) {
     if (v === null || v === undefined || (v === false && !k.startsWith("data-"))) continue;
     if (k === "class") e.className = v;
     else if (k === "text") e.textContent = v;
+    // Through the CSSOM: the page's Content-Security-Policy refuses style attributes.
+    else if (k === "style") e.style.cssText = v;
     else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
     else e.setAttribute(k, v === true && !k.startsWith("data-") ? "" : String(v));
   }

@@ -5,7 +5,8 @@
 //! chromedriver drives Chromium through it. The page shows the station come online; the test assigns
 //! the batch by clicking (select, Assign, the confirmation), watches the probes' bars move and the
 //! batch complete, compares the counts on the Batch page with `BatchStatus`, and saves screenshots of
-//! the Line and Batch pages under the target directory (`console-line.png`, `console-batch.png`). A
+//! the Line and Batch pages under the target directory (`console-line.png`, `console-batch.png`),
+//! finds an installed device's record on the Device page and the verified chain on the Audit page. A
 //! wallboard URL shows the same pages without actions, and its POST is refused.
 //!
 //! Skipped with a note when chromium or chromedriver is missing, unless `FLASHGATE_REQUIRE_CHROMIUM=1`.
@@ -161,6 +162,17 @@ async fn the_console_shows_the_line_and_assigns_a_batch_in_chromium() {
     assert_eq!(browser.text("#first-pass-yield").await.as_deref(), Some("100.0 %"));
     assert!(browser.find("a[href$=\"/devices.csv\"]").await.is_some());
     browser.screenshot(&target_dir().join("console-batch.png")).await;
+
+    // The Device page: the whole record of one installed device.
+    let device = station.entries()[0].0.result.device_id.clone();
+    browser.goto(&format!("{}#/device/{device}", admin_url.split('?').next().unwrap())).await;
+    browser.wait_for("#device-result .verdict-installed", LONG).await;
+    let record = browser.text("#device-result").await.unwrap();
+    assert!(record.contains(&device) && record.contains(BATCH) && record.contains("Licence"), "{record}");
+    // The Audit page: the chain verifies.
+    browser.goto(&format!("{}#/audit", admin_url.split('?').next().unwrap())).await;
+    browser.wait_for("#audit-ok", LONG).await;
+    assert_eq!(browser.text("#audit-ok").await.as_deref(), Some("verified"));
 
     // The wallboard: the same line, no actions, and a POST is refused.
     browser.goto(&wall_url).await;
