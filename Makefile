@@ -6,8 +6,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (the PKCS#11 token the broker's HSM backend is tested against), postgresql (a throwaway
 # cluster per test, started with initdb/pg_ctl on a loopback port, for the shared ledger), jq (used
 # by README.md's production flow, which a test runs as written), systemd (systemd-analyze verify
-# of deploy/systemd/) and tmux (an 80x24 terminal whose screen the progress-display test reads).
-TEST_PACKAGES := stm32flash softhsm2 postgresql jq systemd tmux
+# of deploy/systemd/), tmux (an 80x24 terminal whose screen the progress-display test reads) and
+# chromium with chromium-driver (headless Chromium driven over WebDriver by the web console's browser test).
+TEST_PACKAGES := stm32flash softhsm2 postgresql jq systemd tmux chromium chromium-driver
 
 .PHONY: all build test deps fmt clippy unit fuzz-check compose-test bench demo clean
 
@@ -40,7 +41,8 @@ clippy:
 ## example configurations installed in a temporary root (cli/tests/integration/deploy_files.rs).
 unit:
 	FLASHGATE_REQUIRE_STM32FLASH=1 FLASHGATE_REQUIRE_SOFTHSM=1 FLASHGATE_REQUIRE_POSTGRES=1 \
-		FLASHGATE_REQUIRE_SYSTEMD_ANALYZE=1 FLASHGATE_REQUIRE_TMUX=1 $(CARGO) test --workspace --all-targets
+		FLASHGATE_REQUIRE_SYSTEMD_ANALYZE=1 FLASHGATE_REQUIRE_TMUX=1 FLASHGATE_REQUIRE_CHROMIUM=1 \
+		$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
 
 ## The fuzz targets (fuzz/, not a workspace member) must keep compiling; running them is in docs/testing.md.

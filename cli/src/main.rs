@@ -54,6 +54,8 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     /// Operate a broker: firmware keys, images, batches, devices, stations, audit, HSM status.
     Admin(commands::admin::AdminArgs),
+    /// Serve the live web console of the line on 127.0.0.1, as an admin of the broker.
+    Console(commands::console::ConsoleArgs),
     /// The station agent: install batches on the probes of this station.
     #[command(subcommand)]
     Agent(commands::agent::AgentCommand),
@@ -91,6 +93,7 @@ fn main() -> std::process::ExitCode {
     };
     let default_filter = match cli.command {
         Command::Broker(_) => "info,sqlx=warn",
+        Command::Console(_) => "warn,flashgate_console=info",
         // The station daemon says what it was assigned, when the broker link drops or returns, and
         // when its calls fail over to another broker or reporting resumes.
         Command::Agent(commands::agent::AgentCommand::Serve(_)) => {
@@ -141,6 +144,7 @@ fn main() -> std::process::ExitCode {
             Command::Pki(args) => commands::pki::run(args),
             Command::Demo(args) => commands::demo::run(args).await,
             Command::Admin(args) => commands::admin::run(args).await,
+            Command::Console(args) => commands::console::run(args).await,
             Command::Broker(args) => {
                 // Set above for exactly this command.
                 let secrets = broker_secrets.unwrap_or_else(commands::broker::SecretEnv::empty);

@@ -9,6 +9,8 @@
 //!   criteria of its fault scenario.
 //! - [`hsm`]: HSM backends for fault scenarios (a member that can be "unplugged" or slowed down).
 //! - [`softhsm`]: the process-wide SoftHSM2 fixture (own `SOFTHSM2_CONF`, tokens by label).
+//! - [`webdriver`]: headless Chromium driven over WebDriver (Debian's `chromium` and
+//!   `chromedriver`), for the web console's browser test.
 //! - [`pg`]: a throwaway PostgreSQL cluster (shared with the broker's ledger tests).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,6 +19,7 @@ pub mod broker;
 pub mod compose;
 pub mod hsm;
 pub mod softhsm;
+pub mod webdriver;
 
 /// A throwaway PostgreSQL cluster (initdb + pg_ctl in a temp dir), shared with the broker's ledger tests.
 #[path = "../../broker/tests/integration/support/pg.rs"]

@@ -28,7 +28,7 @@ use tracing::Instrument;
 use zeroize::Zeroizing;
 
 use super::licence::observe;
-use super::station::probe_info;
+use super::station::{probe_activity, probe_info};
 use super::status::{hsm_status, ledger_status};
 use super::traceability::{self, ChunkStream};
 use super::{BrokerState, auth, validate};
@@ -377,6 +377,11 @@ impl Admin {
             });
             info.assigned_batch = a.batch_id;
             info.paused = a.paused;
+        }
+        for live in self.state.stations().attached() {
+            if let Some(info) = map.get_mut(&live.status.identity) {
+                info.activity = live.probes.iter().map(|(id, a)| probe_activity(id, a)).collect();
+            }
         }
         Ok(map.into_values().collect())
     }

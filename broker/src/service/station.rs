@@ -315,6 +315,24 @@ pub(crate) fn probe_info(p: &StationProbe) -> pb::ProbeInfo {
     pb::ProbeInfo { probe_id: p.probe_id.clone(), kind: p.kind.clone(), port: p.port.clone() }
 }
 
+/// A probe's latest activity as `AdminService.ListStations` shows it.
+pub(crate) fn probe_activity(probe_id: &str, a: &ProbeActivity) -> pb::ProbeActivity {
+    let (finished, last_ok, last_message) = match &a.last_result {
+        Some((ok, message)) => (true, *ok, message.clone()),
+        None => (false, false, String::new()),
+    };
+    pb::ProbeActivity {
+        probe_id: probe_id.to_owned(),
+        device_id: a.device_id.clone(),
+        stage: a.stage.clone(),
+        done: a.done,
+        total: a.total,
+        finished,
+        last_ok,
+        last_message,
+    }
+}
+
 /// What the broker sends for an assignment: `Pause` when paused, `Assign` when a batch is assigned.
 pub(crate) fn assignment_message(a: &Assignment) -> Option<pb::BrokerMessage> {
     let msg = if a.paused {

@@ -15,6 +15,7 @@ pub mod broker;
 pub mod client;
 pub mod completions;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod lab;
 pub mod man;

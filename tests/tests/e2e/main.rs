@@ -13,6 +13,7 @@ mod agent_serial;
 mod agent_unplug;
 mod audit_offline;
 mod conformance;
+mod console_browser;
 mod hostile;
 mod licences;
 mod pool_and_ledger;
