@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use rand::RngCore as _;
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 
 use super::audit::{self, AuditEvent};
 use super::error::RefusalReason;
@@ -120,6 +120,39 @@ fn lease_from_row(r: &sqlx::any::AnyRow) -> Result<Lease, sqlx::Error> {
     })
 }
 
+/// A lease's time to live must lie within [`MIN_LEASE_TTL`] ..= [`MAX_LEASE_TTL`].
+fn check_ttl(ttl: Duration) -> Result<(), LedgerError> {
+    if ttl < MIN_LEASE_TTL || ttl > MAX_LEASE_TTL {
+        return Err(LedgerError::Invalid {
+            field: "lease ttl",
+            value: format!("{ttl:?}"),
+            why: "must be between 1 s and 7 days",
+        });
+    }
+    Ok(())
+}
+
+/// Lease `id` read inside a write transaction, refused (`why`) unless `holder` holds it.
+async fn held_lease(
+    conn: &mut AnyConnection,
+    id: &str,
+    holder: &str,
+    op: &'static str,
+    why: &'static str,
+) -> Result<Lease, LedgerError> {
+    let row = sqlx::query(&format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(LedgerError::db(op))?
+        .ok_or_else(|| LedgerError::NotFound { what: "lease", id: id.to_owned() })?;
+    let lease = lease_from_row(&row).map_err(LedgerError::db(op))?;
+    if lease.holder != holder {
+        return Err(LedgerError::Invalid { field: "lease holder", value: holder.to_owned(), why });
+    }
+    Ok(lease)
+}
+
 impl Ledger {
     /// Grants a lease of up to `req.units` units of the batch's quota to a site broker: the batch must
     /// exist, be open, be within its window and allow the site; at least one unit must be left. Audited
@@ -133,13 +166,7 @@ impl Ledger {
                 why: "must be between 1 and 1,000,000",
             });
         }
-        if req.ttl < MIN_LEASE_TTL || req.ttl > MAX_LEASE_TTL {
-            return Err(LedgerError::Invalid {
-                field: "lease ttl",
-                value: format!("{:?}", req.ttl),
-                why: "must be between 1 s and 7 days",
-            });
-        }
+        check_ttl(req.ttl)?;
         let (mut tx, mut head) =
             begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
         let b = load_batch(&mut tx, &req.batch_id)
@@ -224,20 +251,8 @@ impl Ledger {
         const OP: &str = "return lease units";
         let (mut tx, mut head) =
             begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
-        let row = sqlx::query(&format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(LedgerError::db(OP))?
-            .ok_or_else(|| LedgerError::NotFound { what: "lease", id: id.to_owned() })?;
-        let mut lease = lease_from_row(&row).map_err(LedgerError::db(OP))?;
-        if lease.holder != holder {
-            return Err(LedgerError::Invalid {
-                field: "lease holder",
-                value: holder.to_owned(),
-                why: "only the site broker holding a lease may return its units",
-            });
-        }
+        let mut lease =
+            held_lease(&mut tx, id, holder, OP, "only the site broker holding a lease may return its units").await?;
         if units < 0 || units > lease.outstanding() {
             return Err(LedgerError::Invalid {
                 field: "returned units",
@@ -284,29 +299,11 @@ impl Ledger {
     /// off from central cannot, and stops issuing at the old expiry). Audited as `lease.renewed`.
     pub async fn renew_lease(&self, id: &str, holder: &str, ttl: Duration, actor: &str) -> Result<Lease, LedgerError> {
         const OP: &str = "renew lease";
-        if ttl < MIN_LEASE_TTL || ttl > MAX_LEASE_TTL {
-            return Err(LedgerError::Invalid {
-                field: "lease ttl",
-                value: format!("{ttl:?}"),
-                why: "must be between 1 s and 7 days",
-            });
-        }
+        check_ttl(ttl)?;
         let (mut tx, mut head) =
             begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
-        let row = sqlx::query(&format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(LedgerError::db(OP))?
-            .ok_or_else(|| LedgerError::NotFound { what: "lease", id: id.to_owned() })?;
-        let mut lease = lease_from_row(&row).map_err(LedgerError::db(OP))?;
-        if lease.holder != holder {
-            return Err(LedgerError::Invalid {
-                field: "lease holder",
-                value: holder.to_owned(),
-                why: "only the site broker holding a lease may renew it",
-            });
-        }
+        let mut lease =
+            held_lease(&mut tx, id, holder, OP, "only the site broker holding a lease may renew it").await?;
         let now = now_ms();
         if lease.state != LeaseState::Active || lease.expires_at <= now {
             return Err(LedgerError::Invalid {
