@@ -39,11 +39,17 @@ pub enum RefusalReason {
     /// An install report comes from a site none of whose stations holds the device's licence (checked by
     /// the service).
     NotLicenceHolder,
+    /// A site broker's quota leases for the batch expired: it could not renew them from central in time
+    /// (a WAN cut longer than the lease's time to live), so it issues no more until central answers.
+    LeaseExpired,
+    /// Central holds a licence or a claim for the device from another site (asked by a connected site
+    /// broker before licensing it).
+    LicensedAtOtherSite,
 }
 
 impl RefusalReason {
     /// Every reason, in declaration order.
-    pub const ALL: [RefusalReason; 14] = [
+    pub const ALL: [RefusalReason; 16] = [
         Self::QuotaExhausted,
         Self::BatchClosed,
         Self::BatchPaused,
@@ -58,6 +64,8 @@ impl RefusalReason {
         Self::CertificateExpired,
         Self::NotLicensed,
         Self::NotLicenceHolder,
+        Self::LeaseExpired,
+        Self::LicensedAtOtherSite,
     ];
 
     /// The stable machine-readable name, e.g. `QUOTA_EXHAUSTED`.
@@ -77,6 +85,8 @@ impl RefusalReason {
             Self::CertificateExpired => "CERTIFICATE_EXPIRED",
             Self::NotLicensed => "NOT_LICENSED",
             Self::NotLicenceHolder => "NOT_LICENCE_HOLDER",
+            Self::LeaseExpired => "LEASE_EXPIRED",
+            Self::LicensedAtOtherSite => "LICENSED_AT_OTHER_SITE",
         }
     }
 

@@ -19,6 +19,7 @@ const SQLITE: &[(i64, &str, &str)] = &[
     (6, "audit checkpoints", include_str!("../../migrations/sqlite/0006_audit_checkpoints.sql")),
     (7, "refusals", include_str!("../../migrations/sqlite/0007_refusals.sql")),
     (8, "leases", include_str!("../../migrations/sqlite/0008_leases.sql")),
+    (9, "sites", include_str!("../../migrations/sqlite/0009_sites.sql")),
 ];
 const POSTGRES: &[(i64, &str, &str)] = &[
     (1, "ledger", include_str!("../../migrations/postgres/0001_ledger.sql")),
@@ -29,6 +30,7 @@ const POSTGRES: &[(i64, &str, &str)] = &[
     (6, "audit checkpoints", include_str!("../../migrations/postgres/0006_audit_checkpoints.sql")),
     (7, "refusals", include_str!("../../migrations/postgres/0007_refusals.sql")),
     (8, "leases", include_str!("../../migrations/postgres/0008_leases.sql")),
+    (9, "sites", include_str!("../../migrations/postgres/0009_sites.sql")),
 ];
 
 fn migrator(dialect: Dialect) -> Migrator {

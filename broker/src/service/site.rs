@@ -136,4 +136,29 @@ impl SiteService for Sites {
             Ok(lease_info(lease))
         })
     }
+
+    // Built by the replication work of issue 14 (central side); refused plainly until then.
+    async fn sync_site(&self, _req: Request<pb::SyncSiteRequest>) -> Result<Response<pb::SyncSiteResponse>, Status> {
+        Err(Status::unimplemented("SyncSite is not built yet"))
+    }
+
+    type GetSiteImageStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SiteImageChunk, Status>>;
+
+    async fn get_site_image(
+        &self,
+        _req: Request<pb::GetSiteImageRequest>,
+    ) -> Result<Response<Self::GetSiteImageStream>, Status> {
+        Err(Status::unimplemented("GetSiteImage is not built yet"))
+    }
+
+    async fn claim_device(
+        &self,
+        _req: Request<pb::ClaimDeviceRequest>,
+    ) -> Result<Response<pb::ClaimDeviceResponse>, Status> {
+        Err(Status::unimplemented("ClaimDevice is not built yet"))
+    }
+
+    async fn replicate(&self, _req: Request<pb::ReplicateRequest>) -> Result<Response<pb::ReplicateResponse>, Status> {
+        Err(Status::unimplemented("Replicate is not built yet"))
+    }
 }

@@ -17,7 +17,9 @@ pub fn refusal_code(reason: RefusalReason) -> Code {
         | RefusalReason::BatchExpired
         | RefusalReason::BatchNotStarted
         | RefusalReason::ProductMismatch
-        | RefusalReason::NotLicensed => Code::FailedPrecondition,
+        | RefusalReason::NotLicensed
+        | RefusalReason::LeaseExpired
+        | RefusalReason::LicensedAtOtherSite => Code::FailedPrecondition,
         RefusalReason::SiteNotAllowed
         | RefusalReason::StationRevoked
         | RefusalReason::NotAuthorised
