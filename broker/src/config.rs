@@ -84,10 +84,71 @@ pub struct BrokerConfig {
     /// `spiffe://TD/broker/NAME` certificate) → the one site it serves. At most [`MAX_SITE_BROKERS`].
     #[serde(default)]
     pub site_brokers: std::collections::BTreeMap<String, String>,
+    /// Present on a site broker: the central brokers it takes quota leases from and replicates to.
+    #[serde(default)]
+    pub upstream: Option<UpstreamSection>,
 }
 
 /// Most entries of [`BrokerConfig::site_brokers`].
 pub const MAX_SITE_BROKERS: usize = 256;
+
+/// Most entries of [`UpstreamSection::endpoints`].
+pub const MAX_UPSTREAM_ENDPOINTS: usize = 8;
+/// Most entries of [`UpstreamSection::batches`] (the `SyncSite` limit).
+pub const MAX_UPSTREAM_BATCHES: usize = 64;
+// `lease_units` and `lease_ttl` are bounded by central's `AcquireLease` limits.
+use crate::ledger::leases::{MAX_LEASE_TTL, MAX_LEASE_UNITS, MIN_LEASE_TTL};
+/// Shortest and longest [`UpstreamSection::refresh_interval`].
+pub const MIN_UPSTREAM_REFRESH: Duration = Duration::from_millis(100);
+/// See [`MIN_UPSTREAM_REFRESH`].
+pub const MAX_UPSTREAM_REFRESH: Duration = Duration::from_secs(300);
+
+/// `[upstream]`: makes this broker a **site broker** (docs/architecture.md, site brokers). It serves the
+/// stations of `site` from its own HSM and ledger, issuing against quota leases of `batches` that it
+/// takes from the first central broker of `endpoints` that answers (over mutual TLS with this broker's
+/// own certificate, `spiffe://TD/broker/NAME`, which central's `[site_brokers]` must map to `site`).
+/// Every `refresh_interval` it syncs the batches' state and the revocations from central, tops its
+/// leases up to `lease_units` when the units left fall to `low_water`, renews a lease when less than
+/// half its `lease_ttl` is left, and replicates its ledger upstream. Cut off from central, it issues
+/// until its leases are used up or expire, then refuses new devices with `LEASE_EXPIRED`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// The site this broker serves (its stations' site).
+    pub site: String,
+    /// `https://host:port` of the central brokers, tried in order (1 ..= 8).
+    pub endpoints: Vec<String>,
+    /// TLS server name to verify instead of each endpoint's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// The batches this site mirrors and takes leases of (1 ..= 64 ids).
+    pub batches: Vec<String>,
+    /// Units the site tops its leases up to: the high-water mark (1 ..= 1,000,000).
+    #[serde(default = "default_lease_units")]
+    pub lease_units: i64,
+    /// Ask for more when the units left at the site fall to this (0 ..< lease_units).
+    #[serde(default = "default_low_water")]
+    pub low_water: i64,
+    /// How long a lease lets the site issue without reaching central (1 s ..= 7 days): the offline bound.
+    #[serde(default = "default_lease_ttl", deserialize_with = "duration")]
+    pub lease_ttl: Duration,
+    /// How often the site syncs with central (100 ms ..= 5 min).
+    #[serde(default = "default_upstream_refresh", deserialize_with = "duration")]
+    pub refresh_interval: Duration,
+}
+
+fn default_lease_units() -> i64 {
+    100
+}
+fn default_low_water() -> i64 {
+    20
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_upstream_refresh() -> Duration {
+    Duration::from_secs(5)
+}
 
 /// Default of [`AuditSection::checkpoint_every_records`].
 pub const DEFAULT_CHECKPOINT_EVERY_RECORDS: u64 = 1000;
@@ -152,6 +213,76 @@ impl AuditSection {
                 })
             })
             .collect()
+    }
+}
+
+impl UpstreamSection {
+    /// Checks the section against the limits above.
+    pub fn validate(&self, trust_domain: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, value: String, why: String| Err(ConfigError::Invalid { key: key.into(), value, why });
+        if let Err(e) = flashgate_common::pki::Identity::station(trust_domain, &self.site, 1) {
+            return invalid("upstream.site", self.site.clone(), format!("not a site name: {e}"));
+        }
+        if self.endpoints.is_empty() || self.endpoints.len() > MAX_UPSTREAM_ENDPOINTS {
+            return invalid(
+                "upstream.endpoints",
+                self.endpoints.len().to_string(),
+                format!("expected 1 to {MAX_UPSTREAM_ENDPOINTS} central broker endpoints"),
+            );
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if let Err(err) = flashgate_proto::transport::BrokerUrl::parse(e) {
+                return invalid(&format!("upstream.endpoints[{i}]"), e.clone(), err.to_string());
+            }
+        }
+        if self.batches.is_empty() || self.batches.len() > MAX_UPSTREAM_BATCHES {
+            return invalid(
+                "upstream.batches",
+                self.batches.len().to_string(),
+                format!("expected 1 to {MAX_UPSTREAM_BATCHES} batch ids"),
+            );
+        }
+        for (i, b) in self.batches.iter().enumerate() {
+            if crate::service::validate::batch_id("batch", b).is_err() {
+                return invalid(&format!("upstream.batches[{i}]"), b.clone(), "not a batch id".into());
+            }
+        }
+        if !(1..=MAX_LEASE_UNITS).contains(&self.lease_units) {
+            return invalid(
+                "upstream.lease_units",
+                self.lease_units.to_string(),
+                format!("expected 1 to {MAX_LEASE_UNITS}"),
+            );
+        }
+        if !(0..self.lease_units).contains(&self.low_water) {
+            return invalid(
+                "upstream.low_water",
+                self.low_water.to_string(),
+                format!("expected 0 to lease_units - 1 ({})", self.lease_units - 1),
+            );
+        }
+        if !(MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&self.lease_ttl) {
+            return invalid(
+                "upstream.lease_ttl",
+                humantime::format_duration(self.lease_ttl).to_string(),
+                "expected 1s to 7days".into(),
+            );
+        }
+        if !(MIN_UPSTREAM_REFRESH..=MAX_UPSTREAM_REFRESH).contains(&self.refresh_interval) {
+            return invalid(
+                "upstream.refresh_interval",
+                humantime::format_duration(self.refresh_interval).to_string(),
+                "expected 100ms to 5min".into(),
+            );
+        }
+        if self.refresh_interval * 2 > self.lease_ttl {
+            return invalid(
+                "upstream.refresh_interval",
+                humantime::format_duration(self.refresh_interval).to_string(),
+                "must be at most half of upstream.lease_ttl, or a lease could expire between two renewals".into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -404,7 +535,7 @@ impl BrokerConfig {
             path,
             env.iter().cloned(),
             &TOP_LEVEL_ENV,
-            &["vendor.ca_keys", "audit.checkpoint_sinks"],
+            &["vendor.ca_keys", "audit.checkpoint_sinks", "upstream.endpoints", "upstream.batches"],
         )?;
         cfg.resolve_paths(&settings::PathBases::new(path, env.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
         cfg.validate()?;
@@ -531,6 +662,16 @@ impl BrokerConfig {
             }
             if let Err(e) = flashgate_common::pki::Identity::station(&self.trust_domain, site, 1) {
                 return invalid(&key, site.clone(), &format!("not a site name: {e}"));
+            }
+        }
+        if let Some(u) = &self.upstream {
+            u.validate(&self.trust_domain)?;
+            if !self.site_brokers.is_empty() {
+                return invalid(
+                    "site_brokers",
+                    self.site_brokers.len().to_string(),
+                    "a site broker ([upstream]) grants no leases of its own: leave [site_brokers] to central",
+                );
             }
         }
         for (i, m) in self.hsm.members.iter().enumerate() {
@@ -687,6 +828,49 @@ path = "keys.fgks"
         );
         let e = load(&pin, &[]).unwrap_err().to_string();
         assert!(e.contains("pin_env or pin_file"), "{e}");
+    }
+
+    const UPSTREAM: &str = "[upstream]\nsite = \"berlin\"\nendpoints = [\"https://central.factory.test:7443\"]\n\
+                            batches = [\"B1\"]\nlease_units = 20\nlow_water = 5\nlease_ttl = \"10m\"\n";
+
+    #[test]
+    fn upstream_makes_a_site_broker_with_bounded_leases() {
+        let c = load(&format!("{GOOD}{UPSTREAM}"), &[]).unwrap();
+        let u = c.upstream.unwrap();
+        assert_eq!((u.site.as_str(), u.lease_units, u.low_water), ("berlin", 20, 5));
+        assert_eq!((u.lease_ttl, u.refresh_interval), (Duration::from_secs(600), Duration::from_secs(5)));
+        let c = load(&format!("{GOOD}{UPSTREAM}"), &[("FLASHGATE_UPSTREAM__BATCHES", "B1,B2")]).unwrap();
+        assert_eq!(c.upstream.unwrap().batches, vec!["B1", "B2"]);
+        assert!(load(GOOD, &[]).unwrap().upstream.is_none());
+        for (edit, key) in [
+            ("lease_units = 0\nlow_water = 0", "upstream.lease_units"),
+            ("lease_units = 1000001\nlow_water = 5", "upstream.lease_units"),
+            ("lease_units = 20\nlow_water = 20", "upstream.low_water"),
+            ("lease_units = 20\nlow_water = -1", "upstream.low_water"),
+            ("lease_units = 20\nlow_water = 5\nrefresh_interval = \"6m\"", "upstream.refresh_interval"),
+            ("lease_units = 20\nlow_water = 5\nrefresh_interval = \"301s\"", "upstream.refresh_interval"),
+            ("lease_ttl = \"8days\"", "upstream.lease_ttl"),
+            ("lease_ttl = \"999ms\"", "upstream.lease_ttl"),
+        ] {
+            let text = format!("{GOOD}{UPSTREAM}");
+            let text = if edit.starts_with("lease_ttl") {
+                text.replace("lease_ttl = \"10m\"", edit)
+            } else {
+                text.replace("lease_units = 20\nlow_water = 5", edit)
+            };
+            let e = load(&text, &[]).unwrap_err().to_string();
+            assert!(e.contains(key), "{edit}: {e}");
+        }
+        // At the edges: low water one below the units, a refresh of exactly half the ttl.
+        let text = format!("{GOOD}{UPSTREAM}")
+            .replace("lease_units = 20\nlow_water = 5", "lease_units = 20\nlow_water = 19\nrefresh_interval = \"5m\"");
+        assert!(load(&text, &[]).is_ok());
+        let e = load(&format!("{GOOD}{UPSTREAM}").replace("batches = [\"B1\"]", "batches = []"), &[]).unwrap_err();
+        assert!(e.to_string().contains("upstream.batches"), "{e}");
+        let e = load(&format!("{GOOD}{UPSTREAM}").replace("https://central", "http://central"), &[]).unwrap_err();
+        assert!(e.to_string().contains("upstream.endpoints[0]"), "{e}");
+        let e = load(&format!("{GOOD}[site_brokers]\nsite-a = \"a\"\n{UPSTREAM}"), &[]).unwrap_err();
+        assert!(e.to_string().contains("site_brokers"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //!   periodically, at start and shutdown, on demand) and the newest checkpoint licence responses carry.
 //! - [`config`]: `broker.toml` with `FLASHGATE_*` overrides.
 //! - [`server`]: starting, serving and gracefully stopping a broker.
+//! - [`upstream`]: a site broker's link to central: leases, mirrored batches, replication, claims.
 
 pub mod checkpoint;
 pub mod config;
@@ -22,3 +23,4 @@ pub mod hsm;
 pub mod ledger;
 pub mod server;
 pub mod service;
+pub mod upstream;

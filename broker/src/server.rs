@@ -119,6 +119,8 @@ pub struct ServeSpec {
     pub checkpoints: CheckpointSettings,
     /// Site brokers this broker leases quota to: broker name → site.
     pub site_brokers: std::collections::BTreeMap<String, String>,
+    /// On a site broker, its central brokers (`[upstream]`).
+    pub upstream: Option<crate::config::UpstreamSection>,
 }
 
 /// A broker serving on [`RunningBroker::addr`].
@@ -392,6 +394,7 @@ pub async fn start(
             sinks: cfg.audit.sinks(base)?,
         },
         site_brokers: cfg.site_brokers.clone(),
+        upstream: cfg.upstream.clone(),
     })
     .await
 }
@@ -409,6 +412,12 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
         spec.checkpoints,
     );
     state.set_site_brokers(spec.site_brokers);
+    if let Some(up) = spec.upstream {
+        let site = up.site.clone();
+        let link = crate::upstream::UpstreamLink::new(up, &spec.tls).map_err(|e| ServerError::Task(e.to_string()))?;
+        state.set_upstream(Arc::new(link));
+        tracing::info!(%site, "site broker: quota leases, batches and revocations come from central");
+    }
     let n = state.refresh_revocations().await?;
     // The audit-signing key of every member (created inside it at first start), then a checkpoint of the
     // head as it is now, before any request is served.
@@ -478,6 +487,8 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
 
     // Assignments made through other brokers sharing the ledger, for the stations attached here.
     let poller = tokio::spawn(station::poll_assignments(state.clone(), station::ASSIGNMENT_POLL));
+    // A site broker's sync with central.
+    let upstream = state.upstream().map(|link| tokio::spawn(Arc::clone(link).run(state.clone())));
 
     let (tx, rx) = oneshot::channel::<()>();
     let name = spec.name;
@@ -498,6 +509,9 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
         let r = transport::serve_with_options(router, listener, tls, admission, admission_stats, shutdown).await;
         refresher.abort();
         poller.abort();
+        if let Some(u) = upstream {
+            u.abort();
+        }
         tracing::info!(broker = %name, "broker stopped");
         r.map_err(ServerError::from)
     });

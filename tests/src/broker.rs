@@ -91,6 +91,7 @@ impl TestPki {
             trust_domain: TRUST_DOMAIN.into(),
             sites: SITES.iter().map(|s| s.to_string()).collect(),
             stations_per_site: STATIONS_PER_SITE,
+            brokers: ["broker-1".to_owned()].into_iter().chain(SITES.iter().map(|s| format!("site-{s}"))).collect(),
             ..PkiInit::default()
         };
         let layout = pki::init_dev_pki(dir.path(), &init).expect("init dev PKI");
@@ -120,6 +121,11 @@ impl TestPki {
     /// The admin identity.
     pub fn admin() -> Identity {
         Identity::admin(TRUST_DOMAIN, "admin").expect("admin identity")
+    }
+
+    /// The site broker identity of `site` (`site-SITE`, one of [`SITES`]).
+    pub fn site_broker(site: &str) -> Identity {
+        Identity::broker(TRUST_DOMAIN, &format!("site-{site}")).expect("site broker identity")
     }
 
     /// The broker identity.
@@ -272,13 +278,14 @@ impl World {
             name: spec.name,
             trust_domain: TRUST_DOMAIN.into(),
             listen: spec.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
-            tls: self.pki.files(&TestPki::broker()),
+            tls: self.pki.files(&spec.identity.unwrap_or_else(TestPki::broker)),
             vendor_keys: spec.vendor_keys.unwrap_or_else(|| vec![self.vendor_key()]),
             ledger,
             pool,
             limits: spec.limits,
             checkpoints: spec.checkpoints,
             site_brokers: spec.site_brokers,
+            upstream: spec.upstream,
         })
         .await
         .expect("serve broker");
@@ -308,6 +315,10 @@ pub struct BrokerSpec {
     pub checkpoints: CheckpointSettings,
     /// Site brokers it leases quota to: broker name → site.
     pub site_brokers: std::collections::BTreeMap<String, String>,
+    /// The certificate it serves and calls central with; `None`: [`TestPki::broker`].
+    pub identity: Option<Identity>,
+    /// Makes it a site broker of these central brokers.
+    pub upstream: Option<flashgate_broker::config::UpstreamSection>,
 }
 
 impl Default for BrokerSpec {
@@ -322,6 +333,8 @@ impl Default for BrokerSpec {
             listen: None,
             checkpoints: CheckpointSettings::default(),
             site_brokers: std::collections::BTreeMap::new(),
+            identity: None,
+            upstream: None,
         }
     }
 }

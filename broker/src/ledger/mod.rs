@@ -24,6 +24,7 @@ pub mod error;
 pub mod leases;
 pub mod model;
 mod schema;
+pub mod upstream;
 mod writer;
 
 use std::collections::HashMap;
@@ -183,7 +184,9 @@ async fn commit_write(mut tx: Transaction<'static, Any>, head: &Head, op: &'stat
 }
 
 const BATCH_COLUMNS: &str = "b.id, b.product_id, b.image_sha256, i.key_id, b.quota, b.issued, b.allowed_sites, \
-     b.not_before, b.not_after, b.state, b.created_at, b.created_by, b.leased";
+     b.not_before, b.not_after, b.state, b.created_at, b.created_by, b.leased, b.lease_expires_at";
+/// How many columns [`BATCH_COLUMNS`] selects: a query's own columns follow them.
+const BATCH_COLUMN_COUNT: usize = 14;
 
 fn batch_from_row(r: &sqlx::any::AnyRow) -> Result<Batch, sqlx::Error> {
     let sites: String = r.try_get(6)?;
@@ -202,6 +205,7 @@ fn batch_from_row(r: &sqlx::any::AnyRow) -> Result<Batch, sqlx::Error> {
         created_at: r.try_get(10)?,
         created_by: r.try_get(11)?,
         leased: r.try_get(12)?,
+        lease_expires_at: r.try_get(BATCH_COLUMN_COUNT - 1)?,
     })
 }
 
@@ -575,9 +579,10 @@ impl Ledger {
                 None => (None, None),
                 Some(r) => {
                     let licence: Option<Vec<u8>> =
-                        r.try_get(13).map_err(LedgerError::db("precheck: read batch and licence"))?;
-                    let station: Option<String> =
-                        r.try_get(14).map_err(LedgerError::db("precheck: read batch and licence"))?;
+                        r.try_get(BATCH_COLUMN_COUNT).map_err(LedgerError::db("precheck: read batch and licence"))?;
+                    let station: Option<String> = r
+                        .try_get(BATCH_COLUMN_COUNT + 1)
+                        .map_err(LedgerError::db("precheck: read batch and licence"))?;
                     (licence.zip(station), Some(batch_from_row(&r).map_err(LedgerError::db("precheck: read batch"))?))
                 }
             }
@@ -623,7 +628,7 @@ impl Ledger {
                 }
                 Ok(Precheck::Existing(licence))
             }
-            (None, Some(b)) => Ok(Precheck::Proceed(b)),
+            (None, Some(b)) => Ok(Precheck::Proceed(Box::new(b))),
             (None, None) => Err(LedgerError::Internal { what: "precheck: batch vanished" }),
         }
     }
@@ -646,7 +651,7 @@ impl Ledger {
             && b.check(now_ms(), &req.site, &req.product_id).is_ok()
             && b.remaining() > 0
         {
-            return Ok(Precheck::Proceed(b));
+            return Ok(Precheck::Proceed(Box::new(b)));
         }
         self.precheck(req).await
     }
@@ -1836,6 +1841,11 @@ async fn reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_column_count_matches_the_list() {
+        assert_eq!(BATCH_COLUMNS.split(',').count(), BATCH_COLUMN_COUNT);
+    }
 
     #[test]
     fn dialect_and_redaction() {

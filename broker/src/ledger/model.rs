@@ -98,6 +98,10 @@ pub struct Batch {
     pub created_by: String,
     /// Units granted to site brokers in leases and not yet used or returned (schema v8).
     pub leased: i64,
+    /// On a site broker, the batch mirrored from central: when its quota leases expire, so that new
+    /// devices are refused (`LEASE_EXPIRED`) until central renews them (schema v9). `None` on a central
+    /// broker.
+    pub lease_expires_at: Option<i64>,
 }
 
 impl Batch {
@@ -142,6 +146,29 @@ impl Batch {
                 format!("batch {:?} expired at {na} ms, now is {now} ms", self.id),
             ));
         }
+        if !paused_ok
+            && let Some(at) = self.lease_expires_at
+            && now >= at
+        {
+            // Reissues pass: a device that holds its licence takes no unit.
+            if at <= 0 {
+                return Err((
+                    RefusalReason::LeaseExpired,
+                    format!("this site holds no quota lease for batch {:?} yet: central has not granted one", self.id),
+                ));
+            }
+            return Err((
+                RefusalReason::LeaseExpired,
+                format!(
+                    "this site's quota lease for batch {:?} expired at {} and could not be renewed: central \
+                     has not answered since; new devices wait until it does",
+                    self.id,
+                    flashgate_common::pki::format_time(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(at.max(0) as u64)
+                    )
+                ),
+            ));
+        }
         if product_id != self.product_id {
             return Err((
                 RefusalReason::ProductMismatch,
@@ -164,7 +191,12 @@ impl Batch {
 
     /// The refusal detail when no unit is left.
     pub fn exhausted(&self) -> String {
-        if self.leased == 0 {
+        if self.lease_expires_at.is_some() {
+            format!(
+                "this site has used all {} units central leased it of batch {:?}; more when central grants them",
+                self.quota, self.id
+            )
+        } else if self.leased == 0 {
             format!("batch {:?} has issued {} of {} licences", self.id, self.issued, self.quota)
         } else {
             format!(
@@ -217,7 +249,7 @@ pub enum Precheck {
     Existing(Vec<u8>),
     /// The batch looked open for this site and product with quota left: compute the licence and commit it.
     /// (Optimistic: [`crate::ledger::Ledger::commit_issue`] re-checks everything.)
-    Proceed(Batch),
+    Proceed(Box<Batch>),
 }
 
 /// A computed licence to commit against a batch's quota.
@@ -575,6 +607,7 @@ mod tests {
             created_at: 0,
             created_by: String::new(),
             leased: 0,
+            lease_expires_at: None,
         }
     }
 
@@ -589,9 +622,16 @@ mod tests {
         let mut any = b.clone();
         any.allowed_sites = vec![ANY_SITE.into()];
         assert!(any.check(150, "porto", "46201002").is_ok());
-        let mut p = b;
+        let mut p = b.clone();
         p.state = BatchState::Paused;
         assert_eq!(p.check(150, "lyon", "46201002").unwrap_err().0, RefusalReason::BatchPaused);
+        let mut site = b;
+        site.lease_expires_at = Some(160);
+        assert!(site.check(159, "lyon", "46201002").is_ok());
+        let (reason, detail) = site.check(160, "lyon", "46201002").unwrap_err();
+        assert_eq!(reason, RefusalReason::LeaseExpired);
+        assert!(detail.contains("quota lease") && detail.contains("central"), "{detail}");
+        assert!(site.check_reissue(160, "lyon", "46201002").is_ok(), "a reissue takes no unit");
     }
 
     #[test]

@@ -29,6 +29,7 @@ use crate::ledger::{
     ImageMeta, InstallOutcome, InstallReport, IssueOutcome, IssueRecord, Precheck, PrecheckRequest, RefusalReason,
     RefusalRecord,
 };
+use crate::upstream::Claim;
 
 /// Status code the broker records for an install reported as successful whose flash CRC differs from
 /// the image's expected CRC (outside the device's `0x01xx` range; docs/protocol.md).
@@ -156,6 +157,28 @@ impl Licences {
                 (IssueOutcome::Existing(bytes), batch.image_sha256)
             }
             Precheck::Proceed(batch) => {
+                // A site broker asks central first whether another site holds the device (while connected).
+                if batch.lease_expires_at.is_some()
+                    && let Some(link) = st.upstream()
+                    && let Claim::Elsewhere(detail) = link.claim(&batch_id, &device_id).await
+                {
+                    metrics::counter!(metric::REFUSALS, "reason" => RefusalReason::LicensedAtOtherSite.as_str())
+                        .increment(1);
+                    tracing::warn!(station = %caller.uri, device = %device_id, "refused: {detail}");
+                    st.ledger()
+                        .record_refusal(RefusalRecord {
+                            batch_id: batch_id.clone(),
+                            device_id: device_id.clone(),
+                            station: caller.uri.clone(),
+                            site: caller.site.clone(),
+                            actor: caller.uri.clone(),
+                            reason: RefusalReason::LicensedAtOtherSite,
+                            detail: detail.clone(),
+                        })
+                        .await
+                        .map_err(|e| ledger_status(e, &batch_id, &device_id))?;
+                    return Err(refused(RefusalReason::LicensedAtOtherSite, detail, &batch_id, &device_id));
+                }
                 let image = st.image_meta(&batch.image_sha256).await.map_err(|e| ledger_status(e, &batch_id, ""))?;
                 let key_id = parse_key_id(&image.key_id)?;
                 if image.nonce == [0; 12] {

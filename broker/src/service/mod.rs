@@ -71,6 +71,8 @@ struct StateInner {
     checkpoints: Checkpoints,
     /// Site brokers this broker leases quota to: broker name → site (`[site_brokers]`).
     site_brokers: RwLock<std::collections::BTreeMap<String, String>>,
+    /// On a site broker, its link to central (`[upstream]`).
+    upstream: std::sync::OnceLock<Arc<crate::upstream::UpstreamLink>>,
 }
 
 impl std::fmt::Debug for BrokerState {
@@ -111,8 +113,19 @@ impl BrokerState {
                 stations: Arc::new(StationHub::new()),
                 checkpoints: Checkpoints::new(checkpoints),
                 site_brokers: RwLock::new(std::collections::BTreeMap::new()),
+                upstream: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Makes this broker a site broker with `link` to central (once; later calls are ignored).
+    pub fn set_upstream(&self, link: Arc<crate::upstream::UpstreamLink>) {
+        let _ = self.inner.upstream.set(link);
+    }
+
+    /// The link to central, on a site broker.
+    pub fn upstream(&self) -> Option<&Arc<crate::upstream::UpstreamLink>> {
+        self.inner.upstream.get()
     }
 
     /// Sets the site brokers this broker leases quota to (broker name → site).

@@ -10,3 +10,4 @@ mod ledger_leases_prop;
 mod ledger_postgres;
 mod ledger_sqlite;
 mod ledger_throughput;
+mod ledger_upstream;

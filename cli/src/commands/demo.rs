@@ -158,6 +158,7 @@ fn broker_config(dir: &Path) -> Result<BrokerConfig> {
         limits: LimitsConfig::default(),
         audit: Default::default(),
         site_brokers: Default::default(),
+        upstream: None,
     })
 }
 
