@@ -943,6 +943,30 @@ path = "keys.fgks"
         assert_eq!(c.name, "broker-1");
         assert_eq!(c.hsm.members.len(), 1);
         assert_eq!(c.metrics_addr().unwrap(), Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(c.upstream.is_none());
+        // The commented site-broker section, uncommented as an operator would, loads as documented.
+        let text = std::fs::read_to_string(&p).unwrap();
+        let (head, tail) = text.split_once("# [upstream]").unwrap();
+        let uncommented: String = std::iter::once("[upstream]")
+            .chain(tail.lines().filter_map(|l| l.strip_prefix("# ")).filter(|l| l.contains(" = ")))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let dir = tempfile::tempdir().unwrap();
+        let site = dir.path().join("broker.toml");
+        std::fs::write(&site, format!("{head}{uncommented}\n")).unwrap();
+        for entry in std::fs::read_dir(p.parent().unwrap()).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name() != "broker.toml" {
+                let _ = std::fs::copy(entry.path(), dir.path().join(entry.file_name()));
+            }
+        }
+        let c = BrokerConfig::load_from(&site, std::iter::empty()).unwrap();
+        let u = c.upstream.expect("[upstream] loads");
+        assert_eq!(
+            (u.site.as_str(), u.batches.as_slice(), u.lease_units, u.low_water),
+            ("berlin", &["lot-7".to_owned()][..], 100, 20)
+        );
+        assert_eq!(u.server_name.as_deref(), Some("central.factory.example"));
     }
 
     /// Relative paths: read-only files beside the file, state in systemd's `StateDirectory=`, secrets

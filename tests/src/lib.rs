@@ -7,6 +7,7 @@
 //!   clients, and seeding a key, an image and a batch through `AdminService`.
 //! - [`compose`]: the multi-site docker-compose deployment driven from a test, and the pass
 //!   criteria of its fault scenario.
+//! - [`netcut`]: a TCP link a test cuts and restores (a WAN outage between a site and central).
 //! - [`hsm`]: HSM backends for fault scenarios (a member that can be "unplugged" or slowed down).
 //! - [`softhsm`]: the process-wide SoftHSM2 fixture (own `SOFTHSM2_CONF`, tokens by label).
 //! - [`webdriver`]: headless Chromium driven over WebDriver (Debian's `chromium` and
@@ -18,6 +19,7 @@ pub mod agent;
 pub mod broker;
 pub mod compose;
 pub mod hsm;
+pub mod netcut;
 pub mod softhsm;
 pub mod webdriver;
 

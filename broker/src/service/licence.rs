@@ -281,6 +281,18 @@ impl Licences {
             .await
             .map_err(|e| ledger_status(e, &r.batch_id, &r.device_id))?
         {
+            None if st.site_broker_of_site(&caller.site).is_some() => {
+                // A station that fell back from its site broker reports a device the site licensed and has
+                // not replicated yet: transient, so the station keeps the report and sends it again.
+                return Err(Status::unavailable(format!(
+                    "device {} holds no licence of batch {:?} here yet: site {:?} has a site broker ({}) whose \
+                     licences may not have reached this broker; report again later",
+                    r.device_id,
+                    r.batch_id,
+                    caller.site,
+                    st.site_broker_of_site(&caller.site).unwrap_or_default()
+                )));
+            }
             None => {
                 return Err(refused(
                     RefusalReason::NotLicensed,

@@ -118,6 +118,12 @@ impl BrokerState {
         }
     }
 
+    /// The site broker (by name) that serves `site`, if `[site_brokers]` names one.
+    pub fn site_broker_of_site(&self, site: &str) -> Option<String> {
+        let map = self.inner.site_brokers.read().unwrap_or_else(|p| p.into_inner());
+        map.iter().find(|(_, s)| s.as_str() == site).map(|(name, _)| name.clone())
+    }
+
     /// Makes this broker a site broker with `link` to central (once; later calls are ignored).
     pub fn set_upstream(&self, link: Arc<crate::upstream::UpstreamLink>) {
         let _ = self.inner.upstream.set(link);

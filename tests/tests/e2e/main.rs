@@ -19,5 +19,6 @@ mod licences;
 mod pool_and_ledger;
 mod refusals;
 mod service_lifecycle;
+mod sites;
 mod station_faults;
 mod station_stream;
