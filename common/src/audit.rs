@@ -10,6 +10,9 @@
 //! Ledgers created before the ledger id existed (schema v4 and older) start from
 //! [`LEGACY_GENESIS_HASH`] (32 zero bytes); they are marked `legacy` and their first record binds
 //! nothing.
+//!
+//! Also owns [`issuance`]: which audit events stand for a licence and which for a quota unit, the one
+//! rule the broker's `verify_audit` and the offline verifier reconcile licences and issued counts by.
 
 use sha2::{Digest, Sha256};
 
@@ -93,6 +96,41 @@ pub fn record_hash(
     h.finalize().into()
 }
 
+/// What one audit record says of its batch's licences and issued count (the rule both reconciliations
+/// follow): whether it stands for a licence row of its (batch, device) subject, and whether it stands for
+/// one unit in the batch's `issued` count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Issuance {
+    /// The record stands for the licence of its subject's (batch, device) in the licences table.
+    pub licence: bool,
+    /// The record stands for one unit of the batch's issued count.
+    pub unit: bool,
+}
+
+/// The [`Issuance`] of a record with `event` and `details` (its JSON text), `None` for events that are
+/// neither:
+/// - `licence.issued` (issued here) and `licence.replicated` (issued by a site broker against its lease):
+///   a licence and a unit;
+/// - `licence.unleased` (a site's licence with no lease left to take its unit from): a licence, and a unit
+///   when its details say `"counted": true` (the batch still had free quota);
+/// - `licence.conflict` (a site's licence for a device held here from another site, kept apart): no
+///   licence row, and a unit when `"counted": true`.
+pub fn issuance(event: &str, details: &str) -> Result<Option<Issuance>, String> {
+    let counted = || -> Result<bool, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(details).map_err(|e| format!("{event} record: details are not JSON: {e}"))?;
+        v.get("counted")
+            .and_then(serde_json::Value::as_bool)
+            .ok_or_else(|| format!("{event} record: details carry no boolean \"counted\""))
+    };
+    Ok(match event {
+        "licence.issued" | "licence.replicated" => Some(Issuance { licence: true, unit: true }),
+        "licence.unleased" => Some(Issuance { licence: true, unit: counted()? }),
+        "licence.conflict" => Some(Issuance { licence: false, unit: counted()? }),
+        _ => None,
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -114,6 +152,24 @@ mod tests {
     #[test]
     fn field_boundaries_are_unambiguous() {
         assert_ne!(record_hash(&[], 1, 1, "ab", "c", "", ""), record_hash(&[], 1, 1, "a", "bc", "", ""));
+    }
+
+    #[test]
+    fn issuance_by_event() {
+        let both = Issuance { licence: true, unit: true };
+        assert_eq!(issuance("licence.issued", "not json").unwrap(), Some(both));
+        assert_eq!(issuance("licence.replicated", "{}").unwrap(), Some(both));
+        assert_eq!(
+            issuance("licence.unleased", r#"{"counted":false}"#).unwrap(),
+            Some(Issuance { licence: true, unit: false })
+        );
+        assert_eq!(
+            issuance("licence.conflict", r#"{"counted":true}"#).unwrap(),
+            Some(Issuance { licence: false, unit: true })
+        );
+        assert!(issuance("licence.conflict", "{}").unwrap_err().contains("counted"));
+        assert!(issuance("licence.unleased", "{").is_err());
+        assert_eq!(issuance("licence.refused", "{").unwrap(), None);
     }
 
     #[test]

@@ -457,8 +457,12 @@ impl BatchTally {
         if batch != self.batch_id {
             return Ok(());
         }
+        let is = crate::audit::issuance(&r.event, &r.details_json).map_err(|e| format!("seq {}: {e}", r.seq))?;
+        if is.is_some_and(|i| i.licence) {
+            self.issued.add(batch, device);
+            return Ok(());
+        }
         match &*r.event {
-            "licence.issued" => self.issued.add(batch, device),
             "licence.refused" if !device.is_empty() => self.refusals += 1,
             "install.reported" => {
                 #[derive(Deserialize)]
@@ -617,6 +621,14 @@ impl LinesHash {
     }
 }
 
+/// What the chain holds of one batch's issuance: the licences its records stand for and the units they
+/// count ([`crate::audit::issuance`]).
+#[derive(Debug, Default, Clone, Copy)]
+struct Issued {
+    licences: Multiset,
+    units: u64,
+}
+
 /// [`verify`], and, with `tally`, counts what the chain records of one batch up to a seq as it walks.
 pub fn verify_tallying(
     mut input: impl BufRead,
@@ -633,7 +645,7 @@ pub fn verify_tallying(
     let mut check: Option<WitnessCheck> = None;
     let mut prev: [u8; 32] = [0; 32];
     let mut last_seq = 0i64;
-    let mut issued: HashMap<String, Multiset> = HashMap::new();
+    let mut issued: HashMap<String, Issued> = HashMap::new();
     let mut licensed: HashMap<String, Multiset> = HashMap::new();
     let mut batches_seen = 0u64;
     let mut counts = [0u64; 4];
@@ -779,16 +791,24 @@ pub fn verify_tallying(
                 if let Some(t) = tally.as_deref_mut() {
                     t.record(&r).map_err(|why| VerifyError::Chain { seq: r.seq, why })?;
                 }
-                if r.event == "licence.issued"
+                // Licences and units by crate::audit::issuance: licence.issued and licence.replicated are
+                // both; licence.unleased a licence, licence.conflict none, each a unit when counted.
+                if let Some(is) = crate::audit::issuance(&r.event, &r.details_json).map_err(chain)?
                     && let Some((batch, device)) =
                         r.subject.strip_prefix("batch/").and_then(|s| s.rsplit_once("/device/"))
                 {
                     if issued.len() >= MAX_BATCHES && !issued.contains_key(batch) {
                         return Err(bad(format!("more than {MAX_BATCHES} batches")));
                     }
-                    match issued.get_mut(batch) {
-                        Some(m) => m.add(batch, device),
-                        None => issued.entry(batch.to_owned()).or_default().add(batch, device),
+                    let t = match issued.get_mut(batch) {
+                        Some(t) => t,
+                        None => issued.entry(batch.to_owned()).or_default(),
+                    };
+                    if is.licence {
+                        t.licences.add(batch, device);
+                    }
+                    if is.unit {
+                        t.units += 1;
                     }
                 }
                 prev = h;
@@ -810,12 +830,20 @@ pub fn verify_tallying(
             Parsed::Other(Line::Batch(b)) => {
                 counts[3] += 1;
                 batches_seen += 1;
-                let records = issued.get(&b.id).copied().unwrap_or_default();
+                let tally = issued.get(&b.id).copied().unwrap_or_default();
+                let records = tally.licences;
                 let lic = licensed.remove(&b.id).unwrap_or_default();
-                if u64::try_from(b.issued).ok() != Some(records.count) {
+                if u64::try_from(b.issued).ok() != Some(tally.units) {
                     return Err(VerifyError::Unreconciled(format!(
-                        "batch {:?} counts {} issued licences but the chain holds {} licence.issued records",
-                        b.id, b.issued, records.count
+                        "batch {:?} counts {} issued licences but the chain holds {} licence.issued records{}",
+                        b.id,
+                        b.issued,
+                        tally.units,
+                        if tally.units == records.count {
+                            ""
+                        } else {
+                            " (with replicated, conflict and unleased units)"
+                        }
                     )));
                 }
                 if lic != records {
@@ -862,10 +890,14 @@ pub fn verify_tallying(
     let Some((h, _, genesis)) = header else {
         return Err(VerifyError::Truncated { why: "empty export".into() });
     };
-    if let Some((batch, m)) = issued.iter().chain(licensed.iter()).next() {
+    if let Some((batch, n)) = issued
+        .iter()
+        .map(|(b, t)| (b, t.units.max(t.licences.count)))
+        .chain(licensed.iter().map(|(b, m)| (b, m.count)))
+        .next()
+    {
         return Err(VerifyError::Unreconciled(format!(
-            "batch {batch:?} has {} licence.issued records or licences but no batch line",
-            m.count
+            "batch {batch:?} has {n} licence.issued records or licences but no batch line"
         )));
     }
     if h.head_seq != last_seq || hex32(&h.head_hash) != Some(prev) {

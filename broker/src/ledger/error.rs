@@ -233,6 +233,18 @@ pub enum LedgerError {
         /// Why the request cannot be carried out, naming the values involved.
         why: String,
     },
+    /// A site broker's replicated record does not continue what this ledger holds of its ledger: a gap, a
+    /// `prev_hash` or hash that does not chain, or a payload that does not match its record. Nothing of the
+    /// request was stored.
+    #[error("site ledger {site_ledger_id} record seq {seq} refused: {why}")]
+    SiteChain {
+        /// The site ledger (32 hex digits).
+        site_ledger_id: String,
+        /// The first refused seq.
+        seq: i64,
+        /// What is wrong with it, naming the values involved.
+        why: String,
+    },
     /// An input value is invalid.
     #[error("invalid {field} {value:?}: {why}")]
     Invalid {

@@ -100,10 +100,10 @@ pub struct LeaseRequest {
     pub ttl: Duration,
 }
 
-const LEASE_COLUMNS: &str =
+pub(super) const LEASE_COLUMNS: &str =
     "id, batch_id, site, holder, granted, used, returned, state, granted_at, expires_at, settled_at";
 
-fn lease_from_row(r: &sqlx::any::AnyRow) -> Result<Lease, sqlx::Error> {
+pub(super) fn lease_from_row(r: &sqlx::any::AnyRow) -> Result<Lease, sqlx::Error> {
     let state: String = r.try_get(7)?;
     Ok(Lease {
         id: r.try_get(0)?,

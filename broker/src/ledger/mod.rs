@@ -23,6 +23,7 @@ pub mod devices;
 pub mod error;
 pub mod leases;
 pub mod model;
+pub mod replica;
 mod schema;
 pub mod upstream;
 mod writer;
@@ -1520,8 +1521,10 @@ impl Ledger {
                 why: AuditFault::Checkpoint(format!("{e}{}", after.unwrap_or_default())),
             }
         };
-        // Every `licence.issued` record's (batch, device), with its seq, to reconcile with the tables.
+        // Every licence record's (batch, device), with its seq, and the units the records count per batch
+        // (`flashgate_common::audit::issuance`), to reconcile with the tables.
         let mut issued: HashMap<(String, String), i64> = HashMap::new();
+        let mut units: HashMap<String, i64> = HashMap::new();
         let mut after = 0;
         'pages: loop {
             let page = audit::page(&mut conn, after, PAGE).await.map_err(LedgerError::db(OP))?;
@@ -1539,10 +1542,17 @@ impl Ledger {
                     h.copy_from_slice(&r.hash);
                 }
                 wc.record(u64::try_from(r.seq).unwrap_or(0), &h).map_err(|e| contradicted(e, &wc))?;
-                if r.event == "licence.issued"
+                let is = flashgate_common::audit::issuance(&r.event, &r.details)
+                    .map_err(|e| LedgerError::AuditBroken { seq: r.seq, why: AuditFault::Unreconciled(e) })?;
+                if let Some(is) = is
                     && let Some((batch, device)) = audit::parse_device_subject(&r.subject)
                 {
-                    issued.insert((batch.to_owned(), device.to_owned()), r.seq);
+                    if is.licence {
+                        issued.insert((batch.to_owned(), device.to_owned()), r.seq);
+                    }
+                    if is.unit {
+                        *units.entry(batch.to_owned()).or_default() += 1;
+                    }
                 }
             }
         }
@@ -1551,7 +1561,7 @@ impl Ledger {
         wc.finish(u64::try_from(head_seq).unwrap_or(0)).map_err(|e| contradicted(e, &agreed))?;
         summary.ledger_id = hex::encode(self.inner.ledger_id);
         summary.genesis = self.inner.genesis;
-        reconcile(&mut conn, head_seq, issued).await?;
+        reconcile(&mut conn, head_seq, issued, units).await?;
         conn.rollback().await.map_err(LedgerError::db(OP))?;
         Ok(summary)
     }
@@ -1787,19 +1797,17 @@ async fn ensure_identity(pool: &AnyPool, dialect: Dialect) -> Result<([u8; 16], 
 }
 
 /// Cross-checks an intact chain with the tables, in the verification's snapshot: every licence has its
-/// `licence.issued` record and every such record its licence, and each batch's issued count equals its
-/// issue records. Names the first mismatch.
+/// licence record (`licence.issued`, or from a site broker `licence.replicated` / `licence.unleased`) and
+/// every such record its licence, and each batch's issued count equals the units its records count
+/// (`per_batch`, by `flashgate_common::audit::issuance`). Names the first mismatch.
 async fn reconcile(
     conn: &mut AnyConnection,
     head_seq: i64,
     mut issued: HashMap<(String, String), i64>,
+    per_batch: HashMap<String, i64>,
 ) -> Result<(), LedgerError> {
     const OP: &str = "reconcile audit with licences";
     let broken = |seq: i64, what: String| LedgerError::AuditBroken { seq, why: AuditFault::Unreconciled(what) };
-    let mut per_batch: HashMap<String, i64> = HashMap::new();
-    for (batch, _) in issued.keys() {
-        *per_batch.entry(batch.clone()).or_default() += 1;
-    }
     let rows = sqlx::query("SELECT batch_id, device_id FROM licences ORDER BY issued_at, batch_id, device_id")
         .fetch_all(&mut *conn)
         .await

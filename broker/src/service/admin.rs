@@ -1002,6 +1002,37 @@ impl AdminService for Admin {
         })
     }
 
+    async fn list_sites(&self, req: Request<pb::ListSitesRequest>) -> Result<Response<pb::ListSitesResponse>, Status> {
+        rpc!("ListSites", self, req, |_caller, _body| {
+            let ledger = self.state.ledger();
+            let streams = ledger.site_streams().await.map_err(lst)?;
+            let leases = ledger.leases(None, MAX_LEASES_LISTED).await.map_err(lst)?;
+            let now = crate::ledger::now_ms();
+            let sites = streams
+                .into_iter()
+                .map(|s| pb::SiteInfo {
+                    outstanding_units: leases
+                        .iter()
+                        .filter(|l| l.holder == s.holder && l.state == crate::ledger::leases::LeaseState::Active)
+                        .map(crate::ledger::leases::Lease::outstanding)
+                        .sum(),
+                    lag_records: s.lag_records(),
+                    lag_ms: s.lag_ms(now),
+                    site: s.site,
+                    holder: s.holder,
+                    site_ledger_id: s.site_ledger_id,
+                    acked_seq: s.acked_seq,
+                    site_head_seq: s.site_head_seq,
+                    last_record_at_ms: s.last_record_at,
+                    licences: s.licences,
+                    conflicts: s.conflicts,
+                    updated_at_ms: s.updated_at,
+                })
+                .collect();
+            Ok(pb::ListSitesResponse { sites })
+        })
+    }
+
     async fn hsm_status(&self, req: Request<pb::HsmStatusRequest>) -> Result<Response<pb::HsmStatusResponse>, Status> {
         rpc!("HsmStatus", self, req, |_caller, _body| {
             let members = self

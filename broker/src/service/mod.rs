@@ -46,6 +46,10 @@ pub mod metric {
     pub const CHECKPOINTS: &str = "flashgate_audit_checkpoints_total";
     /// Counter: failed appends of a checkpoint to a configured sink.
     pub const CHECKPOINT_SINK_ERRORS: &str = "flashgate_audit_checkpoint_sink_errors_total";
+    /// Gauge: records a site ledger holds that this (central) ledger does not, label `site`.
+    pub const SITE_LAG_RECORDS: &str = "flashgate_site_replication_lag_records";
+    /// Gauge (seconds): age of the last replicated record of a site behind, 0 when caught up, label `site`.
+    pub const SITE_LAG_SECONDS: &str = "flashgate_site_replication_lag_seconds";
 }
 
 /// Everything the services share. Cheap to clone (an `Arc` inside).

@@ -49,7 +49,7 @@ pub fn ledger_status(e: LedgerError, batch_id: &str, device_id: &str) -> Status 
         LedgerError::NotFound { .. } => Status::not_found(e.to_string()),
         LedgerError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
         LedgerError::Invalid { .. } => Status::invalid_argument(e.to_string()),
-        LedgerError::Precondition { .. } => Status::failed_precondition(e.to_string()),
+        LedgerError::Precondition { .. } | LedgerError::SiteChain { .. } => Status::failed_precondition(e.to_string()),
         LedgerError::AuditBroken { .. } => Status::data_loss(e.to_string()),
         LedgerError::Database { .. } | LedgerError::WriterStopped => {
             // The database's own words stay in the broker's log; the caller learns only that it may retry.

@@ -109,3 +109,10 @@ async fn ledger_pg_leases_and_licences_on_two_brokers_never_exceed_the_quota() {
     let (a, b) = (Ledger::open(&url).await.unwrap(), Ledger::open(&url).await.unwrap());
     check_leases(&[a, b]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_pg_replication_from_site_brokers_is_checked_idempotent_and_reconciled() {
+    let Some(pg) = cluster() else { return };
+    let url = pg.create_db("replication");
+    check_replication(&Ledger::open(&url).await.unwrap()).await;
+}

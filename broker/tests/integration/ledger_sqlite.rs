@@ -562,3 +562,10 @@ async fn ledger_leases_take_quota_beside_licences_and_return_it() {
     let (l, _) = sqlite_ledger(&dir).await;
     check_leases(&[l]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_replication_from_site_brokers_is_checked_idempotent_and_reconciled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, _) = sqlite_ledger(&dir).await;
+    check_replication(&l).await;
+}

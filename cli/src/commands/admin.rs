@@ -52,6 +52,8 @@ pub enum AdminCommand {
     /// Quota leases held by site brokers.
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Site broker ledgers replicated here: how far each is held, its lag, licences, conflicts, leased units.
+    Sites,
     /// Export ledger data for other tools.
     #[command(subcommand)]
     Export(ExportCommand),
@@ -451,6 +453,7 @@ pub async fn run(args: AdminArgs) -> Result<()> {
         AdminCommand::Batch(cmd) => batch(&mut client, cmd, json).await,
         AdminCommand::Device(a) => device(&mut client, &a.device_id, json).await,
         AdminCommand::Lease(LeaseCommand::List { batch }) => leases(&mut client, batch, json).await,
+        AdminCommand::Sites => sites(&mut client, json).await,
         AdminCommand::Export(ExportCommand::Devices(a)) => super::trace::export_devices(&mut client, a).await,
         AdminCommand::Stations => stations(&mut client, json).await,
         AdminCommand::Station(StationCommand::Revoke(a)) => revoke(&mut client, a, json).await,
@@ -756,6 +759,61 @@ async fn leases(client: &mut Client, batch: Option<String>, json: bool) -> Resul
     print!("{t}");
     if r.leases.is_empty() {
         println!("no leases (site brokers have none, or none asked yet)");
+    }
+    Ok(())
+}
+
+async fn sites(client: &mut Client, json: bool) -> Result<()> {
+    let r = client.list_sites(pb::ListSitesRequest {}).await.rpc("listing site brokers")?;
+    if json {
+        let rows: Vec<Value> = r
+            .sites
+            .iter()
+            .map(|s| {
+                json!({
+                    "site": s.site, "holder": s.holder, "site_ledger_id": s.site_ledger_id,
+                    "acked_seq": s.acked_seq, "site_head_seq": s.site_head_seq, "lag_records": s.lag_records,
+                    "lag_ms": s.lag_ms, "last_record_at_ms": s.last_record_at_ms, "licences": s.licences,
+                    "conflicts": s.conflicts, "outstanding_units": s.outstanding_units,
+                    "updated_at_ms": s.updated_at_ms,
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(rows));
+        return Ok(());
+    }
+    let mut t = Table::new([
+        "site",
+        "holder",
+        "ledger",
+        "held",
+        "head",
+        "lag",
+        "lag (s)",
+        "licences",
+        "conflicts",
+        "leased",
+        "updated",
+    ])
+    .right(&[3, 4, 5, 6, 7, 8, 9]);
+    for s in &r.sites {
+        t.row([
+            s.site.clone(),
+            s.holder.clone(),
+            s.site_ledger_id[..s.site_ledger_id.len().min(8)].to_string(),
+            s.acked_seq.to_string(),
+            s.site_head_seq.to_string(),
+            s.lag_records.to_string(),
+            format!("{:.1}", s.lag_ms as f64 / 1000.0),
+            s.licences.to_string(),
+            s.conflicts.to_string(),
+            s.outstanding_units.to_string(),
+            ms_time(s.updated_at_ms),
+        ]);
+    }
+    print!("{t}");
+    if r.sites.is_empty() {
+        println!("no site ledgers (no site broker has synced or replicated here yet)");
     }
     Ok(())
 }

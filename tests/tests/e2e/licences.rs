@@ -297,3 +297,122 @@ async fn site_brokers_lease_quota_and_stations_are_kept_from_it() {
     assert_eq!(reason(&e).as_deref(), Some("NOT_AUTHORISED"), "{e}");
     assert!(e.message().contains("[site_brokers]"), "{e}");
 }
+
+/// The rest of `SiteService` over mutual TLS (issue 14): a site broker syncs its batches, leases and the
+/// revocations; fetches its batch's image (info first, then chunks of at most 64 KiB that hash to the
+/// image id); claims a device; replicates a licence record, whose unit moves from leased to issued; a
+/// broken record is FAILED_PRECONDITION naming its seq; `ListSites` shows the stream and the audit
+/// chain still verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_brokers_sync_fetch_images_claim_and_replicate() {
+    use flashgate_proto::v1::site_service_client::SiteServiceClient;
+    use flashgate_tests::broker::TestPki;
+    use sha2::{Digest, Sha256};
+    let world = World::new();
+    let spec = BrokerSpec {
+        site_brokers: [("broker-1".to_owned(), "berlin".to_owned())].into_iter().collect(),
+        ..BrokerSpec::default()
+    };
+    let broker = world.start_broker(spec).await;
+    let seeded = broker.seed_batch("lot", 5, &["berlin"]).await;
+    let mut site = SiteServiceClient::new(broker.channel(&TestPki::broker()).await);
+    let lease = site
+        .acquire_lease(pb::AcquireLeaseRequest { batch_id: "lot".into(), units: 2, ttl_ms: 60_000 })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    let ledger_id = "5e".repeat(16);
+    let sync = |ids: Vec<String>, head: i64| pb::SyncSiteRequest {
+        batch_ids: ids,
+        site_ledger_id: ledger_id.clone(),
+        site_head_seq: head,
+    };
+    let s = site.sync_site(sync(vec!["lot".into(), "unknown".into()], 1)).await.unwrap().into_inner();
+    assert_eq!(s.batches.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), ["lot"]);
+    assert_eq!((s.leases.len(), s.replicated_seq, s.site_ledger_id.as_str()), (1, 0, ledger_id.as_str()));
+    assert!(s.now_ms > 0);
+    let e = site.sync_site(sync((0..65).map(|i| format!("b{i}")).collect(), 1)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("64"), "{e}");
+
+    // The image: info first, then chunks.
+    let mut stream = site
+        .get_site_image(pb::GetSiteImageRequest { image_sha256: seeded.image.sha256.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    let Some(pb::site_image_chunk::Item::Info(info)) = first.item else { panic!("info first: {first:?}") };
+    assert_eq!((info.image_sha256.as_str(), info.nonce.len()), (seeded.image.sha256.as_str(), 24));
+    let mut bytes = Vec::new();
+    while let Some(m) = stream.next().await {
+        let Some(pb::site_image_chunk::Item::Chunk(c)) = m.unwrap().item else { panic!("chunks after the info") };
+        assert!(c.len() <= 64 * 1024);
+        bytes.extend_from_slice(&c);
+    }
+    assert_eq!((bytes.len() as u64, sha256_hex(&bytes)), (info.size, seeded.image.sha256.clone()));
+
+    // A claim, then the site's licence of that device replicated.
+    let device = "ab".repeat(16);
+    let claim = pb::ClaimDeviceRequest { batch_id: "lot".into(), device_id: device.clone() };
+    assert!(site.claim_device(claim.clone()).await.unwrap().into_inner().claimed);
+    assert!(!site.claim_device(claim).await.unwrap().into_inner().claimed);
+    let licence = vec![0x4c; 132];
+    let details = serde_json::json!({"station": "spiffe://factory.test/station/berlin/1", "site": "berlin",
+        "licence_sha256": hex::encode(Sha256::digest(&licence))})
+    .to_string();
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(&ledger_id, &mut id).unwrap();
+    let prev = flashgate_common::audit::genesis_hash(&id);
+    let subject = format!("batch/lot/device/{device}");
+    let h = flashgate_common::audit::record_hash(&prev, 1, 1000, "site", "licence.issued", &subject, &details);
+    let record = pb::SiteRecord {
+        audit: Some(pb::AuditRecord {
+            seq: 1,
+            at_ms: 1000,
+            actor: "site".into(),
+            event: "licence.issued".into(),
+            subject,
+            details_json: details,
+            prev_hash: hex::encode(prev),
+            hash: hex::encode(h),
+        }),
+        item: Some(pb::site_record::Item::Licence(pb::SiteLicence {
+            batch_id: "lot".into(),
+            device_id: device.clone(),
+            licence,
+            certificate: vec![0xC5; 136],
+            station: "spiffe://factory.test/station/berlin/1".into(),
+            site: "berlin".into(),
+            issued_at_ms: 1000,
+        })),
+    };
+    let mut edited = record.clone();
+    edited.audit.as_mut().unwrap().at_ms = 1001;
+    let replicate = |records: Vec<pb::SiteRecord>| pb::ReplicateRequest {
+        site_ledger_id: ledger_id.clone(),
+        records,
+        site_head_seq: 1,
+    };
+    let e = site.replicate(replicate(vec![edited])).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("seq 1"), "{e}");
+    for _ in 0..2 {
+        let r = site.replicate(replicate(vec![record.clone()])).await.unwrap().into_inner();
+        assert_eq!((r.acked_seq, r.conflicts), (1, 0));
+    }
+    let status = broker.batch_status("lot").await;
+    assert_eq!((status.issued, status.leased), (1, 1), "{status:?}");
+    let s = site.sync_site(sync(vec!["lot".into()], 1)).await.unwrap().into_inner();
+    assert_eq!(s.replicated_seq, 1);
+    assert_eq!((s.leases[0].id.as_str(), s.leases[0].used), (lease.id.as_str(), 1));
+
+    let mut admin = broker.admin().await;
+    let sites = admin.list_sites(pb::ListSitesRequest {}).await.unwrap().into_inner().sites;
+    assert_eq!(sites.len(), 1);
+    let x = &sites[0];
+    assert_eq!((x.site.as_str(), x.acked_seq, x.lag_records, x.licences, x.outstanding_units), ("berlin", 1, 0, 1, 1));
+    admin.verify_audit(pb::VerifyAuditRequest {}).await.unwrap();
+}

@@ -584,3 +584,286 @@ pub async fn check_leases(ledgers: &[Ledger]) {
     assert_eq!(events.iter().filter(|e| *e == "lease.renewed").count(), 1);
     l.verify_audit().await.unwrap();
 }
+
+/// A site broker's audit chain, built as its ledger would (from the genesis hash of its ledger id), with
+/// the rows its licence, refusal and install records carry.
+pub struct SiteChain {
+    pub id: [u8; 16],
+    pub records: Vec<flashgate_broker::ledger::replica::SiteRecord>,
+    prev: Vec<u8>,
+}
+
+impl SiteChain {
+    pub fn new(id: [u8; 16]) -> Self {
+        Self { id, records: Vec::new(), prev: flashgate_common::audit::genesis_hash(&id).to_vec() }
+    }
+
+    pub fn hex_id(&self) -> String {
+        hex::encode(self.id)
+    }
+
+    /// Appends a record (hashed over the chain) carrying `item`.
+    pub fn push(
+        &mut self,
+        event: &str,
+        subject: &str,
+        details: serde_json::Value,
+        item: Option<flashgate_broker::ledger::replica::SiteItem>,
+    ) {
+        use flashgate_broker::ledger::AuditRecord;
+        let seq = self.records.len() as i64 + 1;
+        let details = details.to_string();
+        let at = 1_700_000_000_000 + seq;
+        let hash = flashgate_common::audit::record_hash(&self.prev, seq, at, "site", event, subject, &details);
+        let audit = AuditRecord {
+            seq,
+            at,
+            actor: "site".into(),
+            event: event.into(),
+            subject: subject.into(),
+            details,
+            prev_hash: std::mem::replace(&mut self.prev, hash.to_vec()),
+            hash: hash.to_vec(),
+        };
+        self.records.push(flashgate_broker::ledger::replica::SiteRecord { audit, item });
+    }
+
+    /// A `licence.issued` record of `device` in `batch` at `site`, with its licence.
+    pub fn licence(&mut self, batch: &str, device: &str, site: &str) -> Vec<u8> {
+        use flashgate_broker::ledger::replica::{SiteItem, SiteLicence};
+        use sha2::{Digest, Sha256};
+        let licence = licence_bytes(&format!("{site}/{device}"), 1);
+        let details = serde_json::json!({"station": "station-s", "site": site,
+            "licence_sha256": hex::encode(Sha256::digest(&licence))});
+        let item = SiteItem::Licence(SiteLicence {
+            batch_id: batch.into(),
+            device_id: device.into(),
+            licence: licence.clone(),
+            certificate: vec![0xC5; 136],
+            station: "station-s".into(),
+            site: site.into(),
+            issued_at: 1_700_000_000_000,
+        });
+        self.push("licence.issued", &format!("batch/{batch}/device/{device}"), details, Some(item));
+        licence
+    }
+}
+
+/// Issue 14: what central keeps of a site broker's ledger, on any store. Replication is idempotent;
+/// gaps, edits and broken links are refused naming the seq with nothing stored; a licence for a device
+/// held from another site is a conflict (its unit used, the licences table unchanged); claims keep one
+/// site per device; leases balance (granted == used + returned); the central chain verifies, in the
+/// ledger and offline from an export.
+pub async fn check_replication(l: &Ledger) {
+    use flashgate_broker::ledger::leases::{LeaseRequest, LeaseState};
+    use flashgate_broker::ledger::replica::{SiteInstall, SiteItem, SiteRefusal};
+    const A: &str = "spiffe://t/broker/site-a";
+    const B: &str = "spiffe://t/broker/site-b";
+    const OTHER: &str = "austin";
+    seed(l, "rep", 10, &[SITE, OTHER], (None, None)).await;
+    let lease = |holder: &str, site: &str, units: i64| LeaseRequest {
+        batch_id: "rep".into(),
+        site: site.into(),
+        holder: holder.into(),
+        units,
+        ttl: std::time::Duration::from_secs(600),
+    };
+    let la = l.grant_lease(&lease(A, SITE, 3), "central").await.unwrap();
+    let lb = l.grant_lease(&lease(B, OTHER, 2), "central").await.unwrap();
+
+    // Site A: a lease record, a licence, a refusal, an install report, another licence.
+    let mut a = SiteChain::new([0xA1; 16]);
+    a.push("lease.acquired", "lease/x", serde_json::json!({}), None);
+    let lic1 = a.licence("rep", &device(1), SITE);
+    let refusal = SiteRefusal {
+        batch_id: "rep".into(),
+        device_id: device(9),
+        station: "station-s".into(),
+        site: SITE.into(),
+        reason: "PRODUCT_MISMATCH".into(),
+        detail: "chip product id differs".into(),
+    };
+    a.push(
+        "licence.refused",
+        &format!("batch/rep/device/{}", device(9)),
+        serde_json::json!({}),
+        Some(SiteItem::Refusal(refusal)),
+    );
+    let install = SiteInstall {
+        station: "station-s".into(),
+        result_id: "r-1".into(),
+        batch_id: "rep".into(),
+        device_id: device(1),
+        status_code: 0,
+        message: "ok".into(),
+        flash_crc: Some(7),
+        attempt: 1,
+        timings_json: "{}".into(),
+        reported_at: 1_700_000_000_100,
+    };
+    a.push(
+        "install.reported",
+        &format!("batch/rep/device/{}", device(1)),
+        serde_json::json!({}),
+        Some(SiteItem::Install(install)),
+    );
+    a.licence("rep", &device(2), SITE);
+
+    let first = l.replicate(A, SITE, &a.hex_id(), 3, &a.records[..3]).await.unwrap();
+    assert_eq!((first.acked_seq, first.stored, first.licences, first.refusals), (3, 3, 1, 1), "{first:?}");
+    let all = l.replicate(A, SITE, &a.hex_id(), 5, &a.records).await.unwrap();
+    assert_eq!((all.acked_seq, all.skipped, all.stored, all.licences, all.installs), (5, 3, 2, 1, 1), "{all:?}");
+    let audit_len = l.audit_page(0, 100_000).await.unwrap().len();
+    let batch = l.batch("rep").await.unwrap();
+    // The same records again: the same answer, nothing doubled.
+    let again = l.replicate(A, SITE, &a.hex_id(), 5, &a.records).await.unwrap();
+    assert_eq!((again.acked_seq, again.skipped, again.stored), (5, 5, 0), "{again:?}");
+    assert_eq!(l.audit_page(0, 100_000).await.unwrap().len(), audit_len, "a retry appends nothing");
+    assert_eq!(l.batch("rep").await.unwrap(), batch);
+    assert_eq!((batch.issued, batch.leased), (2, 3), "two units moved from leased to issued");
+    assert_eq!(l.licence("rep", &device(1)).await.unwrap(), Some(lic1));
+
+    // Hostile or flaky sites: a gap, an edited record, a broken link -- refused naming the seq, nothing stored.
+    let stream_before = l.site_streams().await.unwrap();
+    let mut ahead = SiteChain::new(a.id);
+    ahead.records = a.records.clone();
+    ahead.prev = a.records[4].audit.hash.clone();
+    ahead.licence("rep", &device(3), SITE); // seq 6
+    ahead.licence("rep", &device(4), SITE); // seq 7
+    let expect_refused = |r: Result<_, LedgerError>, seq: i64, words: &str| match r {
+        Err(LedgerError::SiteChain { seq: s, why, .. }) => {
+            assert_eq!(s, seq, "{why}");
+            assert!(why.contains(words), "{why}");
+        }
+        other => panic!("expected a refusal at seq {seq}: {other:?}"),
+    };
+    expect_refused(l.replicate(A, SITE, &a.hex_id(), 7, &ahead.records[6..]).await.map(|_| ()), 6, "expected seq 6");
+    let mut edited = ahead.records[5].clone();
+    edited.audit.details = edited.audit.details.replace("station-s", "station-x");
+    expect_refused(l.replicate(A, SITE, &a.hex_id(), 7, &[edited]).await.map(|_| ()), 6, "edited");
+    let mut relinked = ahead.records[5].clone();
+    relinked.audit.prev_hash = vec![0x55; 32];
+    expect_refused(l.replicate(A, SITE, &a.hex_id(), 7, &[relinked]).await.map(|_| ()), 6, "prev_hash");
+    // Seq 6 good, seq 7 broken: the whole request is refused, seq 6 is not kept either.
+    let mut bad7 = ahead.records[6].clone();
+    bad7.audit.hash = vec![0; 32];
+    expect_refused(
+        l.replicate(A, SITE, &a.hex_id(), 7, &[ahead.records[5].clone(), bad7]).await.map(|_| ()),
+        7,
+        "edited",
+    );
+    // Another site broker may not write into A's stream.
+    let e = l.replicate(B, OTHER, &a.hex_id(), 7, &ahead.records[5..6]).await.unwrap_err();
+    assert!(matches!(e, LedgerError::Precondition { .. }), "{e}");
+    assert_eq!(l.site_streams().await.unwrap(), stream_before, "nothing of a refused request is stored");
+    assert_eq!(l.batch("rep").await.unwrap(), batch);
+    assert_eq!(l.licence("rep", &device(3)).await.unwrap(), None);
+
+    // A site chain that does not start at its ledger id's genesis.
+    let mut alien = SiteChain::new([0xEE; 16]);
+    alien.push("x", "y", serde_json::json!({}), None);
+    expect_refused(l.replicate(A, SITE, &hex::encode([0xEF; 16]), 1, &alien.records).await.map(|_| ()), 1, "genesis");
+
+    // Claims: one site per device.
+    assert!(l.claim_device("rep", &device(5), OTHER, B).await.unwrap());
+    assert!(!l.claim_device("rep", &device(5), OTHER, B).await.unwrap(), "idempotent");
+    let e = l.claim_device("rep", &device(5), SITE, A).await.unwrap_err();
+    assert!(
+        matches!(&e, LedgerError::Refused { reason: RefusalReason::LicensedAtOtherSite, detail } if detail.contains(OTHER)),
+        "{e}"
+    );
+    let e = l.claim_device("rep", &device(1), OTHER, B).await.unwrap_err();
+    assert!(
+        matches!(&e, LedgerError::Refused { reason: RefusalReason::LicensedAtOtherSite, detail } if detail.contains(SITE)),
+        "{e}"
+    );
+    assert!(l.claim_device("rep", &device(1), SITE, A).await.unwrap(), "its own site may claim it");
+    let e = l.claim_device("nope", &device(1), SITE, A).await.unwrap_err();
+    assert_eq!(e.refusal(), Some(RefusalReason::UnknownBatch), "{e}");
+
+    // Site B licensed device 1 offline (held here from site A): a conflict, its unit used, licences unchanged.
+    let held = l.licence("rep", &device(1)).await.unwrap();
+    let mut b = SiteChain::new([0xB2; 16]);
+    b.licence("rep", &device(1), OTHER);
+    let r = l.replicate(B, OTHER, &b.hex_id(), 1, &b.records).await.unwrap();
+    assert_eq!((r.acked_seq, r.conflicts, r.licences), (1, 1, 0), "{r:?}");
+    assert_eq!(l.licence("rep", &device(1)).await.unwrap(), held, "the licences table keeps site A's licence");
+    let events = l.audit_page(0, 100_000).await.unwrap();
+    let conflict = events.iter().find(|r| r.event == "licence.conflict").expect("a licence.conflict record");
+    assert!(conflict.details.contains(SITE) && conflict.details.contains(OTHER), "{}", conflict.details);
+    assert!(conflict.details.contains(&lb.id), "the unit came from B's lease: {}", conflict.details);
+
+    // Site A uses its last leased unit, then licenses past its leases: recorded, loudly.
+    let mut more = SiteChain::new(a.id);
+    more.records = a.records.clone();
+    more.prev = a.records[4].audit.hash.clone();
+    more.licence("rep", &device(3), SITE);
+    more.licence("rep", &device(6), SITE);
+    let r = l.replicate(A, SITE, &a.hex_id(), 7, &more.records[5..]).await.unwrap();
+    assert_eq!((r.acked_seq, r.licences, r.unleased), (7, 2, 1), "{r:?}");
+    let events = l.audit_page(0, 100_000).await.unwrap();
+    let unleased = events.iter().find(|r| r.event == "licence.unleased").expect("a licence.unleased record");
+    assert!(unleased.details.contains("\"counted\":true"), "free quota took it: {}", unleased.details);
+    assert_eq!(events.iter().filter(|r| r.event == "licence.replicated").count(), 3);
+    assert_eq!(events.iter().filter(|r| r.event == "site.replicated").count(), 4);
+
+    // A central licence beside them, then B hands back what it did not use.
+    request_licence(l, "rep", &device(7), 1).await.unwrap();
+    l.return_lease(&lb.id, B, 1, B).await.unwrap();
+    let leases = l.leases(Some("rep"), 100).await.unwrap();
+    for x in &leases {
+        assert_eq!(x.granted, x.used + x.returned, "{x:?}");
+        assert_eq!(x.state, LeaseState::Settled, "{x:?}");
+    }
+    let a_lease = leases.iter().find(|x| x.id == la.id).unwrap();
+    assert_eq!((a_lease.used, a_lease.returned), (3, 0));
+    let b_final = l.batch("rep").await.unwrap();
+    // Units: d1, d2, d3 (A's lease), d6 (free quota), the conflict (B's lease), d7 (central).
+    assert_eq!((b_final.issued, b_final.leased), (6, 0), "{b_final:?}");
+    let streams = l.site_streams().await.unwrap();
+    let sa = streams.iter().find(|s| s.holder == A).unwrap();
+    assert_eq!((sa.acked_seq, sa.site_head_seq, sa.licences, sa.conflicts, sa.lag_records()), (7, 7, 4, 0, 0));
+    let sb = streams.iter().find(|s| s.holder == B).unwrap();
+    assert_eq!((sb.acked_seq, sb.conflicts), (1, 1));
+    let noted = l.note_site_head(B, OTHER, &b.hex_id(), 9).await.unwrap();
+    assert_eq!(noted.lag_records(), 8);
+
+    // Central's own verification holds with replicated, unleased and conflicting licences.
+    l.verify_audit().await.unwrap();
+    verify_export_offline(l).await;
+}
+
+/// Exports `l`'s audit bundle and verifies it with the offline verifier, a checkpoint of its head signed
+/// by a test key standing witness.
+pub async fn verify_export_offline(l: &Ledger) {
+    use flashgate_common::checkpoint::CheckpointHead;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(64);
+    let collect = tokio::spawn(async move {
+        let mut out = String::new();
+        while let Some(line) = rx.recv().await {
+            out.push_str(&line);
+        }
+        out
+    });
+    l.export_bundle("central", &tx).await.unwrap();
+    drop(tx);
+    let text = collect.await.unwrap();
+    let (seq, hash) = l.audit_head().await.unwrap();
+    let key = p256::ecdsa::SigningKey::from_slice(&[9; 32]).unwrap();
+    let cp = CheckpointHead {
+        ledger_id: l.ledger_id(),
+        seq: seq as u64,
+        hash: hash.as_slice().try_into().unwrap(),
+        at: 1,
+        broker: "central".into(),
+    }
+    .sign(&key)
+    .unwrap();
+    let report = flashgate_common::audit_export::verify(
+        text.as_bytes(),
+        &[*key.verifying_key()],
+        &[("test witness".into(), cp)],
+    )
+    .unwrap_or_else(|e| panic!("the export does not verify offline: {e}"));
+    assert_eq!(report.records, seq as u64);
+}
