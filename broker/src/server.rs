@@ -467,7 +467,9 @@ pub async fn serve(spec: ServeSpec) -> Result<RunningBroker, ServerError> {
         .add_service(ImageServiceServer::new(Images::new(state.clone())).max_decoding_message_size(station_max))
         .add_service(StationServiceServer::new(Stations::new(state.clone())).max_decoding_message_size(station_max))
         .add_service(AdminServiceServer::new(Admin::new(state.clone())).max_decoding_message_size(admin_max))
-        .add_service(SiteServiceServer::new(Sites::new(state.clone())).max_decoding_message_size(station_max));
+        .add_service(
+            SiteServiceServer::new(Sites::new(state.clone())).max_decoding_message_size(validate::SITE_DECODE_LIMIT),
+        );
 
     // Revocations made by other brokers sharing the ledger.
     let refresher = {

@@ -35,7 +35,7 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline of a `ClaimDevice` on the licence path: past it the device is licensed as if offline.
 pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Records per `Replicate` call (central's limit).
-pub const REPLICATE_PAGE: i64 = 256;
+pub const REPLICATE_PAGE: i64 = crate::ledger::replica::MAX_REPLICATE_RECORDS as i64;
 /// Most `Replicate` calls in one tick; the rest follow in the next.
 pub const REPLICATE_PAGES_PER_TICK: usize = 64;
 /// Largest image a site accepts from central (the .sfi reader's own limit).

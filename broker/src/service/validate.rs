@@ -35,6 +35,10 @@ pub const IMAGE_SHA256_LEN: usize = 64;
 /// Decode limit of `LicenceService`, `ImageService` and `StationService` requests and stream messages:
 /// the largest legitimate one (a heartbeat with [`MAX_PROBES`] probes of maximal ids) stays well below.
 pub const STATION_DECODE_LIMIT: usize = 16 * 1024;
+/// Largest message `SiteService` decodes: a `Replicate` of its most records
+/// ([`crate::ledger::replica::MAX_REPLICATE_RECORDS`]), each with fields at their limits (details, timings and
+/// message of a few KiB each), fits with room to spare.
+pub const SITE_DECODE_LIMIT: usize = 4 * 1024 * 1024;
 /// How many bytes of an untrusted value [`shown`] keeps.
 pub const SHOWN_PREFIX: usize = 48;
 
