@@ -43,8 +43,8 @@ pub use error::{AuditFault, LedgerError, RefusalReason};
 pub use model::{
     ANY_SITE, Assignment, Batch, BatchState, BatchStatus, DeviceHistory, ImageMeta, InstallOutcome, InstallReport,
     InstallRow, IssueOutcome, IssueRecord, KeyListing, KeyRecord, LicenceRow, NewBatch, NewImage, Precheck,
-    PrecheckRequest, RefusalRecord, ReissueRecord, Revocation, STATION_ONLINE_WINDOW_MS, StationCertSeen, StationProbe,
-    StationStatus, StationSummary, now_ms,
+    PrecheckRequest, RefusalRecord, ReissueRecord, Revocation, STATION_ONLINE_WINDOW_MS, SiteUnits, StationCertSeen,
+    StationProbe, StationStatus, StationSummary, now_ms,
 };
 
 use audit::{AuditEvent, Genesis, Head};
@@ -1238,11 +1238,33 @@ impl Ledger {
         .fetch_one(&mut *conn)
         .await
         .map_err(LedgerError::db(OP))?;
+        let mut sites: std::collections::BTreeMap<String, SiteUnits> = std::collections::BTreeMap::new();
+        for (sql, which) in [
+            ("SELECT site, COUNT(*) FROM licences WHERE batch_id = $1 GROUP BY site", 0),
+            (
+                "SELECT site, COALESCE(SUM(granted - used - returned), 0) FROM leases WHERE batch_id = $1 \
+                 AND state = 'active' GROUP BY site",
+                1,
+            ),
+            ("SELECT site, COUNT(*) FROM licence_conflicts WHERE batch_id = $1 GROUP BY site", 2),
+        ] {
+            for r in sqlx::query(sql).bind(id).fetch_all(&mut *conn).await.map_err(LedgerError::db(OP))? {
+                let site: String = r.try_get(0).map_err(LedgerError::db(OP))?;
+                let n: i64 = r.try_get(1).map_err(LedgerError::db(OP))?;
+                let e = sites.entry(site.clone()).or_insert_with(|| SiteUnits { site, ..SiteUnits::default() });
+                match which {
+                    0 => e.issued = n,
+                    1 => e.leased = n,
+                    _ => e.conflicts = n,
+                }
+            }
+        }
         Ok(BatchStatus {
             issued: batch.issued,
             installed: row.try_get(0).map_err(LedgerError::db(OP))?,
             failed: row.try_get(1).map_err(LedgerError::db(OP))?,
             remaining: batch.remaining(),
+            sites: sites.into_values().filter(|s| s.issued + s.leased + s.conflicts > 0).collect(),
             batch,
         })
     }

@@ -366,6 +366,21 @@ pub struct BatchStatus {
     pub failed: i64,
     /// Quota units left.
     pub remaining: i64,
+    /// Per site (sorted by name): licences, units leased and unused, conflicts kept from its site broker.
+    pub sites: Vec<SiteUnits>,
+}
+
+/// One site's share of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SiteUnits {
+    /// Site name.
+    pub site: String,
+    /// Licences of its stations (issued centrally or replicated from its site broker).
+    pub issued: i64,
+    /// Units leased to its site broker and not yet used or returned.
+    pub leased: i64,
+    /// Licences its site broker issued offline for devices held from another site.
+    pub conflicts: i64,
 }
 
 /// A firmware key known to the HSM pool, as recorded in the ledger (never the key itself).

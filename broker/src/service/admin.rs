@@ -113,6 +113,19 @@ pub(crate) fn batch_info(b: &Batch, counts: Option<&BatchStatus>) -> pb::BatchIn
         created_at_ms: b.created_at,
         created_by: b.created_by.clone(),
         warnings: Vec::new(),
+        sites: counts
+            .map(|c| {
+                c.sites
+                    .iter()
+                    .map(|s| pb::SiteUnits {
+                        site: s.site.clone(),
+                        issued: s.issued,
+                        leased: s.leased,
+                        conflicts: s.conflicts,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 

@@ -1155,6 +1155,16 @@ fn batch_detail(b: &pb::BatchInfo) -> Table {
     if b.leased > 0 {
         t.row(["leased to site brokers".to_string(), b.leased.to_string()]);
     }
+    for s in &b.sites {
+        let mut v = format!("{} issued", s.issued);
+        if s.leased > 0 {
+            v.push_str(&format!(", {} leased unused", s.leased));
+        }
+        if s.conflicts > 0 {
+            v.push_str(&format!(", {} conflicts", s.conflicts));
+        }
+        t.row([format!("site {}", s.site), v]);
+    }
     t
 }
 
@@ -1314,6 +1324,9 @@ fn batch_json(b: &pb::BatchInfo) -> Value {
         "failed": b.failed,
         "remaining": b.remaining,
         "leased": b.leased,
+        "sites": b.sites.iter().map(|s| json!({
+            "site": s.site, "issued": s.issued, "leased": s.leased, "conflicts": s.conflicts,
+        })).collect::<Vec<_>>(),
         "allowed_sites": b.allowed_sites,
         "not_before_ms": b.not_before_ms,
         "not_after_ms": b.not_after_ms,

@@ -158,6 +158,9 @@ async fn a_site_broker_issues_from_leases_through_a_cut_and_central_ends_with_ev
     let site_licences = at_site.len() as i64 + i64::from(both_here);
     // Central: the site's licences, austin's two, and the conflict's unit (counted, not a licence).
     until("central caught up with the site", || async { central_issued(&central).await == site_licences + 2 }).await;
+    let status = central.batch_status("lot").await;
+    let berlin = status.sites.iter().find(|s| s.site == "berlin").expect("berlin in the batch status");
+    assert!(berlin.leased > 0 && berlin.leased == status.leased, "units leased to berlin, unused: {status:?}");
     for chip in &at_site {
         let h = history(&central, chip).await;
         assert_eq!(h.licences.iter().map(|l| l.site.as_str()).collect::<Vec<_>>(), vec!["berlin"], "{h:?}");
@@ -237,6 +240,10 @@ async fn a_site_broker_issues_from_leases_through_a_cut_and_central_ends_with_ev
     .await;
     let status = central.batch_status("lot").await;
     assert_eq!((status.issued, status.leased), (site_licences + 2, 0), "{status:?}");
+    // Per site: berlin's licences (its conflict apart), austin's two.
+    let per_site: Vec<(&str, i64, i64, i64)> =
+        status.sites.iter().map(|s| (s.site.as_str(), s.issued, s.leased, s.conflicts)).collect();
+    assert_eq!(per_site, vec![("austin", 2, 0, 0), ("berlin", site_licences - 1, 0, 1)], "{status:?}");
 
     for b in [&central, &site] {
         let v = b.admin().await.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
