@@ -175,6 +175,11 @@ impl UpstreamLink {
         self.cfg.batches.iter().any(|b| b == batch_id) && !self.views().contains_key(batch_id)
     }
 
+    /// Syncs with central now rather than at the next interval (an operator drained or resumed a batch).
+    pub fn nudge(&self) {
+        self.wake.notify_one();
+    }
+
     /// A device is waiting for units of `batch_id`: the next sync asks central for a lease, now.
     pub fn want(&self, batch_id: &str) {
         if let Some(v) = self.views().get_mut(batch_id) {
@@ -555,13 +560,14 @@ impl UpstreamLink {
         caught_up: bool,
     ) -> Result<(), UpstreamError> {
         let ledger = state.ledger();
-        let open = b.state == pb::BatchState::Open as i32;
+        let drained = ledger.batch(&b.id).await?.drained_at.is_some();
+        let open = b.state == pb::BatchState::Open as i32 && !drained;
         let closed = b.state == pb::BatchState::Closed as i32;
         let ttl_ms = u64::try_from(self.cfg.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         let mut changed: Vec<pb::LeaseInfo> = Vec::new();
         for l in leases.iter().filter(|l| l.state == "active") {
             let expired = l.expires_at_ms <= central_now;
-            if (closed || expired) && caught_up && l.outstanding > 0 {
+            if (closed || drained || expired) && caught_up && l.outstanding > 0 {
                 // Take the units out of this site's quota first (guarded against licences being issued
                 // now), then hand them back; if central does not answer, the next sync restores them.
                 let units = ledger.withhold_units(&b.id, l.outstanding).await?;
@@ -575,7 +581,7 @@ impl UpstreamLink {
                         async move { c.return_lease(Self::request(req, t)).await }
                     })
                     .await?;
-                tracing::info!(lease = %l.id, batch = %b.id, units, why = if closed { "batch closed" } else { "lease expired" },
+                tracing::info!(lease = %l.id, batch = %b.id, units, why = if closed { "batch closed" } else if drained { "site drained" } else { "lease expired" },
                     "lease units returned to central");
                 changed.push(info);
             } else if open && !expired && l.expires_at_ms - central_now < i64::try_from(ttl_ms / 2).unwrap_or(i64::MAX)

@@ -185,9 +185,9 @@ async fn commit_write(mut tx: Transaction<'static, Any>, head: &Head, op: &'stat
 }
 
 const BATCH_COLUMNS: &str = "b.id, b.product_id, b.image_sha256, i.key_id, b.quota, b.issued, b.allowed_sites, \
-     b.not_before, b.not_after, b.state, b.created_at, b.created_by, b.leased, b.lease_expires_at";
+     b.not_before, b.not_after, b.state, b.created_at, b.created_by, b.leased, b.lease_expires_at, b.drained_at";
 /// How many columns [`BATCH_COLUMNS`] selects: a query's own columns follow them.
-const BATCH_COLUMN_COUNT: usize = 14;
+const BATCH_COLUMN_COUNT: usize = 15;
 
 fn batch_from_row(r: &sqlx::any::AnyRow) -> Result<Batch, sqlx::Error> {
     let sites: String = r.try_get(6)?;
@@ -206,7 +206,8 @@ fn batch_from_row(r: &sqlx::any::AnyRow) -> Result<Batch, sqlx::Error> {
         created_at: r.try_get(10)?,
         created_by: r.try_get(11)?,
         leased: r.try_get(12)?,
-        lease_expires_at: r.try_get(BATCH_COLUMN_COUNT - 1)?,
+        lease_expires_at: r.try_get(BATCH_COLUMN_COUNT - 2)?,
+        drained_at: r.try_get(BATCH_COLUMN_COUNT - 1)?,
     })
 }
 

@@ -102,6 +102,9 @@ pub struct Batch {
     /// devices are refused (`LEASE_EXPIRED`) until central renews them (schema v9). `None` on a central
     /// broker.
     pub lease_expires_at: Option<i64>,
+    /// On a site broker: when an operator drained the batch here (new devices go to central; unused units
+    /// are handed back). `None` otherwise.
+    pub drained_at: Option<i64>,
 }
 
 impl Batch {
@@ -144,6 +147,12 @@ impl Batch {
             return Err((
                 RefusalReason::BatchExpired,
                 format!("batch {:?} expired at {na} ms, now is {now} ms", self.id),
+            ));
+        }
+        if !paused_ok && self.drained_at.is_some() {
+            return Err((
+                RefusalReason::QuotaExhausted,
+                format!("this site broker is drained for batch {:?}: new devices go to central", self.id),
             ));
         }
         // Units left past the expiry: refused for the lease (none left: the quota check says so).
@@ -625,6 +634,7 @@ mod tests {
             created_by: String::new(),
             leased: 0,
             lease_expires_at: None,
+            drained_at: None,
         }
     }
 

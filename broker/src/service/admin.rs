@@ -1015,6 +1015,26 @@ impl AdminService for Admin {
         })
     }
 
+    async fn drain_site(&self, req: Request<pb::DrainSiteRequest>) -> Result<Response<pb::DrainSiteResponse>, Status> {
+        rpc!("DrainSite", self, req, |caller, body| {
+            validate::batch_id("batch_id", &body.batch_id)?;
+            let Some(link) = self.state.upstream() else {
+                return Err(Status::failed_precondition(
+                    "this broker is not a site broker (it has no [upstream]): only a site broker drains",
+                ));
+            };
+            let b = self.state.ledger().set_drained(&body.batch_id, !body.resume, &caller.uri).await.map_err(lst)?;
+            link.nudge();
+            tracing::info!(batch = %b.id, drained = b.drained_at.is_some(), units_left = b.quota - b.issued,
+                "site broker {} for the batch", if body.resume { "resumed" } else { "drained" });
+            Ok(pb::DrainSiteResponse {
+                batch_id: b.id.clone(),
+                drained: b.drained_at.is_some(),
+                units_left: (b.quota - b.issued).max(0),
+            })
+        })
+    }
+
     async fn list_sites(&self, req: Request<pb::ListSitesRequest>) -> Result<Response<pb::ListSitesResponse>, Status> {
         rpc!("ListSites", self, req, |_caller, _body| {
             let ledger = self.state.ledger();

@@ -54,6 +54,15 @@ pub enum AdminCommand {
     Lease(LeaseCommand),
     /// Site broker ledgers replicated here: how far each is held, its lag, licences, conflicts, leased units.
     Sites,
+    /// On a site broker: stop taking units of a batch and hand the unused ones back to central (its
+    /// stations take new devices to central), or `--resume`.
+    Drain {
+        /// The batch.
+        batch: String,
+        /// Take units again.
+        #[arg(long)]
+        resume: bool,
+    },
     /// Export ledger data for other tools.
     #[command(subcommand)]
     Export(ExportCommand),
@@ -454,6 +463,23 @@ pub async fn run(args: AdminArgs) -> Result<()> {
         AdminCommand::Device(a) => device(&mut client, &a.device_id, json).await,
         AdminCommand::Lease(LeaseCommand::List { batch }) => leases(&mut client, batch, json).await,
         AdminCommand::Sites => sites(&mut client, json).await,
+        AdminCommand::Drain { batch, resume } => {
+            let r = client
+                .drain_site(pb::DrainSiteRequest { batch_id: batch.clone(), resume })
+                .await
+                .rpc(&format!("draining batch {batch:?}"))?;
+            if json {
+                println!("{}", json!({"batch_id": r.batch_id, "drained": r.drained, "units_left": r.units_left}));
+            } else if r.drained {
+                println!(
+                    "batch {} drained here: {} unused units go back to central at the next sync; new devices go to central",
+                    r.batch_id, r.units_left
+                );
+            } else {
+                println!("batch {} resumed here: the site takes units from central again", r.batch_id);
+            }
+            Ok(())
+        }
         AdminCommand::Export(ExportCommand::Devices(a)) => super::trace::export_devices(&mut client, a).await,
         AdminCommand::Stations => stations(&mut client, json).await,
         AdminCommand::Station(StationCommand::Revoke(a)) => revoke(&mut client, a, json).await,

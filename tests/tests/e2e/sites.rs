@@ -266,7 +266,8 @@ fn site_upstream(central_url: String) -> UpstreamSection {
 
 /// A station configured with its site broker first and central second (`[broker] endpoints`) keeps
 /// installing from central's own units while the site broker is down; the restarted site broker (same
-/// ledger, keystore and address) carries on replicating, and no device holds two licences.
+/// ledger, keystore and address) carries on replicating, and no device holds two licences. Drained, the
+/// site hands every unused unit back (its leases settle) and new devices wait; resumed, it licenses again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_station_falls_back_to_central_while_its_site_broker_is_down() {
     use flashgate_agent::broker_client::{BrokerClient, RetryPolicy};
@@ -347,6 +348,32 @@ async fn a_station_falls_back_to_central_while_its_site_broker_is_down() {
     assert!(again.reissued, "{again:?}");
     let status = central.batch_status("lot").await;
     assert_eq!(status.issued, 2, "one licence per device across site and central: {status:?}");
+
+    // Drained: the site hands its unused units back; its new devices wait (stations go to central).
+    let drain = |resume| pb::DrainSiteRequest { batch_id: "lot".into(), resume };
+    let e = central.admin().await.drain_site(drain(false)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "central is no site broker: {e}");
+    let r = site.admin().await.drain_site(drain(false)).await.unwrap().into_inner();
+    assert!(r.drained, "{r:?}");
+    until("the drained site's leases settle at central", || async {
+        let leases = central
+            .admin()
+            .await
+            .list_leases(pb::ListLeasesRequest { batch_id: "lot".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .leases;
+        !leases.is_empty() && leases.iter().all(|l| l.granted == l.used + l.returned && l.state == "settled")
+    })
+    .await;
+    let e = st.issue("lot", &world.chip()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().contains("drained"), "{e}");
+    assert_eq!(central.batch_status("lot").await.leased, 0);
+    // Resumed: it takes units again.
+    site.admin().await.drain_site(drain(true)).await.unwrap();
+    issue_when_leased(&st, "lot", &world.chip()).await.expect("the resumed site licenses again");
     let v = site.admin().await.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
     assert!(v.ok, "{v:?}");
 }
