@@ -115,6 +115,8 @@ pub struct UpstreamLink {
     views: std::sync::Mutex<BTreeMap<String, BatchView>>,
     /// Wakes the sync loop before its interval (a device is waiting for units).
     wake: tokio::sync::Notify,
+    /// Batches of `[upstream] batches` central did not list at the last sync (warned once each).
+    missing: std::sync::Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for UpstreamLink {
@@ -153,6 +155,7 @@ impl UpstreamLink {
             last_ok: AtomicI64::new(0),
             views: std::sync::Mutex::new(BTreeMap::new()),
             wake: tokio::sync::Notify::new(),
+            missing: std::sync::Mutex::new(HashSet::new()),
         })
     }
 
@@ -356,9 +359,17 @@ impl UpstreamLink {
                 Err(e) => tracing::error!(batch = %b.id, error = %e, "cannot mirror batch from central"),
             }
         }
-        for id in &self.cfg.batches {
-            if !sync.batches.iter().any(|b| &b.id == id) {
-                tracing::warn!(batch = %id, "central has no batch of this id ([upstream] batches names it)");
+        {
+            // Said once per batch while it is missing (central may not have created it yet).
+            let mut missing = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+            for id in &self.cfg.batches {
+                let at_central = sync.batches.iter().any(|b| &b.id == id);
+                if !at_central && missing.insert(id.clone()) {
+                    tracing::warn!(batch = %id, "central has no batch of this id ([upstream] batches names it); \
+                        waiting for it");
+                } else if at_central && missing.remove(id) {
+                    tracing::info!(batch = %id, "batch now at central: mirroring it");
+                }
             }
         }
         // Replication first: returns and lease accounting at central need every used unit to be there.
