@@ -14,6 +14,9 @@
 # [upstream] lease_units / low_water, default 200000 / 50000), CATCH_UP_LIMIT (seconds to wait after the
 # load for central to hold everything, default 120). Exits non-zero when a run failed (more than 1% of
 # requests refused, a sampled licence wrong) or the lag did not catch up, after printing what it saw.
+# With OFFLINE=1 a third run follows: central stopped (SIGSTOP) until the site has marked it unreachable,
+# so the site licenses without asking central (no ClaimDevice) from its lease; then central is continued
+# (SIGCONT) and the time until it holds every licence again is reported.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tdir=${CARGO_TARGET_DIR:-target}
@@ -32,7 +35,9 @@ mirror_limit=60
 work=$(mktemp -d)
 pids=()
 . "$(pwd)/scripts/bench-broker.sh"
-trap cleanup EXIT
+central_pid=""
+# A stopped central would not die of cleanup's SIGTERM.
+trap '[ -z "$central_pid" ] || kill -CONT "$central_pid" 2>/dev/null; cleanup' EXIT
 cd "$work"
 
 now_ms() { date +%s%3N; }
@@ -150,6 +155,33 @@ for _ in $(seq 1 "$catch_up_limit"); do
   [ "$left" -gt 0 ] && sleep "$(printf '0.%03d' "$left")"
 done
 
+# Optional: the site with central stopped, then the catch-up once central runs again.
+offline_caught_up=""
+if [ -n "${OFFLINE:-}" ]; then
+  kill -STOP "$central_pid"
+  t_stop=$(now_ms)
+  for _ in $(seq 1 $((mirror_limit * 2))); do
+    grep -q 'central broker unreachable' site/broker.out site/broker.err 2>/dev/null && break
+    sleep 0.5
+  done
+  offline_wait=$(awk -v a="$t_stop" -v b="$(now_ms)" 'BEGIN { printf "%.1f", (b - a) / 1000 }')
+  load "$site" "$site_pid" offline
+  kill -CONT "$central_pid"
+  t_cont=$(now_ms)
+  : >offline-catchup.txt
+  for _ in $(seq 1 "$catch_up_limit"); do
+    next=$(($(now_ms) + 1000))
+    sample >>offline-catchup.txt
+    last=$(tail -1 offline-catchup.txt)
+    if [ -n "$last" ] && awk '{ exit !($4 == 0 && $7 == $8) }' <<<"$last"; then
+      offline_caught_up=$(awk -v t="$t_cont" '{ printf "%.1f", ($1 - t) / 1000 }' <<<"$last")
+      break
+    fi
+    left=$((next - $(now_ms)))
+    [ "$left" -gt 0 ] && sleep "$(printf '0.%03d' "$left")"
+  done
+fi
+
 # Figures.
 rate() { awk '/^licences\/s/ { print $2 }' "$1.txt"; }
 field() { sed -n "s/^$2 *//p" "$1.txt" | head -1; }
@@ -169,7 +201,9 @@ awk -v t0="$load_t0" '{ at = $6 > t0 ? $6 : t0; printf "%s %.2f\n", $0 " " ($8 -
 
 echo "| broker | licences/s | errors | latency | broker CPU/licence |"
 echo "|---|---:|---|---|---|"
-for r in central site; do
+runs="central site"
+[ -z "${OFFLINE:-}" ] || runs="central site offline"
+for r in $runs; do
   echo "| $r | $(rate $r) | $(field $r errors) | $(field $r latency | sed 's/ (successful requests)//') | $(field $r CPU\\/licence) |"
 done
 echo
@@ -202,9 +236,20 @@ if [ -n "$caught_up" ]; then
 else
   echo "After the load: NOT caught up within ${catch_up_limit} s; last sample (ms acked head lag_records lag_ms last_record_at licences issued): $final"
 fi
+if [ -n "${OFFLINE:-}" ]; then
+  echo
+  echo "offline: the site with central stopped (SIGSTOP; the site marked it unreachable ${offline_wait} s later), licensing from its lease without ClaimDevice: $(rate offline) licences/s, $(awk -v o="$(rate offline)" -v c="$central_rate" 'BEGIN { printf "%.2f", o / c }') of central's."
+  if [ -n "$offline_caught_up" ]; then
+    read -r _ acked head lagr lagms _ lic issued <<<"$(tail -1 offline-catchup.txt)"
+    echo "After central was continued (SIGCONT): caught up ${offline_caught_up} s later (held seq $acked of head $head, $lic licences of the $issued the site issued)."
+    echo "Licences held at central, one sample a second from SIGCONT: $(awk '{ printf "%s%s", (NR > 1 ? ", " : ""), $7 }' offline-catchup.txt)."
+  else
+    echo "After central was continued (SIGCONT): NOT caught up within ${catch_up_limit} s; last sample: $(tail -1 offline-catchup.txt)"
+  fi
+fi
 echo
 echo "Each run (\`flashgate bench licences --batch $batch\`, $stations stations, $duration):"
-for r in central site; do
+for r in $runs; do
   echo
   echo "$r (exit status $(cat $r.rc)):"
   echo '```'
@@ -227,4 +272,5 @@ echo "At central after the run (\`flashgate admin sites\`):"
 echo '```'
 adm "$central" sites
 echo '```'
-[ "$central_rc" = 0 ] && [ "$site_rc" = 0 ] && [ -n "$caught_up" ]
+[ "$central_rc" = 0 ] && [ "$site_rc" = 0 ] && [ -n "$caught_up" ] &&
+  { [ -z "${OFFLINE:-}" ] || { [ "$(cat offline.rc)" = 0 ] && [ -n "$offline_caught_up" ]; }; }
