@@ -1243,7 +1243,7 @@ impl Ledger {
         for (sql, which) in [
             ("SELECT site, COUNT(*) FROM licences WHERE batch_id = $1 GROUP BY site", 0),
             (
-                "SELECT site, COALESCE(SUM(granted - used - returned), 0) FROM leases WHERE batch_id = $1 \
+                "SELECT site, CAST(COALESCE(SUM(granted - used - returned), 0) AS BIGINT) FROM leases WHERE batch_id = $1 \
                  AND state = 'active' GROUP BY site",
                 1,
             ),

@@ -144,7 +144,7 @@ pub struct ReplicaItem {
 /// latest expiry of its active leases, from `upstream_leases`.
 async fn apply_leases(conn: &mut AnyConnection, batch_id: &str) -> Result<(), sqlx::Error> {
     let row = sqlx::query(
-        "SELECT COALESCE(SUM(granted - returned), 0), MAX(CASE WHEN state = 'active' THEN expires_at END), \
+        "SELECT CAST(COALESCE(SUM(granted - returned), 0) AS BIGINT), MAX(CASE WHEN state = 'active' THEN expires_at END), \
          COUNT(*) FROM upstream_leases WHERE batch_id = $1",
     )
     .bind(batch_id)

@@ -310,6 +310,16 @@ impl Licences {
             .await
             .map_err(|e| ledger_status(e, &r.batch_id, &r.device_id))?
         {
+            None if st.upstream().is_some() => {
+                // At a site broker, a device it never licensed was licensed through central while this
+                // broker was down: transient here, so the station keeps the report and takes it to its
+                // next broker (central), which holds the licence.
+                return Err(Status::unavailable(format!(
+                    "device {} holds no licence of batch {:?} at this site broker: it was licensed through \
+                     central; report it there",
+                    r.device_id, r.batch_id
+                )));
+            }
             None if st.site_broker_of_site(&caller.site).is_some() => {
                 // A station that fell back from its site broker reports a device the site licensed and has
                 // not replicated yet: transient, so the station keeps the report and sends it again.

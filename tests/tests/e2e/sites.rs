@@ -346,6 +346,26 @@ async fn a_station_falls_back_to_central_while_its_site_broker_is_down() {
     let st = site.station("berlin", 1).await;
     let again = issue_when_leased(&st, "lot", &first).await.unwrap();
     assert!(again.reissued, "{again:?}");
+    // The install report of the device central licensed: the site broker never held it, so it answers
+    // UNAVAILABLE (not a final refusal) and the station's client takes the report to central.
+    let report = pb::ReportInstallRequest {
+        batch_id: "lot".into(),
+        device_id: second.device_id(),
+        status_code: 0,
+        message: "installed".into(),
+        timings: Vec::new(),
+        flash_crc: None,
+        attempt: 1,
+        probe: None,
+        result_id: "r-second".into(),
+    };
+    let e = st.licences.clone().report_install(report.clone()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    let fresh =
+        BrokerClient::new(vec![site.url(), central.url()], world.pki.client_tls(&TestPki::station("berlin", 1)), None)
+            .unwrap();
+    assert!(fresh.report_install(report).await.unwrap(), "recorded at central");
+    assert_eq!(central.batch_status("lot").await.installed, 1);
     let status = central.batch_status("lot").await;
     assert_eq!(status.issued, 2, "one licence per device across site and central: {status:?}");
 

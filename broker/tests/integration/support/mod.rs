@@ -536,6 +536,10 @@ pub async fn check_leases(ledgers: &[Ledger]) {
         }
     }
     assert_eq!(refused, 2, "12 licences fit beside the 8 leased units");
+    // Per site (an aggregate over leases, which PostgreSQL sums as NUMERIC unless cast).
+    let status = l.batch_status("leased").await.unwrap();
+    let here = status.sites.iter().find(|s| s.site == SITE).expect("the site in the batch status");
+    assert_eq!((here.issued, here.leased, here.conflicts), (12, 8, 0), "{status:?}");
     let e = l.grant_lease(&req(1, "spiffe://t/broker/site-b"), "central").await.unwrap_err();
     assert!(matches!(e, LedgerError::Refused { reason: RefusalReason::QuotaExhausted, .. }), "{e}");
     let mut other_site = req(1, "spiffe://t/broker/site-b");
