@@ -793,15 +793,21 @@ pub mod sites {
         out
     }
 
-    /// The value of the sample `name` (with exactly the label set `labels`, e.g. `{site="berlin"}`,
-    /// or `""` for none) in Prometheus text.
-    pub fn metric_value(text: &str, name: &str, labels: &str) -> Option<f64> {
-        let key = format!("{name}{labels}");
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| l.strip_prefix(&key).filter(|rest| rest.starts_with(' ')))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
+    /// The value of the first sample `name` whose labels contain `label` (e.g. `site="berlin"`, or
+    /// `""` for any) in Prometheus text.
+    pub fn metric_value(text: &str, name: &str, label: &str) -> Option<f64> {
+        text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once('}')?,
+                None if rest.starts_with(' ') => ("", rest),
+                None => return None,
+            };
+            if !labels.contains(label) {
+                return None;
+            }
+            value.split_whitespace().next()?.parse().ok()
+        })
     }
 
     #[cfg(test)]
@@ -1051,7 +1057,8 @@ pub mod sites {
             assert_eq!(device_rows(&format!("{line}\n{line}")).unwrap().len(), 2);
             let text = "# HELP x\nflashgate_upstream_up 0\nflashgate_site_replication_lag_records{site=\"berlin\"} 7\n";
             assert_eq!(metric_value(text, "flashgate_upstream_up", ""), Some(0.0));
-            assert_eq!(metric_value(text, "flashgate_site_replication_lag_records", "{site=\"berlin\"}"), Some(7.0));
+            assert_eq!(metric_value(text, "flashgate_site_replication_lag_records", "site=\"berlin\""), Some(7.0));
+            assert_eq!(metric_value(text, "flashgate_site_replication_lag_records", "site=\"austin\""), None);
             assert_eq!(metric_value(text, "flashgate_upstream_lag_records", ""), None);
         }
     }
