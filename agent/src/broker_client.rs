@@ -214,9 +214,17 @@ impl BrokerError {
 pub struct BrokerClient {
     endpoints: Arc<[(String, Channel)]>,
     current: Arc<AtomicUsize>,
+    /// When calls last moved off the first endpoint (ms since the client was made; 0: on it).
+    moved_off_first: Arc<std::sync::atomic::AtomicU64>,
+    started: std::time::Instant,
+    back_to_first_after: Duration,
     policy: RetryPolicy,
     rpc_timeout: Duration,
 }
+
+/// How long calls stay on a later endpoint after a failover before the first endpoint (a station's own
+/// site broker, then central) is tried again.
+pub const BACK_TO_FIRST_AFTER: Duration = Duration::from_secs(30);
 
 impl BrokerClient {
     /// A client for `endpoints` (`https://host:port`, tried in this order) over mutual TLS with
@@ -246,9 +254,22 @@ impl BrokerClient {
         Ok(BrokerClient {
             endpoints: channels.into(),
             current: Arc::new(AtomicUsize::new(0)),
+            moved_off_first: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            started: std::time::Instant::now(),
+            back_to_first_after: BACK_TO_FIRST_AFTER,
             policy: RetryPolicy::default(),
             rpc_timeout: DEFAULT_RPC_TIMEOUT,
         })
+    }
+
+    /// Try the first endpoint again this long after moving off it (default [`BACK_TO_FIRST_AFTER`]).
+    pub fn with_back_to_first_after(mut self, after: Duration) -> Self {
+        self.back_to_first_after = after;
+        self
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
     }
 
     /// Use `policy` for retries.
@@ -274,7 +295,19 @@ impl BrokerClient {
     }
 
     fn current_index(&self) -> usize {
-        self.current.load(Ordering::Relaxed) % self.endpoints.len()
+        let idx = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+        let since = self.moved_off_first.load(Ordering::Relaxed);
+        if idx != 0
+            && since != 0
+            && self.elapsed_ms().saturating_sub(since)
+                >= u64::try_from(self.back_to_first_after.as_millis()).unwrap_or(u64::MAX)
+            && self.current.compare_exchange(idx, 0, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            self.moved_off_first.store(0, Ordering::Relaxed);
+            tracing::info!(from = %self.endpoints[idx].0, to = %self.endpoints[0].0, "trying the first broker again");
+            return 0;
+        }
+        idx
     }
 
     /// The endpoint calls go to now.
@@ -286,6 +319,9 @@ impl BrokerClient {
     fn rotate_from(&self, failed: usize) {
         let next = (failed + 1) % self.endpoints.len();
         if next != failed && self.current.compare_exchange(failed, next, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            if failed == 0 {
+                self.moved_off_first.store(self.elapsed_ms(), Ordering::Relaxed);
+            }
             metrics::counter!("flashgate_agent_broker_failovers_total").increment(1);
             tracing::info!(from = %self.endpoints[failed].0, to = %self.endpoints[next].0, "broker failover");
         }
@@ -575,6 +611,8 @@ mod tests {
         refuse: AtomicBool,
         shed: AtomicUsize,
         down: AtomicBool,
+        /// IssueLicence answers UNAVAILABLE.
+        issue_down: AtomicBool,
         /// result_id → times seen.
         seen: Mutex<HashMap<String, usize>>,
         /// result_ids answered with INVALID_ARGUMENT.
@@ -592,6 +630,9 @@ mod tests {
         ) -> Result<Response<IssueLicenceResponse>, Status> {
             self.0.issue_calls.fetch_add(1, Ordering::SeqCst);
             let r = request.into_inner();
+            if self.0.issue_down.load(Ordering::SeqCst) {
+                return Err(Status::unavailable("site broker waiting for a lease"));
+            }
             if self.0.refuse.load(Ordering::SeqCst) {
                 return Err(refusal(
                     Code::ResourceExhausted,
@@ -766,6 +807,29 @@ mod tests {
         assert!(matches!(&err, BrokerError::Status { status, .. } if status.code() == Code::ResourceExhausted));
         assert_eq!(fake.0.issue_calls.load(Ordering::SeqCst), 6);
         assert!(err.to_string().contains("HSM pool saturated"), "{err}");
+    }
+
+    /// A station whose own site broker could not answer moves to central, and goes back to the site
+    /// broker once it has had time to recover, rather than staying on central for good.
+    #[tokio::test]
+    async fn goes_back_to_the_first_endpoint_after_a_while() {
+        let (first, second) = (FakeBroker::default(), FakeBroker::default());
+        first.0.issue_down.store(true, Ordering::SeqCst);
+        let (a, b) = (live(first.clone()).await, live(second.clone()).await);
+        let c = client(&[a, b]).with_back_to_first_after(Duration::from_millis(200));
+        c.issue_licence(issue_req()).await.unwrap();
+        assert_eq!(c.current_endpoint(), format!("http://{b}"));
+        c.issue_licence(issue_req()).await.unwrap();
+        assert_eq!(second.0.issue_calls.load(Ordering::SeqCst), 2, "stays on the second meanwhile");
+        first.0.issue_down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        c.issue_licence(issue_req()).await.unwrap();
+        assert_eq!(c.current_endpoint(), format!("http://{a}"));
+        assert_eq!(first.0.issue_calls.load(Ordering::SeqCst), 2, "the first was asked again");
+        // Still down when tried again: back to the second at once, for another while.
+        first.0.issue_down.store(true, Ordering::SeqCst);
+        c.issue_licence(issue_req()).await.unwrap();
+        assert_eq!(c.current_endpoint(), format!("http://{b}"));
     }
 
     #[tokio::test]

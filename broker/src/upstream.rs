@@ -85,6 +85,22 @@ pub enum Claim {
     Offline,
 }
 
+/// A batch as central last reported it, and this site's demand for it.
+#[derive(Debug, Clone, Copy, Default)]
+struct BatchView {
+    /// Central's batch is open.
+    open: bool,
+    /// Units central has neither issued nor leased.
+    remaining: i64,
+    /// Units central has leased to sites (some may come back).
+    leased: i64,
+    /// This site's `issued` at the last tick, and when it last changed (ms).
+    issued: i64,
+    active_at: i64,
+    /// When a device last waited for units here (ms).
+    wanted_at: i64,
+}
+
 /// The link (one per site broker).
 pub struct UpstreamLink {
     cfg: UpstreamSection,
@@ -95,6 +111,10 @@ pub struct UpstreamLink {
     down_since: AtomicI64,
     /// When central last answered a sync (ms).
     last_ok: AtomicI64,
+    /// Per batch: central's figures and this site's demand.
+    views: std::sync::Mutex<BTreeMap<String, BatchView>>,
+    /// Wakes the sync loop before its interval (a device is waiting for units).
+    wake: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for UpstreamLink {
@@ -131,7 +151,45 @@ impl UpstreamLink {
             up: AtomicBool::new(false),
             down_since: AtomicI64::new(now_ms()),
             last_ok: AtomicI64::new(0),
+            views: std::sync::Mutex::new(BTreeMap::new()),
+            wake: tokio::sync::Notify::new(),
         })
+    }
+
+    fn views(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BatchView>> {
+        self.views.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this site may still get units of `batch_id`: central is out of reach (it cannot tell),
+    /// or its batch is open with units unleased or leased to sites (which come back when unused). When
+    /// false, a site out of units refuses for good (`QUOTA_EXHAUSTED`).
+    pub fn may_get_more(&self, batch_id: &str) -> bool {
+        if !self.is_up() {
+            return true;
+        }
+        self.views().get(batch_id).is_some_and(|v| v.open && (v.remaining > 0 || v.leased > 0))
+    }
+
+    /// Whether `[upstream] batches` names `batch_id` but no sync has mirrored it yet (a device for it waits).
+    pub fn not_mirrored_yet(&self, batch_id: &str) -> bool {
+        self.cfg.batches.iter().any(|b| b == batch_id) && !self.views().contains_key(batch_id)
+    }
+
+    /// A device is waiting for units of `batch_id`: the next sync asks central for a lease, now.
+    pub fn want(&self, batch_id: &str) {
+        if let Some(v) = self.views().get_mut(batch_id) {
+            v.wanted_at = now_ms();
+        }
+        self.wake.notify_one();
+    }
+
+    /// Whether the site used or wanted units of `batch_id` within half a lease's time to live: only then
+    /// are its leases renewed and topped up, so that an idle site's units go back to central when its
+    /// lease expires, for the sites that need them.
+    fn in_demand(&self, batch_id: &str) -> bool {
+        let half = i64::try_from(self.cfg.lease_ttl.as_millis() / 2).unwrap_or(i64::MAX);
+        let now = now_ms();
+        self.views().get(batch_id).is_some_and(|v| now - v.active_at.max(v.wanted_at) < half)
     }
 
     /// The site this broker serves.
@@ -149,7 +207,10 @@ impl UpstreamLink {
         let mut tick = tokio::time::interval(self.cfg.refresh_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.wake.notified() => {}
+            }
             if let Err(e) = self.tick(&state).await {
                 match e {
                     UpstreamError::Call { .. } => self.mark_down(&state, &e).await,
@@ -357,6 +418,18 @@ impl UpstreamLink {
         };
         ledger.mirror_batch(&mirror, "upstream").await?;
         let batch = ledger.record_upstream_leases(&b.id, &to_upstream(leases), "upstream").await?;
+        {
+            let now = now_ms();
+            let mut views = self.views();
+            let v = views.entry(b.id.clone()).or_insert(BatchView { active_at: now, ..BatchView::default() });
+            v.open = bs == pb::BatchState::Open;
+            v.remaining = b.remaining;
+            v.leased = b.leased;
+            if batch.issued != v.issued {
+                v.issued = batch.issued;
+                v.active_at = now;
+            }
+        }
         metrics::gauge!("flashgate_upstream_units_left", "batch" => b.id.clone())
             .set((batch.quota - batch.issued).max(0) as f64);
         Ok(())
@@ -529,7 +602,7 @@ impl UpstreamLink {
         let left = (batch.quota - batch.issued).max(0);
         // Units of expired leases still count in `left` until returned; a fresh lease is needed anyway
         // when none is live, or issuing would stop at the old expiry.
-        if open && (left <= self.cfg.low_water || !leases.iter().any(live)) {
+        if open && self.in_demand(&b.id) && (left <= self.cfg.low_water || !leases.iter().any(live)) {
             let units = (self.cfg.lease_units - left).max(1);
             let req = pb::AcquireLeaseRequest { batch_id: b.id.clone(), units, ttl_ms };
             match self

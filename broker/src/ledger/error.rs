@@ -176,6 +176,13 @@ pub enum LedgerError {
         /// Human-readable detail naming the values involved.
         detail: String,
     },
+    /// A site broker's mirrored batch has no unit it may use now (its leases are used up or expired) but
+    /// central may still grant some: the device waits. Nothing was consumed or recorded.
+    #[error("licence deferred: {detail}")]
+    LeaseWait {
+        /// In words: what the site is waiting for.
+        detail: String,
+    },
     /// A database operation failed; the transaction (and every licence in its group) was rolled back.
     #[error("ledger database error during {op}: {source}")]
     Database {

@@ -601,6 +601,13 @@ impl Ledger {
                 Ok(()) => None,
             },
         };
+        if let Some((reason, detail)) = &refusal
+            && req.lease_wait
+            && matches!(reason, RefusalReason::QuotaExhausted | RefusalReason::LeaseExpired)
+            && batch.as_ref().is_some_and(|b| b.lease_expires_at.is_some())
+        {
+            return Err(LedgerError::LeaseWait { detail: detail.clone() });
+        }
         if let Some((reason, detail)) = refusal {
             self.record_refusal(RefusalRecord {
                 batch_id: req.batch_id.clone(),

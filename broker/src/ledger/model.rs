@@ -146,17 +146,13 @@ impl Batch {
                 format!("batch {:?} expired at {na} ms, now is {now} ms", self.id),
             ));
         }
+        // Units left past the expiry: refused for the lease (none left: the quota check says so).
         if !paused_ok
             && let Some(at) = self.lease_expires_at
             && now >= at
+            && self.remaining() > 0
         {
             // Reissues pass: a device that holds its licence takes no unit.
-            if at <= 0 {
-                return Err((
-                    RefusalReason::LeaseExpired,
-                    format!("this site holds no quota lease for batch {:?} yet: central has not granted one", self.id),
-                ));
-            }
             return Err((
                 RefusalReason::LeaseExpired,
                 format!(
@@ -191,7 +187,9 @@ impl Batch {
 
     /// The refusal detail when no unit is left.
     pub fn exhausted(&self) -> String {
-        if self.lease_expires_at.is_some() {
+        if self.lease_expires_at.is_some() && self.quota == 0 {
+            format!("this site holds no quota lease for batch {:?}: central has granted it none", self.id)
+        } else if self.lease_expires_at.is_some() {
             format!(
                 "this site has used all {} units central leased it of batch {:?}; more when central grants them",
                 self.quota, self.id
@@ -222,6 +220,10 @@ pub struct PrecheckRequest {
     pub site: String,
     /// Who is asking (audit actor), usually the station identity.
     pub actor: String,
+    /// Set by a site broker that may still get units from central: a mirrored batch out of units or past
+    /// its lease expiry is then a wait ([`crate::ledger::LedgerError::LeaseWait`], nothing recorded), not
+    /// a refusal.
+    pub lease_wait: bool,
 }
 
 /// A licence returned to another station than the one it was first issued to (a board moved between
@@ -627,6 +629,7 @@ mod tests {
         assert_eq!(p.check(150, "lyon", "46201002").unwrap_err().0, RefusalReason::BatchPaused);
         let mut site = b;
         site.lease_expires_at = Some(160);
+        site.quota = 2;
         assert!(site.check(159, "lyon", "46201002").is_ok());
         let (reason, detail) = site.check(160, "lyon", "46201002").unwrap_err();
         assert_eq!(reason, RefusalReason::LeaseExpired);

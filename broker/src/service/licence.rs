@@ -26,8 +26,8 @@ const NO_CRC_SEEN: &str = "flash CRC not seen (INSTALL's answer was lost; the ch
 use super::status::{hsm_status, ledger_status, refused};
 use super::{BrokerState, auth, metric, validate};
 use crate::ledger::{
-    ImageMeta, InstallOutcome, InstallReport, IssueOutcome, IssueRecord, Precheck, PrecheckRequest, RefusalReason,
-    RefusalRecord,
+    ImageMeta, InstallOutcome, InstallReport, IssueOutcome, IssueRecord, LedgerError, Precheck, PrecheckRequest,
+    RefusalReason, RefusalRecord,
 };
 use crate::upstream::Claim;
 
@@ -135,6 +135,14 @@ impl Licences {
         };
 
         // 2. Existing licence (a retry) or an open batch with quota left.
+        if let Some(link) = st.upstream()
+            && link.not_mirrored_yet(&batch_id)
+        {
+            link.want(&batch_id);
+            return Err(Status::unavailable(format!(
+                "batch {batch_id:?} has not been mirrored from central yet; the device waits (nothing was recorded)"
+            )));
+        }
         let pre_req = PrecheckRequest {
             batch_id: batch_id.clone(),
             device_id: device_id.clone(),
@@ -142,6 +150,7 @@ impl Licences {
             station: caller.uri.clone(),
             site: caller.site.clone(),
             actor: caller.uri.clone(),
+            lease_wait: st.upstream().is_some_and(|link| link.may_get_more(&batch_id)),
         };
         // With HSMs that compute a licence in memory, the device lookup costs more than the licence it saves
         // for a retry: skip it and let the commit return the existing licence (same rules, same audit).
@@ -150,7 +159,13 @@ impl Licences {
         } else {
             st.ledger().precheck(&pre_req).await
         };
-        let pre = pre.map_err(|e| refusal_metric(ledger_status(e, &batch_id, &device_id)))?;
+        let pre = pre.map_err(|e| {
+            if let (LedgerError::LeaseWait { detail }, Some(link)) = (&e, st.upstream()) {
+                tracing::info!(station = %caller.uri, device = %device_id, "device waits for units: {detail}");
+                link.want(&batch_id);
+            }
+            refusal_metric(ledger_status(e, &batch_id, &device_id))
+        })?;
         let (outcome, image_sha) = match pre {
             Precheck::Existing(bytes) => {
                 let batch = st.ledger().batch(&batch_id).await.map_err(|e| ledger_status(e, &batch_id, &device_id))?;
@@ -206,7 +221,21 @@ impl Licences {
                         actor: caller.uri.clone(),
                     })
                     .await
-                    .map_err(|e| refusal_metric(ledger_status(e, &batch_id, &device_id)))?;
+                    .map_err(|e| match (e, st.upstream()) {
+                        // Another device took the site's last unit between the precheck and the commit
+                        // (audited there): this one waits while central may still grant units.
+                        (
+                            LedgerError::Refused {
+                                reason: RefusalReason::QuotaExhausted | RefusalReason::LeaseExpired,
+                                detail,
+                            },
+                            Some(link),
+                        ) if batch.lease_expires_at.is_some() && link.may_get_more(&batch_id) => {
+                            link.want(&batch_id);
+                            ledger_status(LedgerError::LeaseWait { detail }, &batch_id, &device_id)
+                        }
+                        (e, _) => refusal_metric(ledger_status(e, &batch_id, &device_id)),
+                    })?;
                 (outcome, batch.image_sha256)
             }
         };

@@ -46,6 +46,10 @@ pub fn refused(reason: RefusalReason, detail: impl Into<String>, batch_id: &str,
 pub fn ledger_status(e: LedgerError, batch_id: &str, device_id: &str) -> Status {
     match e {
         LedgerError::Refused { reason, detail } => refused(reason, detail, batch_id, device_id),
+        // The station keeps the device on its fixture and asks again (or asks its next broker).
+        LedgerError::LeaseWait { detail } => {
+            Status::unavailable(format!("{detail}; the device waits (nothing was recorded)"))
+        }
         LedgerError::NotFound { .. } => Status::not_found(e.to_string()),
         LedgerError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
         LedgerError::Invalid { .. } => Status::invalid_argument(e.to_string()),

@@ -46,7 +46,7 @@ async fn a_mirrored_batch_issues_its_leased_units_until_they_expire() {
     let b = l.mirror_batch(&m, "upstream").await.unwrap();
     assert_eq!((b.quota, b.issued, b.lease_expires_at), (0, 0, Some(0)));
     let (reason, detail) = refused(request_licence(&l, "lot", &device(1), 0).await);
-    assert_eq!(reason, RefusalReason::LeaseExpired);
+    assert_eq!(reason, RefusalReason::QuotaExhausted);
     assert!(detail.contains("no quota lease"), "{detail}");
     // Mirroring is idempotent; a batch of this broker's own is not a mirror.
     l.mirror_batch(&m, "upstream").await.unwrap();

@@ -77,6 +77,7 @@ async fn issue(l: &Ledger, range: std::ops::Range<usize>, callers: usize) -> Res
                     station: STATION.into(),
                     site: "lyon".into(),
                     actor: STATION.into(),
+                    lease_wait: false,
                 };
                 match l.precheck(&req).await? {
                     Precheck::Existing(_) => bail!("device {i} already licensed"),

@@ -4,8 +4,8 @@
 //!
 //! The site mirrors the batch, issues from quota leases it tops up, and replicates every licence to
 //! central. Online, a device central holds from another site is refused (`LICENSED_AT_OTHER_SITE`).
-//! Cut off, it keeps issuing from its lease until the lease expires, then refuses new devices with
-//! `LEASE_EXPIRED` (a device holding its licence still gets it back), and a device licensed offline that
+//! Cut off, it keeps issuing from its lease until the lease expires, then new devices wait (`UNAVAILABLE`
+//! saying the lease expired, nothing recorded; a device holding its licence still gets it back), and a device licensed offline that
 //! central meanwhile licensed at another site becomes a conflict on sync, not a second licence. When the
 //! link returns it takes a new lease and catches up; a revocation and the batch's closing at central
 //! reach it within its refresh interval, and every lease ends accounted for (granted = used + returned).
@@ -23,15 +23,13 @@ use tonic::Status;
 const KEY: [u8; 16] = [0x5a; 16];
 const TTL: Duration = Duration::from_secs(2);
 
-/// `IssueLicence`, waiting out the moments when the site has used its units and the top-up is on its way.
+/// `IssueLicence`, waiting out the moments when the site has used its units and the top-up is on its way
+/// (`UNAVAILABLE`: the device waits, as a station keeps it on its fixture).
 async fn issue_when_leased(st: &Station, batch: &str, chip: &TestChip) -> Result<pb::IssueLicenceResponse, Status> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match st.issue(batch, chip).await {
-            Err(e)
-                if matches!(reason(&e).as_deref(), Some("QUOTA_EXHAUSTED" | "LEASE_EXPIRED"))
-                    && Instant::now() < deadline =>
-            {
+            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             r => return r,
@@ -86,8 +84,8 @@ async fn a_site_broker_issues_from_leases_through_a_cut_and_central_ends_with_ev
                 endpoints: vec![link.url()],
                 server_name: None,
                 batches: vec!["lot".into()],
-                lease_units: 4,
-                low_water: 1,
+                lease_units: 6,
+                low_water: 2,
                 lease_ttl: TTL,
                 refresh_interval: Duration::from_millis(200),
             }),
@@ -125,33 +123,28 @@ async fn a_site_broker_issues_from_leases_through_a_cut_and_central_ends_with_ev
     assert_eq!(reason(&e).as_deref(), Some("LICENSED_AT_OTHER_SITE"), "{e}");
     assert!(e.message().contains("austin"), "{e}");
 
-    // Cut: the site issues from what its lease has left, the first device offline also at austin.
+    // Cut, with units left at the site: it issues from them, the first device offline also at austin.
+    // (Topped up to 6 whenever 2 or fewer are left: at least 3 are left here.)
+    until("the site topped its units up", || async {
+        let b = site.batch_status("lot").await;
+        b.quota - b.issued >= 3
+    })
+    .await;
     link.cut();
     let both = world.chip();
     let cut_at = Instant::now();
-    let r = st.issue("lot", &both).await;
-    let both_here = r.is_ok();
+    let both_here = st.issue("lot", &both).await.is_ok();
+    assert!(both_here, "issued offline from the lease");
     austin.issue("lot", &both).await.unwrap();
-    // Until the lease expires: new devices are licensed while units are left, then LEASE_EXPIRED.
-    let mut offline = usize::from(both_here);
-    let expired = loop {
-        let chip = world.chip();
-        match st.issue("lot", &chip).await {
-            Ok(_) => {
-                offline += 1;
-                at_site.push(chip);
-            }
-            Err(e) if reason(&e).as_deref() == Some("LEASE_EXPIRED") => break e,
-            Err(e) if reason(&e).as_deref() == Some("QUOTA_EXHAUSTED") => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("unexpected refusal offline: {e}"),
-        }
-        assert!(cut_at.elapsed() < TTL * 4, "the lease never expired at the site");
-    };
+    let offline = world.chip();
+    st.issue("lot", &offline).await.expect("still issuing offline from the lease");
+    at_site.push(offline);
+    // Past the lease's expiry (renewed at most at the cut, for TTL): units are left, yet new devices wait
+    // (UNAVAILABLE, nothing recorded), saying why, since central may still have units for this site.
+    tokio::time::sleep(TTL.saturating_sub(cut_at.elapsed()) + Duration::from_millis(500)).await;
+    let expired = st.issue("lot", &world.chip()).await.unwrap_err();
+    assert_eq!(expired.code(), tonic::Code::Unavailable, "{expired}");
     assert!(expired.message().contains("could not be renewed"), "{expired}");
-    assert!(cut_at.elapsed() >= TTL / 4, "issuing stopped at the lease's expiry, not at the cut");
-    assert!(offline <= 4, "never more than one lease's units offline: {offline}");
     // A device holding its licence gets it back while the lease is expired (no unit is used).
     let again = st.issue("lot", &at_site[0]).await.unwrap();
     assert!(again.reissued);
@@ -287,6 +280,11 @@ async fn a_station_falls_back_to_central_while_its_site_broker_is_down() {
     };
     let mut site = world.start_broker(site_spec()).await;
     site.import_key("fw", KEY, Some(&key.key_id)).await;
+    until("the site mirrored the batch with a lease", || async {
+        let r = site.admin().await.batch_status(pb::BatchStatusRequest { id: "lot".into() }).await;
+        r.is_ok_and(|b| b.into_inner().quota > 0)
+    })
+    .await;
     let client =
         BrokerClient::new(vec![site.url(), central.url()], world.pki.client_tls(&TestPki::station("berlin", 1)), None)
             .unwrap()
@@ -344,4 +342,61 @@ async fn a_station_falls_back_to_central_while_its_site_broker_is_down() {
     assert_eq!(status.issued, 2, "one licence per device across site and central: {status:?}");
     let v = site.admin().await.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
     assert!(v.ok, "{v:?}");
+}
+
+/// At a site, running out of units is a wait while central may still grant some (units left there, or
+/// leased to sites that may hand them back), and a refusal (`QUOTA_EXHAUSTED`) once central has none:
+/// never more licences than the quota, and the last device is refused, not kept waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_waits_for_units_while_central_has_some_and_refuses_when_the_quota_is_spent() {
+    let world = World::new();
+    let central = world
+        .start_broker(BrokerSpec {
+            site_brokers: [("site-berlin".to_owned(), "berlin".to_owned())].into_iter().collect(),
+            ..BrokerSpec::default()
+        })
+        .await;
+    let key = central.import_key("fw", KEY, None).await;
+    central.seed_batch_with_key("lot", &key.key_id, 3, &["berlin"]).await;
+    let site = world
+        .start_broker(BrokerSpec {
+            name: "site-berlin".into(),
+            identity: Some(TestPki::site_broker("berlin")),
+            upstream: Some(UpstreamSection { lease_units: 2, low_water: 0, ..site_upstream(central.url()) }),
+            ..BrokerSpec::default()
+        })
+        .await;
+    site.import_key("fw", KEY, Some(&key.key_id)).await;
+    let st = site.station("berlin", 1).await;
+    let mut waited = 0;
+    for _ in 0..3 {
+        let chip = world.chip();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match st.issue("lot", &chip).await {
+                Ok(_) => break,
+                Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    waited += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("refused while central had units: {e}"),
+            }
+        }
+    }
+    assert!(waited > 0, "the third device waited for a second lease");
+    let last = world.chip();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        match st.issue("lot", &last).await {
+            Ok(r) => panic!("a fourth licence for a quota of 3: {r:?}"),
+            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(reason(&e).as_deref(), Some("QUOTA_EXHAUSTED"), "{e}");
+    until("central holds the three", || async { central_issued(&central).await == 3 }).await;
+    let status = central.batch_status("lot").await;
+    assert_eq!((status.issued, status.leased, status.remaining), (3, 0, 0), "{status:?}");
 }

@@ -103,6 +103,7 @@ pub fn precheck_request(batch: &str, device: &str) -> PrecheckRequest {
         station: "station-1".into(),
         site: SITE.into(),
         actor: "station-1".into(),
+        lease_wait: false,
     }
 }
 
