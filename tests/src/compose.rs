@@ -486,6 +486,9 @@ pub mod sites {
         /// A lag or link metric scraped during the cut that shows it (e.g. `flashgate_upstream_up 0`),
         /// in words; `None` when no scrape showed it.
         pub metric: Option<String>,
+        /// Licences site-berlin issued while cut off (its own `batch status`, end minus start of the cut):
+        /// the site kept producing from its lease.
+        pub issued_offline: i64,
     }
 
     /// Everything the site-broker scenario observed at the end.
@@ -537,7 +540,8 @@ pub mod sites {
         /// - every audit chain verifies; every station journal is delivered (each result of a licensed
         ///   device `reported` and the very result central holds, results of unlicensed devices kept
         ///   local);
-        /// - the cut shows in site-berlin's log (unreachable, then reachable) and in a metric.
+        /// - the cut shows in site-berlin's log (unreachable, then reachable) and in a metric, and
+        ///   site-berlin issued licences while it was cut off.
         pub fn violations(&self, want: &SitesExpected) -> Vec<String> {
             let mut v = Vec::new();
             if self.devices.len() != want.devices {
@@ -730,6 +734,12 @@ pub mod sites {
             }
             if !self.cut.reachable_logged {
                 v.push("site-berlin's log does not show central reachable again after the cut".into());
+            }
+            if self.cut.issued_offline <= 0 {
+                v.push(format!(
+                    "site-berlin issued {} licences while cut off: the site did not keep producing from its lease",
+                    self.cut.issued_offline
+                ));
             }
             if self.cut.metric.is_none() {
                 v.push("no metric scraped during the cut showed it (lag > 0 or upstream_up 0)".into());
@@ -926,7 +936,12 @@ pub mod sites {
             }
             o.journals.insert("st-b".into(), vec![journal("b1", true), journal("b2", true), journal("b3", true)]);
             o.journals.insert("st-a".into(), vec![journal("a1", true), journal("a2", false)]);
-            o.cut = CutSeen { unreachable_logged: true, reachable_logged: true, metric: Some("upstream_up 0".into()) };
+            o.cut = CutSeen {
+                unreachable_logged: true,
+                reachable_logged: true,
+                metric: Some("upstream_up 0".into()),
+                issued_offline: 1,
+            };
             o
         }
 
@@ -1038,6 +1053,7 @@ pub mod sites {
             assert!(v.iter().any(|m| m.contains("does not show central unreachable")), "{v:?}");
             assert!(v.iter().any(|m| m.contains("does not show central reachable again")), "{v:?}");
             assert!(v.iter().any(|m| m.contains("no metric scraped during the cut")), "{v:?}");
+            assert!(v.iter().any(|m| m.contains("site-berlin issued 0 licences while cut off")), "{v:?}");
         }
 
         #[test]

@@ -382,6 +382,12 @@ fn sites_line(c: &Compose) -> String {
     }
 }
 
+/// Licences issued by `broker` for the batch, from its own `batch status`.
+fn issued_at(c: &Compose, broker: &str) -> i64 {
+    let b = json(&c.admin(broker, &["batch", "status", SITES_BATCH]).unwrap());
+    b["issued"].as_i64().unwrap_or(-1)
+}
+
 /// What a metrics scrape during the cut shows of it, if anything.
 fn cut_in_metrics(c: &Compose) -> Option<String> {
     let mut seen = Vec::new();
@@ -539,6 +545,7 @@ fn site_brokers_issue_through_a_wan_cut_and_a_site_broker_kill() {
         .find(|n| n.ends_with("_wan"))
         .unwrap_or_else(|| panic!("site-berlin is on no *_wan network: {:?}", c.networks_of(&berlin_id)));
     let cut_ids: Vec<(String, &str)> = BERLIN_WAN.iter().map(|(s, ip)| (c.container(s), *ip)).collect();
+    let berlin_issued_before = issued_at(&c, "site-berlin");
     let cut_at = SystemTime::now();
     for (id, _) in &cut_ids {
         c.docker(&["network", "disconnect", &wan, id]);
@@ -555,11 +562,17 @@ fn site_brokers_issue_through_a_wan_cut_and_a_site_broker_kill() {
             }
         }
     }
+    let berlin_issued_offline = issued_at(&c, "site-berlin") - berlin_issued_before;
     let reconnected_at = SystemTime::now();
     for (id, ip) in &cut_ids {
         c.docker(&["network", "connect", "--ip", ip, &wan, id]);
     }
-    eprintln!("{} reconnected berlin; central {:?}; {}", elapsed(t0), central_counts(&c), sites_line(&c));
+    eprintln!(
+        "{} reconnected berlin (site-berlin issued {berlin_issued_offline} licences while cut off); central {:?}; {}",
+        elapsed(t0),
+        central_counts(&c),
+        sites_line(&c)
+    );
 
     // The run settles: every device got its verdict on its station, every journal delivered.
     wait_for(
@@ -649,6 +662,7 @@ fn site_brokers_issue_through_a_wan_cut_and_a_site_broker_kill() {
         unreachable_logged: during.contains("central broker unreachable"),
         reachable_logged: after.contains("central broker reachable"),
         metric,
+        issued_offline: berlin_issued_offline,
     };
     for line in during
         .lines()
