@@ -115,6 +115,8 @@ pub struct UpstreamLink {
     views: std::sync::Mutex<BTreeMap<String, BatchView>>,
     /// Wakes the sync loop before its interval (a device is waiting for units).
     wake: tokio::sync::Notify,
+    /// Batches of `[upstream] batches` central did not list at the last sync (warned once each).
+    missing: std::sync::Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for UpstreamLink {
@@ -153,6 +155,7 @@ impl UpstreamLink {
             last_ok: AtomicI64::new(0),
             views: std::sync::Mutex::new(BTreeMap::new()),
             wake: tokio::sync::Notify::new(),
+            missing: std::sync::Mutex::new(HashSet::new()),
         })
     }
 
@@ -173,6 +176,11 @@ impl UpstreamLink {
     /// Whether `[upstream] batches` names `batch_id` but no sync has mirrored it yet (a device for it waits).
     pub fn not_mirrored_yet(&self, batch_id: &str) -> bool {
         self.cfg.batches.iter().any(|b| b == batch_id) && !self.views().contains_key(batch_id)
+    }
+
+    /// Syncs with central now rather than at the next interval (an operator drained or resumed a batch).
+    pub fn nudge(&self) {
+        self.wake.notify_one();
     }
 
     /// A device is waiting for units of `batch_id`: the next sync asks central for a lease, now.
@@ -351,9 +359,17 @@ impl UpstreamLink {
                 Err(e) => tracing::error!(batch = %b.id, error = %e, "cannot mirror batch from central"),
             }
         }
-        for id in &self.cfg.batches {
-            if !sync.batches.iter().any(|b| &b.id == id) {
-                tracing::warn!(batch = %id, "central has no batch of this id ([upstream] batches names it)");
+        {
+            // Said once per batch while it is missing (central may not have created it yet).
+            let mut missing = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+            for id in &self.cfg.batches {
+                let at_central = sync.batches.iter().any(|b| &b.id == id);
+                if !at_central && missing.insert(id.clone()) {
+                    tracing::warn!(batch = %id, "central has no batch of this id ([upstream] batches names it); \
+                        waiting for it");
+                } else if at_central && missing.remove(id) {
+                    tracing::info!(batch = %id, "batch now at central: mirroring it");
+                }
             }
         }
         // Replication first: returns and lease accounting at central need every used unit to be there.
@@ -555,13 +571,14 @@ impl UpstreamLink {
         caught_up: bool,
     ) -> Result<(), UpstreamError> {
         let ledger = state.ledger();
-        let open = b.state == pb::BatchState::Open as i32;
+        let drained = ledger.batch(&b.id).await?.drained_at.is_some();
+        let open = b.state == pb::BatchState::Open as i32 && !drained;
         let closed = b.state == pb::BatchState::Closed as i32;
         let ttl_ms = u64::try_from(self.cfg.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         let mut changed: Vec<pb::LeaseInfo> = Vec::new();
         for l in leases.iter().filter(|l| l.state == "active") {
             let expired = l.expires_at_ms <= central_now;
-            if (closed || expired) && caught_up && l.outstanding > 0 {
+            if (closed || drained || expired) && caught_up && l.outstanding > 0 {
                 // Take the units out of this site's quota first (guarded against licences being issued
                 // now), then hand them back; if central does not answer, the next sync restores them.
                 let units = ledger.withhold_units(&b.id, l.outstanding).await?;
@@ -575,7 +592,7 @@ impl UpstreamLink {
                         async move { c.return_lease(Self::request(req, t)).await }
                     })
                     .await?;
-                tracing::info!(lease = %l.id, batch = %b.id, units, why = if closed { "batch closed" } else { "lease expired" },
+                tracing::info!(lease = %l.id, batch = %b.id, units, why = if closed { "batch closed" } else if drained { "site drained" } else { "lease expired" },
                     "lease units returned to central");
                 changed.push(info);
             } else if open && !expired && l.expires_at_ms - central_now < i64::try_from(ttl_ms / 2).unwrap_or(i64::MAX)

@@ -67,6 +67,8 @@ CREATE TABLE licence_conflicts (
 
 -- Site: issuing stops at the expiry of the site's leases for the batch (NULL on a central broker).
 ALTER TABLE batches ADD COLUMN lease_expires_at INTEGER;
+-- Site: drained by an operator (ms): no more units taken, unused ones handed back (NULL: not drained).
+ALTER TABLE batches ADD COLUMN drained_at INTEGER;
 
 -- Site: the leases this site broker holds from central, as central last reported them.
 CREATE TABLE upstream_leases (

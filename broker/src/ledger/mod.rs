@@ -43,8 +43,8 @@ pub use error::{AuditFault, LedgerError, RefusalReason};
 pub use model::{
     ANY_SITE, Assignment, Batch, BatchState, BatchStatus, DeviceHistory, ImageMeta, InstallOutcome, InstallReport,
     InstallRow, IssueOutcome, IssueRecord, KeyListing, KeyRecord, LicenceRow, NewBatch, NewImage, Precheck,
-    PrecheckRequest, RefusalRecord, ReissueRecord, Revocation, STATION_ONLINE_WINDOW_MS, StationCertSeen, StationProbe,
-    StationStatus, StationSummary, now_ms,
+    PrecheckRequest, RefusalRecord, ReissueRecord, Revocation, STATION_ONLINE_WINDOW_MS, SiteUnits, StationCertSeen,
+    StationProbe, StationStatus, StationSummary, now_ms,
 };
 
 use audit::{AuditEvent, Genesis, Head};
@@ -185,9 +185,9 @@ async fn commit_write(mut tx: Transaction<'static, Any>, head: &Head, op: &'stat
 }
 
 const BATCH_COLUMNS: &str = "b.id, b.product_id, b.image_sha256, i.key_id, b.quota, b.issued, b.allowed_sites, \
-     b.not_before, b.not_after, b.state, b.created_at, b.created_by, b.leased, b.lease_expires_at";
+     b.not_before, b.not_after, b.state, b.created_at, b.created_by, b.leased, b.lease_expires_at, b.drained_at";
 /// How many columns [`BATCH_COLUMNS`] selects: a query's own columns follow them.
-const BATCH_COLUMN_COUNT: usize = 14;
+const BATCH_COLUMN_COUNT: usize = 15;
 
 fn batch_from_row(r: &sqlx::any::AnyRow) -> Result<Batch, sqlx::Error> {
     let sites: String = r.try_get(6)?;
@@ -206,7 +206,8 @@ fn batch_from_row(r: &sqlx::any::AnyRow) -> Result<Batch, sqlx::Error> {
         created_at: r.try_get(10)?,
         created_by: r.try_get(11)?,
         leased: r.try_get(12)?,
-        lease_expires_at: r.try_get(BATCH_COLUMN_COUNT - 1)?,
+        lease_expires_at: r.try_get(BATCH_COLUMN_COUNT - 2)?,
+        drained_at: r.try_get(BATCH_COLUMN_COUNT - 1)?,
     })
 }
 
@@ -1238,11 +1239,33 @@ impl Ledger {
         .fetch_one(&mut *conn)
         .await
         .map_err(LedgerError::db(OP))?;
+        let mut sites: std::collections::BTreeMap<String, SiteUnits> = std::collections::BTreeMap::new();
+        for (sql, which) in [
+            ("SELECT site, COUNT(*) FROM licences WHERE batch_id = $1 GROUP BY site", 0),
+            (
+                "SELECT site, COALESCE(SUM(granted - used - returned), 0) FROM leases WHERE batch_id = $1 \
+                 AND state = 'active' GROUP BY site",
+                1,
+            ),
+            ("SELECT site, COUNT(*) FROM licence_conflicts WHERE batch_id = $1 GROUP BY site", 2),
+        ] {
+            for r in sqlx::query(sql).bind(id).fetch_all(&mut *conn).await.map_err(LedgerError::db(OP))? {
+                let site: String = r.try_get(0).map_err(LedgerError::db(OP))?;
+                let n: i64 = r.try_get(1).map_err(LedgerError::db(OP))?;
+                let e = sites.entry(site.clone()).or_insert_with(|| SiteUnits { site, ..SiteUnits::default() });
+                match which {
+                    0 => e.issued = n,
+                    1 => e.leased = n,
+                    _ => e.conflicts = n,
+                }
+            }
+        }
         Ok(BatchStatus {
             issued: batch.issued,
             installed: row.try_get(0).map_err(LedgerError::db(OP))?,
             failed: row.try_get(1).map_err(LedgerError::db(OP))?,
             remaining: batch.remaining(),
+            sites: sites.into_values().filter(|s| s.issued + s.leased + s.conflicts > 0).collect(),
             batch,
         })
     }

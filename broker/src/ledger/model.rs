@@ -102,6 +102,9 @@ pub struct Batch {
     /// devices are refused (`LEASE_EXPIRED`) until central renews them (schema v9). `None` on a central
     /// broker.
     pub lease_expires_at: Option<i64>,
+    /// On a site broker: when an operator drained the batch here (new devices go to central; unused units
+    /// are handed back). `None` otherwise.
+    pub drained_at: Option<i64>,
 }
 
 impl Batch {
@@ -144,6 +147,12 @@ impl Batch {
             return Err((
                 RefusalReason::BatchExpired,
                 format!("batch {:?} expired at {na} ms, now is {now} ms", self.id),
+            ));
+        }
+        if !paused_ok && self.drained_at.is_some() {
+            return Err((
+                RefusalReason::QuotaExhausted,
+                format!("this site broker is drained for batch {:?}: new devices go to central", self.id),
             ));
         }
         // Units left past the expiry: refused for the lease (none left: the quota check says so).
@@ -366,6 +375,21 @@ pub struct BatchStatus {
     pub failed: i64,
     /// Quota units left.
     pub remaining: i64,
+    /// Per site (sorted by name): licences, units leased and unused, conflicts kept from its site broker.
+    pub sites: Vec<SiteUnits>,
+}
+
+/// One site's share of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SiteUnits {
+    /// Site name.
+    pub site: String,
+    /// Licences of its stations (issued centrally or replicated from its site broker).
+    pub issued: i64,
+    /// Units leased to its site broker and not yet used or returned.
+    pub leased: i64,
+    /// Licences its site broker issued offline for devices held from another site.
+    pub conflicts: i64,
 }
 
 /// A firmware key known to the HSM pool, as recorded in the ledger (never the key itself).
@@ -610,6 +634,7 @@ mod tests {
             created_by: String::new(),
             leased: 0,
             lease_expires_at: None,
+            drained_at: None,
         }
     }
 

@@ -741,7 +741,18 @@ async fn apply_licence(
             row.try_get::<Vec<u8>, _>(0).map_err(LedgerError::db(OP))?,
             row.try_get::<String, _>(1).map_err(LedgerError::db(OP))?,
         )),
-        None => None,
+        // Not licensed here yet, but claimed by another site while connected: that site asked first, so
+        // this (offline) licence is the conflict, whichever of the two reaches central first.
+        None => sqlx::query("SELECT site FROM device_claims WHERE batch_id = $1 AND device_id = $2 AND site <> $3")
+            .bind(&l.batch_id)
+            .bind(&l.device_id)
+            .bind(&l.site)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(LedgerError::db(OP))?
+            .map(|row| row.try_get::<String, _>(0).map(|site| (Vec::new(), site)))
+            .transpose()
+            .map_err(LedgerError::db(OP))?,
     };
     let sha = hex::encode(Sha256::digest(&l.licence));
     let subject = audit::device_subject(&l.batch_id, &l.device_id);

@@ -373,6 +373,45 @@ impl Ledger {
         Ok(k)
     }
 
+    /// Drains a mirrored batch here (`drained`: new devices refused as exhausted, so stations go to
+    /// central; the link hands every unused unit back) or resumes it; audited `batch.drained` /
+    /// `batch.resumed`. Idempotent.
+    pub async fn set_drained(&self, batch_id: &str, drained: bool, actor: &str) -> Result<Batch, LedgerError> {
+        const OP: &str = "drain batch";
+        let (mut tx, mut head) =
+            begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
+        let b = load_batch(&mut tx, batch_id)
+            .await
+            .map_err(LedgerError::db(OP))?
+            .ok_or_else(|| LedgerError::NotFound { what: "batch", id: batch_id.into() })?;
+        if b.lease_expires_at.is_none() {
+            return Err(LedgerError::Precondition {
+                what: "batch",
+                id: batch_id.into(),
+                why: "it is not mirrored from central here: only a site broker's batches drain".into(),
+            });
+        }
+        if b.drained_at.is_some() != drained {
+            let now = now_ms();
+            sqlx::query("UPDATE batches SET drained_at = $2 WHERE id = $1")
+                .bind(batch_id)
+                .bind(drained.then_some(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(LedgerError::db(OP))?;
+            let event = if drained { "batch.drained" } else { "batch.resumed" };
+            let details = serde_json::json!({"quota": b.quota, "issued": b.issued});
+            let ev = AuditEvent { actor, event, subject: format!("batch/{batch_id}"), details };
+            audit::append(&mut tx, &mut head, now, ev).await.map_err(LedgerError::db(OP))?;
+        }
+        let batch = load_batch(&mut tx, batch_id)
+            .await
+            .map_err(LedgerError::db(OP))?
+            .ok_or(LedgerError::Internal { what: "drained batch vanished in its transaction" })?;
+        commit_write(tx, &head, OP).await?;
+        Ok(batch)
+    }
+
     /// This site's leases of `batch_id` as last recorded, oldest first.
     pub async fn upstream_leases(&self, batch_id: &str) -> Result<Vec<UpstreamLease>, LedgerError> {
         const OP: &str = "read upstream leases";

@@ -113,6 +113,19 @@ pub(crate) fn batch_info(b: &Batch, counts: Option<&BatchStatus>) -> pb::BatchIn
         created_at_ms: b.created_at,
         created_by: b.created_by.clone(),
         warnings: Vec::new(),
+        sites: counts
+            .map(|c| {
+                c.sites
+                    .iter()
+                    .map(|s| pb::SiteUnits {
+                        site: s.site.clone(),
+                        issued: s.issued,
+                        leased: s.leased,
+                        conflicts: s.conflicts,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -999,6 +1012,26 @@ impl AdminService for Admin {
             let batch = (!body.batch_id.is_empty()).then_some(body.batch_id.as_str());
             let leases = self.state.ledger().leases(batch, MAX_LEASES_LISTED).await.map_err(lst)?;
             Ok(pb::ListLeasesResponse { leases: leases.into_iter().map(super::site::lease_info).collect() })
+        })
+    }
+
+    async fn drain_site(&self, req: Request<pb::DrainSiteRequest>) -> Result<Response<pb::DrainSiteResponse>, Status> {
+        rpc!("DrainSite", self, req, |caller, body| {
+            validate::batch_id("batch_id", &body.batch_id)?;
+            let Some(link) = self.state.upstream() else {
+                return Err(Status::failed_precondition(
+                    "this broker is not a site broker (it has no [upstream]): only a site broker drains",
+                ));
+            };
+            let b = self.state.ledger().set_drained(&body.batch_id, !body.resume, &caller.uri).await.map_err(lst)?;
+            link.nudge();
+            tracing::info!(batch = %b.id, drained = b.drained_at.is_some(), units_left = b.quota - b.issued,
+                "site broker {} for the batch", if body.resume { "resumed" } else { "drained" });
+            Ok(pb::DrainSiteResponse {
+                batch_id: b.id.clone(),
+                drained: b.drained_at.is_some(),
+                units_left: (b.quota - b.issued).max(0),
+            })
         })
     }
 

@@ -1,13 +1,14 @@
 //! A site broker's ledger (schema v9, `flashgate_broker::ledger::upstream`): a mirrored batch issues
 //! exactly the units its leases grant and stops at their expiry (`LEASE_EXPIRED`, reissues still
 //! answered), withheld units cannot be issued, central's state reaches it, and replication reads every
-//! record in order with the row it is about.
+//! record in order with the row it is about. Also central's side of the one-chip-two-sites rule when
+//! the site that claimed a device replicates after the one that licensed it offline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use flashgate_broker::ledger::upstream::{MirrorBatch, ReplicaPayload, UpstreamLease};
 use flashgate_broker::ledger::{BatchState, InstallReport, IssueOutcome, LedgerError, RefusalReason, now_ms};
 
-use crate::support::{SITE, device, request_licence, seed, sqlite_ledger};
+use crate::support::{SITE, SiteChain, device, request_licence, seed, sqlite_ledger};
 
 fn lease(id: u8, granted: i64, returned: i64, expires_at: i64) -> UpstreamLease {
     UpstreamLease {
@@ -157,5 +158,41 @@ async fn a_mirrored_batch_issues_its_leased_units_until_they_expire() {
     l.set_upstream_acked(5).await.unwrap();
     l.set_upstream_acked(3).await.unwrap();
     assert_eq!(l.upstream_acked().await.unwrap(), 5);
+    l.verify_audit().await.unwrap();
+}
+
+/// The one-chip-two-sites rule when the site that asked first is not the first to replicate: a device
+/// claimed by a connected site and licensed offline by another is the offline site's conflict, and the
+/// claiming site's licence, arriving later, is the one central keeps.
+#[tokio::test]
+async fn a_licence_for_a_device_another_site_claimed_is_the_conflict_whichever_arrives_first() {
+    use flashgate_broker::ledger::leases::LeaseRequest;
+    const A: &str = "spiffe://t/broker/site-a";
+    const B: &str = "spiffe://t/broker/site-b";
+    let dir = tempfile::tempdir().unwrap();
+    let (l, _) = sqlite_ledger(&dir).await;
+    seed(&l, "clm", 5, &[SITE, "austin"], (None, None)).await;
+    let lease = |holder: &str, site: &str| LeaseRequest {
+        batch_id: "clm".into(),
+        site: site.into(),
+        holder: holder.into(),
+        units: 2,
+        ttl: std::time::Duration::from_secs(600),
+    };
+    l.grant_lease(&lease(A, SITE), "central").await.unwrap();
+    l.grant_lease(&lease(B, "austin"), "central").await.unwrap();
+    assert!(l.claim_device("clm", &device(1), "austin", B).await.unwrap());
+    let mut a = SiteChain::new([0xA5; 16]);
+    a.licence("clm", &device(1), SITE);
+    let r = l.replicate(A, SITE, &a.hex_id(), 1, &a.records).await.unwrap();
+    assert_eq!((r.licences, r.conflicts), (0, 1), "{r:?}");
+    assert_eq!(l.licence("clm", &device(1)).await.unwrap(), None, "no licence kept from the offline site");
+    let mut b = SiteChain::new([0xB5; 16]);
+    let kept = b.licence("clm", &device(1), "austin");
+    let r = l.replicate(B, "austin", &b.hex_id(), 1, &b.records).await.unwrap();
+    assert_eq!((r.licences, r.conflicts), (1, 0), "{r:?}");
+    assert_eq!(l.licence("clm", &device(1)).await.unwrap(), Some(kept));
+    let batch = l.batch("clm").await.unwrap();
+    assert_eq!((batch.issued, batch.leased), (2, 2), "both units counted: {batch:?}");
     l.verify_audit().await.unwrap();
 }

@@ -54,6 +54,15 @@ pub enum AdminCommand {
     Lease(LeaseCommand),
     /// Site broker ledgers replicated here: how far each is held, its lag, licences, conflicts, leased units.
     Sites,
+    /// On a site broker: stop taking units of a batch and hand the unused ones back to central (its
+    /// stations take new devices to central), or `--resume`.
+    Drain {
+        /// The batch.
+        batch: String,
+        /// Take units again.
+        #[arg(long)]
+        resume: bool,
+    },
     /// Export ledger data for other tools.
     #[command(subcommand)]
     Export(ExportCommand),
@@ -454,6 +463,23 @@ pub async fn run(args: AdminArgs) -> Result<()> {
         AdminCommand::Device(a) => device(&mut client, &a.device_id, json).await,
         AdminCommand::Lease(LeaseCommand::List { batch }) => leases(&mut client, batch, json).await,
         AdminCommand::Sites => sites(&mut client, json).await,
+        AdminCommand::Drain { batch, resume } => {
+            let r = client
+                .drain_site(pb::DrainSiteRequest { batch_id: batch.clone(), resume })
+                .await
+                .rpc(&format!("draining batch {batch:?}"))?;
+            if json {
+                println!("{}", json!({"batch_id": r.batch_id, "drained": r.drained, "units_left": r.units_left}));
+            } else if r.drained {
+                println!(
+                    "batch {} drained here: {} unused units go back to central at the next sync; new devices go to central",
+                    r.batch_id, r.units_left
+                );
+            } else {
+                println!("batch {} resumed here: the site takes units from central again", r.batch_id);
+            }
+            Ok(())
+        }
         AdminCommand::Export(ExportCommand::Devices(a)) => super::trace::export_devices(&mut client, a).await,
         AdminCommand::Stations => stations(&mut client, json).await,
         AdminCommand::Station(StationCommand::Revoke(a)) => revoke(&mut client, a, json).await,
@@ -1155,6 +1181,16 @@ fn batch_detail(b: &pb::BatchInfo) -> Table {
     if b.leased > 0 {
         t.row(["leased to site brokers".to_string(), b.leased.to_string()]);
     }
+    for s in &b.sites {
+        let mut v = format!("{} issued", s.issued);
+        if s.leased > 0 {
+            v.push_str(&format!(", {} leased unused", s.leased));
+        }
+        if s.conflicts > 0 {
+            v.push_str(&format!(", {} conflicts", s.conflicts));
+        }
+        t.row([format!("site {}", s.site), v]);
+    }
     t
 }
 
@@ -1314,6 +1350,9 @@ fn batch_json(b: &pb::BatchInfo) -> Value {
         "failed": b.failed,
         "remaining": b.remaining,
         "leased": b.leased,
+        "sites": b.sites.iter().map(|s| json!({
+            "site": s.site, "issued": s.issued, "leased": s.leased, "conflicts": s.conflicts,
+        })).collect::<Vec<_>>(),
         "allowed_sites": b.allowed_sites,
         "not_before_ms": b.not_before_ms,
         "not_after_ms": b.not_after_ms,

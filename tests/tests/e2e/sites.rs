@@ -158,6 +158,9 @@ async fn a_site_broker_issues_from_leases_through_a_cut_and_central_ends_with_ev
     let site_licences = at_site.len() as i64 + i64::from(both_here);
     // Central: the site's licences, austin's two, and the conflict's unit (counted, not a licence).
     until("central caught up with the site", || async { central_issued(&central).await == site_licences + 2 }).await;
+    let status = central.batch_status("lot").await;
+    let berlin = status.sites.iter().find(|s| s.site == "berlin").expect("berlin in the batch status");
+    assert!(berlin.leased > 0 && berlin.leased == status.leased, "units leased to berlin, unused: {status:?}");
     for chip in &at_site {
         let h = history(&central, chip).await;
         assert_eq!(h.licences.iter().map(|l| l.site.as_str()).collect::<Vec<_>>(), vec!["berlin"], "{h:?}");
@@ -237,6 +240,10 @@ async fn a_site_broker_issues_from_leases_through_a_cut_and_central_ends_with_ev
     .await;
     let status = central.batch_status("lot").await;
     assert_eq!((status.issued, status.leased), (site_licences + 2, 0), "{status:?}");
+    // Per site: berlin's licences (its conflict apart), austin's two.
+    let per_site: Vec<(&str, i64, i64, i64)> =
+        status.sites.iter().map(|s| (s.site.as_str(), s.issued, s.leased, s.conflicts)).collect();
+    assert_eq!(per_site, vec![("austin", 2, 0, 0), ("berlin", site_licences - 1, 0, 1)], "{status:?}");
 
     for b in [&central, &site] {
         let v = b.admin().await.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
@@ -259,7 +266,8 @@ fn site_upstream(central_url: String) -> UpstreamSection {
 
 /// A station configured with its site broker first and central second (`[broker] endpoints`) keeps
 /// installing from central's own units while the site broker is down; the restarted site broker (same
-/// ledger, keystore and address) carries on replicating, and no device holds two licences.
+/// ledger, keystore and address) carries on replicating, and no device holds two licences. Drained, the
+/// site hands every unused unit back (its leases settle) and new devices wait; resumed, it licenses again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_station_falls_back_to_central_while_its_site_broker_is_down() {
     use flashgate_agent::broker_client::{BrokerClient, RetryPolicy};
@@ -340,6 +348,32 @@ async fn a_station_falls_back_to_central_while_its_site_broker_is_down() {
     assert!(again.reissued, "{again:?}");
     let status = central.batch_status("lot").await;
     assert_eq!(status.issued, 2, "one licence per device across site and central: {status:?}");
+
+    // Drained: the site hands its unused units back; its new devices wait (stations go to central).
+    let drain = |resume| pb::DrainSiteRequest { batch_id: "lot".into(), resume };
+    let e = central.admin().await.drain_site(drain(false)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "central is no site broker: {e}");
+    let r = site.admin().await.drain_site(drain(false)).await.unwrap().into_inner();
+    assert!(r.drained, "{r:?}");
+    until("the drained site's leases settle at central", || async {
+        let leases = central
+            .admin()
+            .await
+            .list_leases(pb::ListLeasesRequest { batch_id: "lot".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .leases;
+        !leases.is_empty() && leases.iter().all(|l| l.granted == l.used + l.returned && l.state == "settled")
+    })
+    .await;
+    let e = st.issue("lot", &world.chip()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().contains("drained"), "{e}");
+    assert_eq!(central.batch_status("lot").await.leased, 0);
+    // Resumed: it takes units again.
+    site.admin().await.drain_site(drain(true)).await.unwrap();
+    issue_when_leased(&st, "lot", &world.chip()).await.expect("the resumed site licenses again");
     let v = site.admin().await.verify_audit(pb::VerifyAuditRequest {}).await.unwrap().into_inner();
     assert!(v.ok, "{v:?}");
 }
