@@ -6,37 +6,58 @@
 # Usage: start_broker STATIONS MEMBER_TOML
 start_broker() {
   local stations=$1 member=$2
+  bench_pki "$stations"
+  run_broker . broker-1 "$member"
+}
+
+# The PKI and vendor CA of start_broker alone; further arguments go to `flashgate pki init` (e.g. more
+# `--broker NAME`s; broker-1 is always made). Usage: bench_pki STATIONS [PKI_INIT_ARGS…]
+bench_pki() {
+  local stations=$1
+  shift
   export FLASHGATE_KEYSTORE_PASSPHRASE="bench passphrase"
   "$bin" pki init --dir pki --trust-domain factory.test --site berlin --stations "$stations" --admin ops \
-    --broker broker-1 --broker-ip 127.0.0.1 >/dev/null
+    --broker broker-1 "$@" --broker-ip 127.0.0.1 >/dev/null
   "$bin" sim vendor-ca --out vendor >/dev/null
-  cat >broker.toml <<CONF
-name = "broker-1"
+}
+
+# One broker of the PKI bench_pki made: DIR/broker.toml (its keystore and ledger land in DIR, its output
+# in DIR/broker.out and DIR/broker.err) under the certificate pki/brokers/NAME.pem, EXTRA_TOML appended
+# (e.g. `[upstream]` or `[site_brokers]`); sets `addr`, `broker_pid` and appends to `pids` as above.
+# Usage: run_broker DIR NAME MEMBER_TOML [EXTRA_TOML]
+run_broker() {
+  local dir=$1 name=$2 member=$3 extra=${4:-} pki
+  pki=$(pwd)/pki
+  mkdir -p "$dir"
+  cat >"$dir/broker.toml" <<CONF
+name = "$name"
 trust_domain = "factory.test"
 [listen]
 grpc = "127.0.0.1:0"
 [tls]
-cert = "pki/brokers/broker-1.pem"
-key = "pki/brokers/broker-1.key"
-ca = "pki/ca.pem"
+cert = "$pki/brokers/$name.pem"
+key = "$pki/brokers/$name.key"
+ca = "$pki/ca.pem"
 [vendor]
-ca_keys = ["vendor/vendor-ca.pub"]
+ca_keys = ["$(pwd)/vendor/vendor-ca.pub"]
 [ledger]
 url = "sqlite://ledger.db"
 [hsm]
 timeout = "5s"
 [[hsm.members]]
 $member
+$extra
 CONF
-  ${BROKER_WRAP:-} "$bin" broker --config broker.toml >broker.out 2>broker.err &
+  # An absolute --config: `flashgate broker` joins a relative one's directory onto its paths twice.
+  ${BROKER_WRAP:-} "$bin" broker --config "$(cd "$dir" && pwd)/broker.toml" >"$dir/broker.out" 2>"$dir/broker.err" &
   broker_pid=$!
   pids+=($broker_pid)
   for _ in $(seq 1 "${BROKER_START_TRIES:-100}"); do
-    grep -q 'serving gRPC on' broker.out 2>/dev/null && break
+    grep -q 'serving gRPC on' "$dir/broker.out" 2>/dev/null && break
     sleep 0.1
   done
-  addr=$(sed -n 's/.* serving gRPC on \([^ ]*\).*/\1/p' broker.out | head -1)
-  [ -n "$addr" ] || { echo "broker did not start:"; cat broker.err; return 1; }
+  addr=$(sed -n 's/.* serving gRPC on \([^ ]*\).*/\1/p' "$dir/broker.out" | head -1)
+  [ -n "$addr" ] || { echo "broker $name did not start:"; cat "$dir/broker.err"; return 1; }
 }
 
 # Kills every process in `pids` and removes `work`; install with `trap cleanup EXIT`.

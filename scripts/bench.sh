@@ -157,6 +157,30 @@ trap 'rm -f "$tmp"' EXIT
   echo
   cat scripts/bench-ledger-notes.md
   echo
+  echo "## Site brokers (issue 14)"
+  echo
+  echo "### Licences per second at a site broker against central, and the replication lag under that load"
+  echo
+  echo "Command: \`OFFLINE=1 scripts/bench-sites.sh 64 25s\`: two real \`flashgate broker\` processes, each with a soft"
+  echo "keystore and its own SQLite ledger: central, and a site broker of berlin (\`[upstream]\`: lease_units"
+  echo "200,000, low_water 50,000, lease_ttl 1 h, refresh_interval 1 s) that mirrors the batch and its image from"
+  echo "central and issues from its quota lease. The firmware key is imported into both HSMs under one key id; the"
+  echo "batch is made at central. The same closed-loop \`flashgate bench licences --batch ID\` (64 stations of"
+  echo "berlin, 25 s after 2 s warm-up) runs against central, then against the site broker, whose every new device"
+  echo "is first claimed at central (\`ClaimDevice\`) and whose ledger is replicated to central every second."
+  echo "During the site run central's \`admin sites --json\` and the site's \`admin batch status --json\` are"
+  echo "sampled once a second; after it, until central holds every licence the site issued. With \`OFFLINE=1\`"
+  echo "a third run loads the site while central is stopped (SIGSTOP, once the site has marked it unreachable):"
+  echo "the site then licenses from its lease without asking central, which separates the cost of the"
+  echo "\`ClaimDevice\` round trip; after it central is continued and the time until it holds every licence is"
+  echo "reported. Both brokers, the bench client and the samplers share this machine's $(nproc) cores."
+  echo
+  load
+  echo
+  OFFLINE=1 scripts/bench-sites.sh 64 25s 2>/dev/null
+  echo
+  cat scripts/bench-sites-notes.md
+  echo
   echo "## Agent"
   echo
   echo "The agent's pipeline streams areas through the same AN3155 host client as \`bench install\` above,"

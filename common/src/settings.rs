@@ -99,7 +99,10 @@ impl PathBases {
     /// [`STATE_DIRECTORY_ENV`] and [`CREDENTIALS_DIRECTORY_ENV`] are read; a value that is empty or
     /// not an absolute path is ignored).
     pub fn new<'a>(path: &Path, env: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        let config = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // Absolute, so that what the paths resolve to does not depend on a later working directory and a
+        // caller that joins a base onto them again changes nothing (`--config sub/broker.toml`).
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let config = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
         let (mut state, mut credentials) = (None, None);
         for (k, v) in env {
             let first = v.split(':').next().map(PathBuf::from).filter(|p| p.is_absolute());
@@ -146,6 +149,17 @@ fn join(base: &Path, p: &Path) -> PathBuf {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn a_relative_config_path_resolves_against_the_working_directory_once() {
+        let cwd = std::env::current_dir().unwrap();
+        let b = PathBases::new(Path::new("sub/broker.toml"), std::iter::empty());
+        let p = b.config_file(Path::new("vendor/v.pub"));
+        assert!(p.is_absolute(), "{}", p.display());
+        assert!(p.ends_with("sub/vendor/v.pub") && p.starts_with(&cwd), "{}", p.display());
+        let here = PathBases::new(Path::new("broker.toml"), std::iter::empty()).config_file(Path::new("a.pem"));
+        assert!(here.is_absolute() && here.ends_with("a.pem"), "{}", here.display());
+    }
 
     #[derive(Debug, Deserialize)]
     struct Doc {
@@ -204,10 +218,12 @@ mod tests {
             Path::new("line/broker.toml"),
             [(STATE_DIRECTORY_ENV, "state"), (CREDENTIALS_DIRECTORY_ENV, "")],
         );
-        assert_eq!(odd.state_file(Path::new("keys.fgks")), Path::new("line/keys.fgks"));
+        // (A relative configuration path is made absolute against the working directory, once.)
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(odd.state_file(Path::new("keys.fgks")), cwd.join("line/keys.fgks"));
         assert_eq!(
             PathBases::new(Path::new("broker.toml"), std::iter::empty()).config_file(Path::new("a")),
-            Path::new("a")
+            cwd.join("a")
         );
     }
 }

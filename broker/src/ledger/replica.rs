@@ -441,63 +441,18 @@ impl Ledger {
         site: &str,
         holder: &str,
     ) -> Result<bool, LedgerError> {
-        const OP: &str = "claim device";
-        let (mut tx, head) = begin_write(&self.inner.write, self.inner.dialect).await.map_err(LedgerError::db(OP))?;
-        let b =
-            load_batch(&mut tx, batch_id).await.map_err(LedgerError::db(OP))?.ok_or_else(|| LedgerError::Refused {
-                reason: RefusalReason::UnknownBatch,
-                detail: format!("batch {:?} does not exist", audit_shown(batch_id)),
-            })?;
-        if !b.allowed_sites.iter().any(|s| s == super::ANY_SITE || s == site) {
-            return Err(LedgerError::Refused {
-                reason: RefusalReason::SiteNotAllowed,
-                detail: format!("site {site:?} may not use batch {:?}", b.id),
-            });
+        // Through the group-commit writer: a claim per new device at every site would otherwise be a
+        // transaction of its own on the single writer (BENCHMARKS.md, site brokers).
+        let claim = super::writer::ClaimRecord {
+            batch_id: batch_id.into(),
+            device_id: device_id.into(),
+            site: site.into(),
+            holder: holder.into(),
+        };
+        match self.submit(super::writer::Payload::Claim(claim)).await? {
+            super::writer::Outcome::Claim(made) => Ok(made),
+            _ => Err(LedgerError::Internal { what: "writer answered a claim with another outcome" }),
         }
-        let held = sqlx::query("SELECT site FROM licences WHERE batch_id = $1 AND device_id = $2")
-            .bind(batch_id)
-            .bind(device_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(LedgerError::db(OP))?;
-        if let Some(row) = held {
-            let other: String = row.try_get(0).map_err(LedgerError::db(OP))?;
-            if other != site {
-                return Err(LedgerError::Refused {
-                    reason: RefusalReason::LicensedAtOtherSite,
-                    detail: format!("device {device_id} of batch {batch_id:?} is licensed at site {other:?}"),
-                });
-            }
-        }
-        let claim = sqlx::query("SELECT site FROM device_claims WHERE batch_id = $1 AND device_id = $2")
-            .bind(batch_id)
-            .bind(device_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(LedgerError::db(OP))?;
-        if let Some(row) = claim {
-            let other: String = row.try_get(0).map_err(LedgerError::db(OP))?;
-            if other != site {
-                return Err(LedgerError::Refused {
-                    reason: RefusalReason::LicensedAtOtherSite,
-                    detail: format!("device {device_id} of batch {batch_id:?} is claimed by site {other:?}"),
-                });
-            }
-            return Ok(false);
-        }
-        sqlx::query(
-            "INSERT INTO device_claims (batch_id, device_id, site, holder, claimed_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(batch_id)
-        .bind(device_id)
-        .bind(site)
-        .bind(holder)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await
-        .map_err(LedgerError::db(OP))?;
-        commit_write(tx, &head, OP).await?;
-        Ok(true)
     }
 
     /// Records the audit head a site broker reports for its ledger `site_ledger_id` (opening its stream at
@@ -952,6 +907,68 @@ async fn apply_install(
     staged.push(audit::stage(head, ctx.now, ev));
     out.installs += 1;
     Ok(())
+}
+
+/// The claim of [`Ledger::claim_device`] inside the writer's group transaction: `Ok(Err(_))` is a refusal
+/// (nothing written), `Ok(Ok(made))` the claim.
+pub(crate) async fn claim_in(
+    conn: &mut AnyConnection,
+    now: i64,
+    c: &super::writer::ClaimRecord,
+) -> Result<Result<bool, LedgerError>, sqlx::Error> {
+    let (batch_id, device_id, site) = (c.batch_id.as_str(), c.device_id.as_str(), c.site.as_str());
+    let Some(b) = load_batch(conn, batch_id).await? else {
+        return Ok(Err(LedgerError::Refused {
+            reason: RefusalReason::UnknownBatch,
+            detail: format!("batch {:?} does not exist", audit_shown(batch_id)),
+        }));
+    };
+    if !b.allowed_sites.iter().any(|s| s == super::ANY_SITE || s == site) {
+        return Ok(Err(LedgerError::Refused {
+            reason: RefusalReason::SiteNotAllowed,
+            detail: format!("site {site:?} may not use batch {:?}", b.id),
+        }));
+    }
+    let held = sqlx::query("SELECT site FROM licences WHERE batch_id = $1 AND device_id = $2")
+        .bind(batch_id)
+        .bind(device_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let Some(row) = held {
+        let other: String = row.try_get(0)?;
+        if other != site {
+            return Ok(Err(LedgerError::Refused {
+                reason: RefusalReason::LicensedAtOtherSite,
+                detail: format!("device {device_id} of batch {batch_id:?} is licensed at site {other:?}"),
+            }));
+        }
+    }
+    let claim = sqlx::query("SELECT site FROM device_claims WHERE batch_id = $1 AND device_id = $2")
+        .bind(batch_id)
+        .bind(device_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let Some(row) = claim {
+        let other: String = row.try_get(0)?;
+        if other != site {
+            return Ok(Err(LedgerError::Refused {
+                reason: RefusalReason::LicensedAtOtherSite,
+                detail: format!("device {device_id} of batch {batch_id:?} is claimed by site {other:?}"),
+            }));
+        }
+        return Ok(Ok(false));
+    }
+    sqlx::query(
+        "INSERT INTO device_claims (batch_id, device_id, site, holder, claimed_at) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(batch_id)
+    .bind(device_id)
+    .bind(site)
+    .bind(&c.holder)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Ok(true))
 }
 
 #[cfg(test)]

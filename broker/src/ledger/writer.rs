@@ -28,6 +28,16 @@ pub(crate) enum Payload {
     Refusal(RefusalRecord),
     Install(InstallReport),
     Reissue(ReissueRecord),
+    /// A site broker's claim of a device before licensing it (not audited: it changes no count).
+    Claim(ClaimRecord),
+}
+
+/// A device claimed for a site (`super::replica::claim_in`).
+pub(crate) struct ClaimRecord {
+    pub batch_id: String,
+    pub device_id: String,
+    pub site: String,
+    pub holder: String,
 }
 
 /// What a committed write produced.
@@ -37,6 +47,8 @@ pub(crate) enum Outcome {
     Refusal,
     Install(InstallOutcome),
     Reissue,
+    /// Whether the claim was made now (false: the site held it already).
+    Claim(bool),
 }
 
 /// A queued write and where to send its result.
@@ -239,6 +251,7 @@ async fn run_group(
                 reissue_one(conn, &mut head, &mut staged, now, rec).await.map_err(dbe)?;
                 Ok(Outcome::Reissue)
             }
+            Payload::Claim(c) => super::replica::claim_in(conn, now, c).await.map_err(dbe)?.map(Outcome::Claim),
         };
         out.push(r);
     }

@@ -1,10 +1,11 @@
 //! `flashgate bench licences`: a load generator for the broker's licence service. Owns the bench's
 //! setup through `AdminService` (a fresh key, a tiny packed image, a batch open to the stations'
-//! sites), the simulated chips (P-256 key pairs with certificates signed by a test vendor CA,
+//! sites; or, with `--batch`, an existing batch read with `BatchStatus`, so the same batch can load a
+//! central broker and then a site broker that mirrors it), the simulated chips (P-256 key pairs with certificates signed by a test vendor CA,
 //! generated before the clock starts), the virtual stations (each its own mutual-TLS channel,
 //! looping `IssueLicence` with a fresh chip per request), the statistics (licences/s, errors by
 //! reason, latency percentiles) and a correctness check that sampled licences open for their chips
-//! and unlock the image. Exits non-zero when more than 1% of the measured requests failed. With
+//! and unlock the image (fetched through `ImageService`). Exits non-zero when more than 1% of the measured requests failed. With
 //! `--broker-pid` it also reports a separate broker process's CPU time per licence (`/proc/PID/stat`),
 //! and with `--crypto-floor` the ratio of that to the same-run `openssl speed` floor. [`Bench`] and
 //! [`Phase`] are shared with `bench flood`, which runs measured windows with and without a flood.
@@ -85,6 +86,12 @@ pub struct LicenceBenchArgs {
     /// Quota of the bench batch.
     #[arg(long, default_value_t = 10_000_000, value_parser = super::number_at_least(1i64))]
     pub quota: i64,
+    /// Load this existing batch instead of creating one (no key, image or batch is made, and the batch
+    /// is left open afterwards): its key id, image and product are read with `BatchStatus`, and sampled
+    /// licences are checked against the image the broker serves (every area must authenticate and
+    /// decrypt under the licence's key). For a site broker, the batch it mirrors from central.
+    #[arg(long, value_name = "ID", conflicts_with = "quota")]
+    pub batch: Option<String>,
     /// Licences to open with their chip's key after the run (0 to skip the check).
     #[arg(long, default_value_t = 100)]
     pub verify: usize,
@@ -231,7 +238,7 @@ impl Chip {
 }
 
 /// A licence kept for the correctness check, with the chip it was issued for.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Sample {
     chip_key: ChipKey,
     licence: Vec<u8>,
@@ -455,13 +462,15 @@ async fn station_loop(index: u32, channel: Channel, shared: Arc<Shared>) -> Stat
 // Setup and verification
 // ---------------------------------------------------------------------------------------------
 
-/// What the setup created on the broker.
+/// The batch the bench loads: created by its setup, or an existing one (`--batch`).
 struct Setup {
     batch_id: String,
     key_id: String,
     image_sha256: String,
-    /// The plaintext of the image's single area.
-    plaintext: Vec<u8>,
+    /// The plaintext of the image's single area, when the bench packed it; `None` for an existing batch.
+    plaintext: Option<Vec<u8>>,
+    /// Whether the bench created the batch (and closes it afterwards).
+    created: bool,
 }
 
 /// The bench image's plaintext: a recognisable pattern.
@@ -510,7 +519,36 @@ async fn setup(
             .await
             .rpc(&format!("bench setup: opening batch {label}"))?;
     }
-    Ok(Setup { batch_id: label, key_id: key.key_id, image_sha256: image.sha256, plaintext })
+    Ok(Setup {
+        batch_id: label,
+        key_id: key.key_id,
+        image_sha256: image.sha256,
+        plaintext: Some(plaintext),
+        created: true,
+    })
+}
+
+/// An existing batch, read with `BatchStatus`, and the product id its chips must carry.
+async fn existing(admin: &mut AdminServiceClient<Channel>, id: &str) -> Result<(Setup, [u8; 8])> {
+    let b =
+        admin.batch_status(pb::BatchStatusRequest { id: id.to_string() }).await.rpc(&format!("reading batch {id}"))?;
+    let product: [u8; 8] = b
+        .product_id
+        .as_bytes()
+        .try_into()
+        .map_err(|_| anyhow!("batch {id} has product id {:?}, not 8 characters", b.product_id))?;
+    if b.state != pb::BatchState::Open as i32 {
+        bail!("batch {id} is not open (state {})", b.state().as_str_name());
+    }
+    if b.quota - b.issued - b.leased <= 0 {
+        eprintln!(
+            "warning: batch {id} shows no unit left here (quota {}, issued {}, leased {})",
+            b.quota, b.issued, b.leased
+        );
+    }
+    let setup =
+        Setup { batch_id: b.id, key_id: b.key_id, image_sha256: b.image_sha256, plaintext: None, created: false };
+    Ok((setup, product))
 }
 
 /// Fetch a whole image with `ImageService.GetImage`.
@@ -539,8 +577,14 @@ async fn fetch_image(channel: Channel, sha256: &str) -> Result<Vec<u8>> {
 }
 
 /// Open every sample's licence with its chip key; when the image is known, check that the key and
-/// nonce recovered authenticate its header and decrypt its area to the plaintext packed.
-fn verify_samples(samples: &[Sample], product: &[u8; 8], image: Option<&[u8]>, plaintext: &[u8]) -> Vec<String> {
+/// nonce recovered authenticate its header and every area (AES-GCM), and, when the `plaintext` packed
+/// is known, that the image is one area decrypting to it.
+fn verify_samples(
+    samples: &[Sample],
+    product: &[u8; 8],
+    image: Option<&[u8]>,
+    plaintext: Option<&[u8]>,
+) -> Vec<String> {
     let mut failures = Vec::new();
     for (i, s) in samples.iter().enumerate() {
         let check = || -> Result<(), String> {
@@ -550,10 +594,19 @@ fn verify_samples(samples: &[Sample], product: &[u8; 8], image: Option<&[u8]>, p
             let opts = ReaderOptions { file_len: Some(image.len() as u64), memory_map: None };
             let mut reader = ImageReader::new(std::io::Cursor::new(image), opts).map_err(|e| format!("image: {e}"))?;
             sfi::verify_header(&key, &nonce, reader.header()).map_err(|e| format!("image header: {e}"))?;
-            let area = reader.next_area().map_err(|e| format!("image area: {e}"))?.ok_or("image has no area")?;
-            let plain = area.into_plaintext(&key, &nonce).map_err(|e| format!("image area: {e}"))?;
-            if plain != plaintext {
-                return Err("image area decrypts to other bytes than were packed".into());
+            let mut areas = Vec::new();
+            while let Some(area) = reader.next_area().map_err(|e| format!("image area {}: {e}", areas.len()))? {
+                let plain =
+                    area.into_plaintext(&key, &nonce).map_err(|e| format!("image area {}: {e}", areas.len()))?;
+                areas.push(plain);
+            }
+            if areas.is_empty() {
+                return Err("image has no area".into());
+            }
+            if let Some(plaintext) = plaintext
+                && (areas.len() != 1 || areas[0] != plaintext)
+            {
+                return Err("image areas decrypt to other bytes than were packed".into());
             }
             Ok(())
         };
@@ -599,14 +652,31 @@ impl Bench {
         let admin_files = client::admin_files(&args.pki, &args.admin)?;
         let admin_channel = client::channel(&args.broker, &admin_files, server_name).await?;
         let mut admin = AdminServiceClient::new(admin_channel);
-        let setup = setup(&mut admin, family, sites.clone(), args.quota).await?;
-        eprintln!(
-            "bench batch {} (image {}, key {}) open to {}",
-            setup.batch_id,
-            setup.image_sha256,
-            setup.key_id,
-            sites.join(", ")
-        );
+        let (setup, product) = match &args.batch {
+            Some(id) => {
+                let (setup, product) = existing(&mut admin, id).await?;
+                eprintln!(
+                    "existing batch {} (image {}, key {}, product {}); stations of {}",
+                    setup.batch_id,
+                    setup.image_sha256,
+                    setup.key_id,
+                    String::from_utf8_lossy(&product),
+                    sites.join(", ")
+                );
+                (setup, product)
+            }
+            None => {
+                let setup = setup(&mut admin, family, sites.clone(), args.quota).await?;
+                eprintln!(
+                    "bench batch {} (image {}, key {}) open to {}",
+                    setup.batch_id,
+                    setup.image_sha256,
+                    setup.key_id,
+                    sites.join(", ")
+                );
+                (setup, product)
+            }
+        };
         Ok(Bench { ca, product, used, setup, admin })
     }
 
@@ -615,8 +685,11 @@ impl Bench {
         self.used.len()
     }
 
-    /// Best effort: leaves no open bench batch behind.
+    /// Best effort: leaves no open bench batch behind (an existing batch, `--batch`, stays as it was).
     pub(super) async fn close(mut self) {
+        if !self.setup.created {
+            return;
+        }
         let id = self.setup.batch_id.clone();
         if let Err(e) = self
             .admin
@@ -806,7 +879,7 @@ async fn measure(args: &LicenceBenchArgs, bench: &Bench) -> Result<()> {
         },
         _ => None,
     };
-    let failures = verify_samples(&samples, &product, image.as_deref(), &setup.plaintext);
+    let failures = verify_samples(&samples, &product, image.as_deref(), setup.plaintext.as_deref());
 
     let stats = &phase.stats;
     let errors = phase.errors();
@@ -818,6 +891,7 @@ async fn measure(args: &LicenceBenchArgs, bench: &Bench) -> Result<()> {
         let report = json!({
             "broker": args.broker,
             "batch_id": setup.batch_id,
+            "existing_batch": !setup.created,
             "image_sha256": setup.image_sha256,
             "key_id": setup.key_id,
             "stations": args.stations,
@@ -850,7 +924,11 @@ async fn measure(args: &LicenceBenchArgs, bench: &Bench) -> Result<()> {
         println!("{report}");
     } else {
         print!("{}", report_text(args, bench.certificates(), stats, rate, errors, &latency));
-        let image_part = if image.is_some() { " and unlock the image" } else { "" };
+        let image_part = match (&image, &setup.plaintext) {
+            (None, _) => "",
+            (Some(_), Some(_)) => " and unlock the image",
+            (Some(_), None) => " and unlock the batch's image (every area authenticates and decrypts)",
+        };
         if samples.is_empty() {
             println!("verified      - (no licence sampled)");
         } else {
@@ -1026,11 +1104,22 @@ mod tests {
         let mut image = Vec::new();
         sfi::write_image(&key, &nonce, &[area], &mut image).unwrap();
         let good = Sample { chip_key: chip.key.clone(), licence: licence.clone() };
-        assert!(verify_samples(std::slice::from_ref(&good), &product, Some(&image), &plaintext).is_empty());
-        assert!(verify_samples(std::slice::from_ref(&good), &product, None, &plaintext).is_empty());
+        let good = std::slice::from_ref(&good);
+        assert!(verify_samples(good, &product, Some(&image), Some(&plaintext)).is_empty());
+        assert!(verify_samples(good, &product, None, Some(&plaintext)).is_empty());
+        // An existing batch (`--batch`): the plaintext is unknown, every area must still authenticate.
+        assert!(verify_samples(good, &product, Some(&image), None).is_empty());
+        let other_plain = vec![0u8; plaintext.len()];
+        let failures = verify_samples(good, &product, Some(&image), Some(&other_plain));
+        assert!(failures[0].contains("other bytes"), "{failures:?}");
+        let mut tampered = image.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        let failures = verify_samples(good, &product, Some(&tampered), None);
+        assert!(failures[0].contains("image"), "{failures:?}");
         let other = Chip::generate(&ca, product, &mut rng);
         let bad = Sample { chip_key: other.key, licence };
-        let failures = verify_samples(&[good, bad], &product, Some(&image), &plaintext);
+        let failures = verify_samples(&[good[0].clone(), bad], &product, Some(&image), None);
         assert_eq!(failures.len(), 1);
         assert!(failures[0].starts_with("sample 1: open"), "{failures:?}");
     }
