@@ -49,9 +49,10 @@ unit:
 fuzz-check:
 	$(CARGO) check --manifest-path fuzz/Cargo.toml --bins --target-dir target
 
-## The multi-site docker-compose deployment under faults (tests/tests/compose_faults.rs): builds the images
-## (deploy/docker/build.sh, no registry) and runs the scenario whenever a Docker engine answers; with
-## CI=true a missing engine is a failure, otherwise the scenario is skipped with a note.
+## The docker-compose deployments under faults (tests/tests/compose_faults.rs: multi-site.yml, then the
+## site brokers of sites.yml, one at a time): builds the images (deploy/docker/build.sh, no registry) and
+## runs the scenarios whenever a Docker engine answers; with CI=true a missing engine is a failure,
+## otherwise they are skipped with a note.
 compose-test:
 	@if docker info >/dev/null 2>&1; then \
 		command -v docker-compose >/dev/null || { echo "installing docker-compose"; \
