@@ -38,6 +38,9 @@ pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 pub const REPLICATE_PAGE: i64 = crate::ledger::replica::MAX_REPLICATE_RECORDS as i64;
 /// Most `Replicate` calls in one tick; the rest follow in the next.
 pub const REPLICATE_PAGES_PER_TICK: usize = 64;
+/// A site that neither used nor wanted units of a batch for this many refresh intervals hands its
+/// unused units back (it takes new ones when a device wants them again).
+pub const IDLE_RETURN_REFRESHES: i64 = 10;
 /// Largest image a site accepts from central (the .sfi reader's own limit).
 pub const MAX_SITE_IMAGE: u64 = flashgate_common::sfi::MAX_IMAGE_FILE;
 
@@ -189,6 +192,15 @@ impl UpstreamLink {
             v.wanted_at = now_ms();
         }
         self.wake.notify_one();
+    }
+
+    /// Whether the site neither used nor wanted units of `batch_id` for [`IDLE_RETURN_REFRESHES`] refresh
+    /// intervals: then its unused units go back to central for the stations and sites that need them.
+    fn idle(&self, batch_id: &str) -> bool {
+        let window =
+            i64::try_from(self.cfg.refresh_interval.as_millis()).unwrap_or(i64::MAX / 16) * IDLE_RETURN_REFRESHES;
+        let now = now_ms();
+        self.views().get(batch_id).is_some_and(|v| now - v.active_at.max(v.wanted_at) >= window)
     }
 
     /// Whether the site used or wanted units of `batch_id` within half a lease's time to live: only then
@@ -572,13 +584,14 @@ impl UpstreamLink {
     ) -> Result<(), UpstreamError> {
         let ledger = state.ledger();
         let drained = ledger.batch(&b.id).await?.drained_at.is_some();
+        let idle = self.idle(&b.id);
         let open = b.state == pb::BatchState::Open as i32 && !drained;
         let closed = b.state == pb::BatchState::Closed as i32;
         let ttl_ms = u64::try_from(self.cfg.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         let mut changed: Vec<pb::LeaseInfo> = Vec::new();
         for l in leases.iter().filter(|l| l.state == "active") {
             let expired = l.expires_at_ms <= central_now;
-            if (closed || drained || expired) && caught_up && l.outstanding > 0 {
+            if (closed || drained || idle || expired) && caught_up && l.outstanding > 0 {
                 // Take the units out of this site's quota first (guarded against licences being issued
                 // now), then hand them back; if central does not answer, the next sync restores them.
                 let units = ledger.withhold_units(&b.id, l.outstanding).await?;
@@ -592,7 +605,15 @@ impl UpstreamLink {
                         async move { c.return_lease(Self::request(req, t)).await }
                     })
                     .await?;
-                tracing::info!(lease = %l.id, batch = %b.id, units, why = if closed { "batch closed" } else if drained { "site drained" } else { "lease expired" },
+                tracing::info!(lease = %l.id, batch = %b.id, units, why = if closed {
+                    "batch closed"
+                } else if drained {
+                    "site drained"
+                } else if idle {
+                    "site idle"
+                } else {
+                    "lease expired"
+                },
                     "lease units returned to central");
                 changed.push(info);
             } else if open && !expired && l.expires_at_ms - central_now < i64::try_from(ttl_ms / 2).unwrap_or(i64::MAX)
@@ -619,7 +640,7 @@ impl UpstreamLink {
         let left = (batch.quota - batch.issued).max(0);
         // Units of expired leases still count in `left` until returned; a fresh lease is needed anyway
         // when none is live, or issuing would stop at the old expiry.
-        if open && self.in_demand(&b.id) && (left <= self.cfg.low_water || !leases.iter().any(live)) {
+        if open && !idle && self.in_demand(&b.id) && (left <= self.cfg.low_water || !leases.iter().any(live)) {
             let units = (self.cfg.lease_units - left).max(1);
             let req = pb::AcquireLeaseRequest { batch_id: b.id.clone(), units, ttl_ms };
             match self

@@ -602,10 +602,16 @@ impl Ledger {
                 Ok(()) => None,
             },
         };
+        // A wait, not a refusal: at a site broker that may still get units, a mirrored batch out of units
+        // or past its lease; at central, a batch whose last units are leased to site brokers (unused ones
+        // come back when their leases expire, the site idles or the batch closes).
         if let Some((reason, detail)) = &refusal
             && req.lease_wait
-            && matches!(reason, RefusalReason::QuotaExhausted | RefusalReason::LeaseExpired)
-            && batch.as_ref().is_some_and(|b| b.lease_expires_at.is_some())
+            && batch.as_ref().is_some_and(|b| {
+                (b.lease_expires_at.is_some()
+                    && matches!(reason, RefusalReason::QuotaExhausted | RefusalReason::LeaseExpired))
+                    || (b.lease_expires_at.is_none() && *reason == RefusalReason::QuotaExhausted && b.leased > 0)
+            })
         {
             return Err(LedgerError::LeaseWait { detail: detail.clone() });
         }

@@ -229,9 +229,9 @@ pub struct PrecheckRequest {
     pub site: String,
     /// Who is asking (audit actor), usually the station identity.
     pub actor: String,
-    /// Set by a site broker that may still get units from central: a mirrored batch out of units or past
-    /// its lease expiry is then a wait ([`crate::ledger::LedgerError::LeaseWait`], nothing recorded), not
-    /// a refusal.
+    /// A batch out of units is a wait ([`crate::ledger::LedgerError::LeaseWait`], nothing recorded), not a
+    /// refusal, when units may come back: at a site broker that may still get units from central (a
+    /// mirrored batch out of units or past its lease), at central when units are leased to site brokers.
     pub lease_wait: bool,
 }
 

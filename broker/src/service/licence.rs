@@ -150,7 +150,7 @@ impl Licences {
             station: caller.uri.clone(),
             site: caller.site.clone(),
             actor: caller.uri.clone(),
-            lease_wait: st.upstream().is_some_and(|link| link.may_get_more(&batch_id)),
+            lease_wait: st.upstream().is_none_or(|link| link.may_get_more(&batch_id)),
         };
         // With HSMs that compute a licence in memory, the device lookup costs more than the licence it saves
         // for a retry: skip it and let the commit return the existing licence (same rules, same audit).
@@ -232,6 +232,12 @@ impl Licences {
                             Some(link),
                         ) if batch.lease_expires_at.is_some() && link.may_get_more(&batch_id) => {
                             link.want(&batch_id);
+                            ledger_status(LedgerError::LeaseWait { detail }, &batch_id, &device_id)
+                        }
+                        // At central, the last units went to a lease meanwhile: they may come back.
+                        (LedgerError::Refused { reason: RefusalReason::QuotaExhausted, detail }, None)
+                            if batch.leased > 0 =>
+                        {
                             ledger_status(LedgerError::LeaseWait { detail }, &batch_id, &device_id)
                         }
                         (e, _) => refusal_metric(ledger_status(e, &batch_id, &device_id)),
