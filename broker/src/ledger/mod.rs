@@ -607,11 +607,7 @@ impl Ledger {
         // come back when their leases expire, the site idles or the batch closes).
         if let Some((reason, detail)) = &refusal
             && req.lease_wait
-            && batch.as_ref().is_some_and(|b| {
-                (b.lease_expires_at.is_some()
-                    && matches!(reason, RefusalReason::QuotaExhausted | RefusalReason::LeaseExpired))
-                    || (b.lease_expires_at.is_none() && *reason == RefusalReason::QuotaExhausted && b.leased > 0)
-            })
+            && batch.as_ref().is_some_and(|b| b.waits_for_units(*reason))
         {
             return Err(LedgerError::LeaseWait { detail: detail.clone() });
         }

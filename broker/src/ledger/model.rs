@@ -108,6 +108,17 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Whether a refusal for `reason` is a wait instead (see [`PrecheckRequest::lease_wait`]): at a site
+    /// broker, a mirrored batch out of units or past its lease; at central, a batch out of units whose last
+    /// ones are leased to site brokers.
+    pub fn waits_for_units(&self, reason: RefusalReason) -> bool {
+        if self.lease_expires_at.is_some() {
+            matches!(reason, RefusalReason::QuotaExhausted | RefusalReason::LeaseExpired)
+        } else {
+            reason == RefusalReason::QuotaExhausted && self.leased > 0
+        }
+    }
+
     /// Checks everything except the quota: state, validity window at `now`, site and product.
     /// Returns the first refusal in the order state, window, product, site.
     pub fn check(&self, now: i64, site: &str, product_id: &str) -> Result<(), (RefusalReason, String)> {
@@ -282,6 +293,9 @@ pub struct IssueRecord {
     pub site: String,
     /// Audit actor.
     pub actor: String,
+    /// As [`PrecheckRequest::lease_wait`]: no unit left is a wait (nothing recorded), not a refusal, when
+    /// units may come back.
+    pub lease_wait: bool,
 }
 
 /// Successful result of [`crate::ledger::Ledger::commit_issue`].

@@ -203,6 +203,14 @@ async fn run_group(
                         Ok(()) => None,
                     },
                 };
+                if let (Some((reason, detail)), Some(b)) = (&refusal, batch.as_ref())
+                    && rec.lease_wait
+                    && b.waits_for_units(*reason)
+                {
+                    // The device waits for units that may come back: nothing recorded.
+                    out.push(Err(LedgerError::LeaseWait { detail: detail.clone() }));
+                    continue;
+                }
                 match (refusal, batch) {
                     (Some((reason, detail)), _) => {
                         let r = refusal_of(rec, reason, &detail);

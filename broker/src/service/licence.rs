@@ -219,28 +219,16 @@ impl Licences {
                         station: caller.uri.clone(),
                         site: caller.site.clone(),
                         actor: caller.uri.clone(),
+                        lease_wait: pre_req.lease_wait,
                     })
                     .await
-                    .map_err(|e| match (e, st.upstream()) {
-                        // Another device took the site's last unit between the precheck and the commit
-                        // (audited there): this one waits while central may still grant units.
-                        (
-                            LedgerError::Refused {
-                                reason: RefusalReason::QuotaExhausted | RefusalReason::LeaseExpired,
-                                detail,
-                            },
-                            Some(link),
-                        ) if batch.lease_expires_at.is_some() && link.may_get_more(&batch_id) => {
+                    .map_err(|e| {
+                        // Another device took the last unit between the precheck and the commit: the writer
+                        // answered a wait (nothing recorded) where units may come back.
+                        if let (LedgerError::LeaseWait { .. }, Some(link)) = (&e, st.upstream()) {
                             link.want(&batch_id);
-                            ledger_status(LedgerError::LeaseWait { detail }, &batch_id, &device_id)
                         }
-                        // At central, the last units went to a lease meanwhile: they may come back.
-                        (LedgerError::Refused { reason: RefusalReason::QuotaExhausted, detail }, None)
-                            if batch.leased > 0 =>
-                        {
-                            ledger_status(LedgerError::LeaseWait { detail }, &batch_id, &device_id)
-                        }
-                        (e, _) => refusal_metric(ledger_status(e, &batch_id, &device_id)),
+                        refusal_metric(ledger_status(e, &batch_id, &device_id))
                     })?;
                 (outcome, batch.image_sha256)
             }

@@ -92,6 +92,7 @@ async fn issue(l: &Ledger, range: std::ops::Range<usize>, callers: usize) -> Res
                     station: STATION.into(),
                     site: "lyon".into(),
                     actor: STATION.into(),
+                    lease_wait: false,
                 })
                 .await?;
             }

@@ -92,6 +92,7 @@ pub fn issue_record(batch: &str, device: &str, attempt: u32) -> IssueRecord {
         station: "station-1".into(),
         site: SITE.into(),
         actor: "station-1".into(),
+        lease_wait: false,
     }
 }
 
