@@ -26,7 +26,8 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::config::UpstreamSection;
-use crate::ledger::upstream::{MirrorBatch, ReplicaItem, ReplicaPayload, UpstreamLease};
+use crate::ledger::replica::{SiteItem, SiteRecord};
+use crate::ledger::upstream::{MirrorBatch, UpstreamLease};
 use crate::ledger::{ANY_SITE, BatchState, LedgerError, NewImage, now_ms};
 use crate::service::BrokerState;
 
@@ -538,7 +539,7 @@ impl UpstreamLink {
         let ledger_id = hex::encode(ledger.ledger_id());
         for _ in 0..REPLICATE_PAGES_PER_TICK {
             let page = ledger.replication_page(acked, REPLICATE_PAGE).await?;
-            let Some(last) = page.last().map(|i| i.record.seq) else { break };
+            let Some(last) = page.last().map(|i| i.audit.seq) else { break };
             let req = pb::ReplicateRequest {
                 site_ledger_id: ledger_id.clone(),
                 records: page.iter().map(site_record).collect(),
@@ -684,8 +685,8 @@ fn to_upstream(leases: &[pb::LeaseInfo]) -> Vec<UpstreamLease> {
         .collect()
 }
 
-fn site_record(item: &ReplicaItem) -> pb::SiteRecord {
-    let r = &item.record;
+fn site_record(item: &SiteRecord) -> pb::SiteRecord {
+    let r = &item.audit;
     let audit = pb::AuditRecord {
         seq: r.seq,
         at_ms: r.at,
@@ -696,8 +697,8 @@ fn site_record(item: &ReplicaItem) -> pb::SiteRecord {
         prev_hash: hex::encode(&r.prev_hash),
         hash: hex::encode(&r.hash),
     };
-    let item = match &item.payload {
-        ReplicaPayload::Licence(l) => Some(pb::site_record::Item::Licence(pb::SiteLicence {
+    let item = match &item.item {
+        Some(SiteItem::Licence(l)) => Some(pb::site_record::Item::Licence(pb::SiteLicence {
             batch_id: l.batch_id.clone(),
             device_id: l.device_id.clone(),
             licence: l.licence.clone(),
@@ -706,7 +707,7 @@ fn site_record(item: &ReplicaItem) -> pb::SiteRecord {
             site: l.site.clone(),
             issued_at_ms: l.issued_at,
         })),
-        ReplicaPayload::Refusal(f) => Some(pb::site_record::Item::Refusal(pb::SiteRefusal {
+        Some(SiteItem::Refusal(f)) => Some(pb::site_record::Item::Refusal(pb::SiteRefusal {
             batch_id: f.batch_id.clone(),
             device_id: f.device_id.clone(),
             station: f.station.clone(),
@@ -714,7 +715,7 @@ fn site_record(item: &ReplicaItem) -> pb::SiteRecord {
             reason: f.reason.clone(),
             detail: f.detail.clone(),
         })),
-        ReplicaPayload::Install(i) => Some(pb::site_record::Item::Install(pb::SiteInstall {
+        Some(SiteItem::Install(i)) => Some(pb::site_record::Item::Install(pb::SiteInstall {
             station: i.station.clone(),
             result_id: i.result_id.clone(),
             batch_id: i.batch_id.clone(),
@@ -726,7 +727,7 @@ fn site_record(item: &ReplicaItem) -> pb::SiteRecord {
             timings_json: i.timings_json.clone(),
             reported_at_ms: i.reported_at,
         })),
-        ReplicaPayload::None => None,
+        None => None,
     };
     pb::SiteRecord { audit: Some(audit), item }
 }

@@ -815,21 +815,16 @@ async fn apply_refusal(
         value: format!("{} (site seq {})", audit_shown(&f.reason), ctx.seq),
         why: "is not a known refusal reason",
     })?;
-    sqlx::query(
-        "INSERT INTO refusals (batch_id, device_id, station, site, reason, detail, count, first_at, last_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, 1, $7, $7) ON CONFLICT (batch_id, device_id, station, reason) \
-         DO UPDATE SET count = refusals.count + 1, detail = excluded.detail, last_at = excluded.last_at",
-    )
-    .bind(&f.batch_id)
-    .bind(&f.device_id)
-    .bind(&f.station)
-    .bind(&f.site)
-    .bind(reason.as_str())
-    .bind(&f.detail)
-    .bind(at)
-    .execute(&mut *conn)
-    .await
-    .map_err(LedgerError::db(OP))?;
+    let rec = super::model::RefusalRecord {
+        batch_id: f.batch_id.clone(),
+        device_id: f.device_id.clone(),
+        station: f.station.clone(),
+        site: f.site.clone(),
+        actor: ctx.holder.to_owned(),
+        reason,
+        detail: f.detail.clone(),
+    };
+    super::writer::upsert_refusals(conn, std::slice::from_ref(&rec), at).await.map_err(LedgerError::db(OP))?;
     let details = serde_json::json!({
         "reason": reason.as_str(),
         "detail": f.detail,

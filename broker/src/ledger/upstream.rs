@@ -16,6 +16,7 @@
 use sqlx::{AnyConnection, Row};
 
 use super::audit::{self, AuditEvent, AuditRecord, parse_device_subject};
+use super::replica::{SiteInstall, SiteItem, SiteLicence, SiteRecord, SiteRefusal};
 use super::{BatchState, Ledger, LedgerError, begin_write, commit_write, load_batch, load_image_meta, now_ms};
 use crate::ledger::model::Batch;
 
@@ -55,89 +56,6 @@ pub struct UpstreamLease {
     pub granted_at: i64,
     /// Expiry (ms, central's clock).
     pub expires_at: i64,
-}
-
-/// A licence row as replication carries it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplicaLicence {
-    /// Batch.
-    pub batch_id: String,
-    /// Device.
-    pub device_id: String,
-    /// The licence bytes.
-    pub licence: Vec<u8>,
-    /// The chip certificate.
-    pub certificate: Vec<u8>,
-    /// First station.
-    pub station: String,
-    /// Its site.
-    pub site: String,
-    /// When (ms).
-    pub issued_at: i64,
-}
-
-/// An install report row as replication carries it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplicaInstall {
-    /// Reporting station.
-    pub station: String,
-    /// The station's result id.
-    pub result_id: String,
-    /// Batch.
-    pub batch_id: String,
-    /// Device.
-    pub device_id: String,
-    /// Status code.
-    pub status_code: u32,
-    /// Message.
-    pub message: String,
-    /// Flash CRC, when read.
-    pub flash_crc: Option<u32>,
-    /// Attempt number.
-    pub attempt: u32,
-    /// Stage timings as stored (JSON).
-    pub timings_json: String,
-    /// When reported (ms).
-    pub reported_at: i64,
-}
-
-/// A refusal as replication carries it (from its audit record).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplicaRefusal {
-    /// Batch.
-    pub batch_id: String,
-    /// Device.
-    pub device_id: String,
-    /// Station.
-    pub station: String,
-    /// Site.
-    pub site: String,
-    /// Stable reason name.
-    pub reason: String,
-    /// In words.
-    pub detail: String,
-}
-
-/// What an audit record carries to central.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReplicaPayload {
-    /// `licence.issued`.
-    Licence(ReplicaLicence),
-    /// `licence.refused`.
-    Refusal(ReplicaRefusal),
-    /// `install.reported`.
-    Install(ReplicaInstall),
-    /// Any other event.
-    None,
-}
-
-/// One record to replicate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplicaItem {
-    /// The audit record as stored.
-    pub record: AuditRecord,
-    /// The row it is about.
-    pub payload: ReplicaPayload,
 }
 
 /// Recomputes a mirrored batch's quota (units leased here, never below what was issued here) and the
@@ -471,14 +389,14 @@ impl Ledger {
     }
 
     /// Up to `limit` audit records after `after_seq`, each with the row it is about.
-    pub async fn replication_page(&self, after_seq: i64, limit: i64) -> Result<Vec<ReplicaItem>, LedgerError> {
+    pub async fn replication_page(&self, after_seq: i64, limit: i64) -> Result<Vec<SiteRecord>, LedgerError> {
         const OP: &str = "read records to replicate";
         let mut conn = self.read_conn().await?;
         let records = audit::page(&mut conn, after_seq, limit).await.map_err(LedgerError::db(OP))?;
         let mut out = Vec::with_capacity(records.len());
-        for record in records {
-            let payload = payload_of(&mut conn, &record).await.map_err(LedgerError::db(OP))?;
-            out.push(ReplicaItem { record, payload });
+        for audit in records {
+            let item = item_of(&mut conn, &audit).await.map_err(LedgerError::db(OP))?;
+            out.push(SiteRecord { audit, item });
         }
         Ok(out)
     }
@@ -486,11 +404,11 @@ impl Ledger {
 
 /// The row `record` is about. A record whose row is missing (written by hand) carries none: central
 /// still holds the record itself, and the site's own `admin audit verify` names what is wrong.
-async fn payload_of(conn: &mut AnyConnection, record: &AuditRecord) -> Result<ReplicaPayload, sqlx::Error> {
+async fn item_of(conn: &mut AnyConnection, record: &AuditRecord) -> Result<Option<SiteItem>, sqlx::Error> {
     let details: serde_json::Value = serde_json::from_str(&record.details).unwrap_or(serde_json::Value::Null);
     let text = |k: &str| details.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
     let Some((batch_id, device_id)) = parse_device_subject(&record.subject) else {
-        return Ok(ReplicaPayload::None);
+        return Ok(None);
     };
     match record.event.as_str() {
         "licence.issued" => {
@@ -503,8 +421,8 @@ async fn payload_of(conn: &mut AnyConnection, record: &AuditRecord) -> Result<Re
             .fetch_optional(&mut *conn)
             .await?;
             Ok(match row {
-                None => ReplicaPayload::None,
-                Some(r) => ReplicaPayload::Licence(ReplicaLicence {
+                None => None,
+                Some(r) => Some(SiteItem::Licence(SiteLicence {
                     batch_id: batch_id.into(),
                     device_id: device_id.into(),
                     licence: r.try_get(0)?,
@@ -512,17 +430,17 @@ async fn payload_of(conn: &mut AnyConnection, record: &AuditRecord) -> Result<Re
                     station: r.try_get(2)?,
                     site: r.try_get(3)?,
                     issued_at: r.try_get(4)?,
-                }),
+                })),
             })
         }
-        "licence.refused" => Ok(ReplicaPayload::Refusal(ReplicaRefusal {
+        "licence.refused" => Ok(Some(SiteItem::Refusal(SiteRefusal {
             batch_id: batch_id.into(),
             device_id: device_id.into(),
             station: text("station"),
             site: text("site"),
             reason: text("reason"),
             detail: text("detail"),
-        })),
+        }))),
         "install.reported" => {
             let row = sqlx::query(
                 "SELECT status_code, message, flash_crc, attempt, timings, reported_at FROM installs \
@@ -533,8 +451,8 @@ async fn payload_of(conn: &mut AnyConnection, record: &AuditRecord) -> Result<Re
             .fetch_optional(&mut *conn)
             .await?;
             Ok(match row {
-                None => ReplicaPayload::None,
-                Some(r) => ReplicaPayload::Install(ReplicaInstall {
+                None => None,
+                Some(r) => Some(SiteItem::Install(SiteInstall {
                     station: text("station"),
                     result_id: text("result_id"),
                     batch_id: batch_id.into(),
@@ -545,9 +463,9 @@ async fn payload_of(conn: &mut AnyConnection, record: &AuditRecord) -> Result<Re
                     attempt: u32::try_from(r.try_get::<i64, _>(3)?).unwrap_or(0),
                     timings_json: r.try_get(4)?,
                     reported_at: r.try_get(5)?,
-                }),
+                })),
             })
         }
-        _ => Ok(ReplicaPayload::None),
+        _ => Ok(None),
     }
 }

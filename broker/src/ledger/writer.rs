@@ -359,8 +359,13 @@ async fn insert_licences(conn: &mut AnyConnection, recs: &[&IssueRecord], now: i
     Ok(())
 }
 
-/// One row per (batch, device, station, reason) in `refusals`, counting repeats (schema v7).
-async fn upsert_refusals(conn: &mut AnyConnection, recs: &[RefusalRecord], now: i64) -> Result<(), sqlx::Error> {
+/// One row per (batch, device, station, reason) in `refusals`, counting repeats (schema v7); also for
+/// refusals replicated from site brokers (`super::replica`), at the site's time.
+pub(super) async fn upsert_refusals(
+    conn: &mut AnyConnection,
+    recs: &[RefusalRecord],
+    now: i64,
+) -> Result<(), sqlx::Error> {
     for r in recs {
         sqlx::query(
             "INSERT INTO refusals (batch_id, device_id, station, site, reason, detail, count, first_at, last_at) \

@@ -5,7 +5,8 @@
 //! the site that claimed a device replicates after the one that licensed it offline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use flashgate_broker::ledger::upstream::{MirrorBatch, ReplicaPayload, UpstreamLease};
+use flashgate_broker::ledger::replica::SiteItem;
+use flashgate_broker::ledger::upstream::{MirrorBatch, UpstreamLease};
 use flashgate_broker::ledger::{BatchState, InstallReport, IssueOutcome, LedgerError, RefusalReason, now_ms};
 
 use crate::support::{SITE, SiteChain, device, request_licence, seed, sqlite_ledger};
@@ -118,26 +119,24 @@ async fn a_mirrored_batch_issues_its_leased_units_until_they_expire() {
     loop {
         let page = l.replication_page(after, 7).await.unwrap();
         let Some(last) = page.last() else { break };
-        after = last.record.seq;
+        after = last.audit.seq;
         items.extend(page);
     }
     assert_eq!(items.len() as i64, head);
-    assert!(
-        items.windows(2).all(|w| w[1].record.seq == w[0].record.seq + 1 && w[1].record.prev_hash == w[0].record.hash)
-    );
+    assert!(items.windows(2).all(|w| w[1].audit.seq == w[0].audit.seq + 1 && w[1].audit.prev_hash == w[0].audit.hash));
     let licences: Vec<_> = items
         .iter()
-        .filter_map(|i| match &i.payload {
-            ReplicaPayload::Licence(x) => Some(x),
+        .filter_map(|i| match &i.item {
+            Some(SiteItem::Licence(x)) => Some(x),
             _ => None,
         })
         .collect();
     assert_eq!(licences.len(), 4, "four devices licensed here");
     assert!(licences.iter().all(|x| x.batch_id == "lot" && x.site == SITE && x.licence.len() == 132));
-    let refusals = items.iter().filter(|i| matches!(i.payload, ReplicaPayload::Refusal(_))).count();
+    let refusals = items.iter().filter(|i| matches!(i.item, Some(SiteItem::Refusal(_)))).count();
     assert!(refusals >= 5, "{refusals}");
-    let install = items.iter().find_map(|i| match &i.payload {
-        ReplicaPayload::Install(x) => Some(x),
+    let install = items.iter().find_map(|i| match &i.item {
+        Some(SiteItem::Install(x)) => Some(x),
         _ => None,
     });
     let install = install.expect("the install report is replicated");
@@ -150,7 +149,7 @@ async fn a_mirrored_batch_issues_its_leased_units_until_they_expire() {
         "lease.extended",
         "batch.mirror_changed",
     ] {
-        assert!(items.iter().any(|i| i.record.event == ev), "no {ev} record");
+        assert!(items.iter().any(|i| i.audit.event == ev), "no {ev} record");
     }
 
     // The cursor only moves forward; the chain verifies.

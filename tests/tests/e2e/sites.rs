@@ -53,6 +53,25 @@ async fn central_issued(central: &TestBroker) -> i64 {
     central.batch_status("lot").await.issued
 }
 
+/// The site broker mirrors "lot" and holds units of it.
+async fn mirrored_with_lease(site: &TestBroker) -> bool {
+    let r = site.admin().await.batch_status(pb::BatchStatusRequest { id: "lot".into() }).await;
+    r.is_ok_and(|b| b.into_inner().quota > 0)
+}
+
+/// Every lease of "lot" at central is settled with granted = used + returned.
+async fn leases_settled(central: &TestBroker) -> bool {
+    let leases = central
+        .admin()
+        .await
+        .list_leases(pb::ListLeasesRequest { batch_id: "lot".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    !leases.is_empty() && leases.iter().all(|l| l.granted == l.used + l.returned && l.state == "settled")
+}
+
 async fn history(broker: &TestBroker, chip: &TestChip) -> pb::DeviceHistoryResponse {
     broker
         .admin()
@@ -95,11 +114,7 @@ async fn a_site_broker_issues_from_leases_through_a_cut_and_central_ends_with_ev
     site.import_key("fw", KEY, Some(&key.key_id)).await;
 
     // Online: the site mirrors the batch and its image, leases units and tops them up.
-    until("the site mirrored the batch with a lease", || async {
-        let r = site.admin().await.batch_status(pb::BatchStatusRequest { id: "lot".into() }).await;
-        r.is_ok_and(|b| b.into_inner().quota > 0)
-    })
-    .await;
+    until("the site mirrored the batch with a lease", || mirrored_with_lease(&site)).await;
     let st = site.station("berlin", 1).await;
     let mut at_site = Vec::new();
     for _ in 0..6 {
@@ -226,18 +241,7 @@ async fn a_site_broker_issues_from_leases_through_a_cut_and_central_ends_with_ev
     })
     .await;
     let site_licences = site_licences + late.into_inner();
-    until("every lease is accounted for", || async {
-        let leases = central
-            .admin()
-            .await
-            .list_leases(pb::ListLeasesRequest { batch_id: "lot".into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .leases;
-        !leases.is_empty() && leases.iter().all(|l| l.granted == l.used + l.returned && l.state == "settled")
-    })
-    .await;
+    until("every lease is accounted for", || leases_settled(&central)).await;
     let status = central.batch_status("lot").await;
     assert_eq!((status.issued, status.leased), (site_licences + 2, 0), "{status:?}");
     // Per site: berlin's licences (its conflict apart), austin's two.
@@ -288,11 +292,7 @@ async fn a_station_falls_back_to_central_while_its_site_broker_is_down() {
     };
     let mut site = world.start_broker(site_spec()).await;
     site.import_key("fw", KEY, Some(&key.key_id)).await;
-    until("the site mirrored the batch with a lease", || async {
-        let r = site.admin().await.batch_status(pb::BatchStatusRequest { id: "lot".into() }).await;
-        r.is_ok_and(|b| b.into_inner().quota > 0)
-    })
-    .await;
+    until("the site mirrored the batch with a lease", || mirrored_with_lease(&site)).await;
     let client =
         BrokerClient::new(vec![site.url(), central.url()], world.pki.client_tls(&TestPki::station("berlin", 1)), None)
             .unwrap()
@@ -375,18 +375,7 @@ async fn a_station_falls_back_to_central_while_its_site_broker_is_down() {
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "central is no site broker: {e}");
     let r = site.admin().await.drain_site(drain(false)).await.unwrap().into_inner();
     assert!(r.drained, "{r:?}");
-    until("the drained site's leases settle at central", || async {
-        let leases = central
-            .admin()
-            .await
-            .list_leases(pb::ListLeasesRequest { batch_id: "lot".into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .leases;
-        !leases.is_empty() && leases.iter().all(|l| l.granted == l.used + l.returned && l.state == "settled")
-    })
-    .await;
+    until("the drained site's leases settle at central", || leases_settled(&central)).await;
     let e = st.issue("lot", &world.chip()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
     assert!(e.message().contains("drained"), "{e}");
